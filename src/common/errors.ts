@@ -1,0 +1,116 @@
+import { Metadata, status as GrpcStatus, type ServiceError } from '@grpc/grpc-js';
+
+/** Stable error codes. Tests and callers branch on `code`, never on messages. */
+export const KvErrorCode = {
+  INVALID_ARGUMENT: 'KV_INVALID_ARGUMENT',
+  INVALID_CONFIG: 'KV_INVALID_CONFIG',
+  INVALID_DATA: 'KV_INVALID_DATA',
+  UNAVAILABLE: 'KV_UNAVAILABLE',
+  DEADLINE_EXCEEDED: 'KV_DEADLINE_EXCEEDED',
+  ABORTED: 'KV_ABORTED',
+  TABLE_NOT_FOUND: 'KV_TABLE_NOT_FOUND',
+  VERSION_NOT_FOUND: 'KV_VERSION_NOT_FOUND',
+  VERSION_EXISTS: 'KV_VERSION_EXISTS',
+  VERSION_TOO_OLD: 'KV_VERSION_TOO_OLD',
+  LOAD_CONFLICT: 'KV_LOAD_CONFLICT',
+  DIM_MISMATCH: 'KV_DIM_MISMATCH',
+  DUPLICATE_KEY: 'KV_DUPLICATE_KEY',
+  CLOSED: 'KV_CLOSED',
+  INTERNAL: 'KV_INTERNAL',
+} as const;
+export type KvErrorCodeName = (typeof KvErrorCode)[keyof typeof KvErrorCode];
+
+export interface KvErrorOptions {
+  cause?: unknown;
+  /** Extra machine-readable detail (a row index within a batch, a group number...). */
+  detail?: Record<string, string | number>;
+}
+
+export class KvError extends Error {
+  readonly code: KvErrorCodeName;
+  readonly detail: Record<string, string | number> | undefined;
+  constructor(code: KvErrorCodeName, message: string, options: KvErrorOptions = {}) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause });
+    this.name = 'KvError';
+    this.code = code;
+    this.detail = options.detail;
+  }
+}
+
+export const invalidArgument = (message: string, options?: KvErrorOptions): KvError =>
+  new KvError(KvErrorCode.INVALID_ARGUMENT, message, options);
+
+const CODE_TO_STATUS: Record<KvErrorCodeName, GrpcStatus> = {
+  KV_INVALID_ARGUMENT: GrpcStatus.INVALID_ARGUMENT,
+  KV_INVALID_CONFIG: GrpcStatus.INVALID_ARGUMENT,
+  KV_INVALID_DATA: GrpcStatus.INVALID_ARGUMENT,
+  KV_DIM_MISMATCH: GrpcStatus.INVALID_ARGUMENT,
+  KV_DUPLICATE_KEY: GrpcStatus.INVALID_ARGUMENT,
+  KV_UNAVAILABLE: GrpcStatus.UNAVAILABLE,
+  KV_DEADLINE_EXCEEDED: GrpcStatus.DEADLINE_EXCEEDED,
+  KV_ABORTED: GrpcStatus.CANCELLED,
+  KV_TABLE_NOT_FOUND: GrpcStatus.NOT_FOUND,
+  KV_VERSION_NOT_FOUND: GrpcStatus.NOT_FOUND,
+  KV_VERSION_EXISTS: GrpcStatus.ALREADY_EXISTS,
+  KV_VERSION_TOO_OLD: GrpcStatus.FAILED_PRECONDITION,
+  KV_LOAD_CONFLICT: GrpcStatus.FAILED_PRECONDITION,
+  KV_CLOSED: GrpcStatus.UNAVAILABLE,
+  KV_INTERNAL: GrpcStatus.INTERNAL,
+};
+
+const STATUS_TO_CODE: Partial<Record<GrpcStatus, KvErrorCodeName>> = {
+  [GrpcStatus.INVALID_ARGUMENT]: KvErrorCode.INVALID_ARGUMENT,
+  [GrpcStatus.UNAVAILABLE]: KvErrorCode.UNAVAILABLE,
+  [GrpcStatus.DEADLINE_EXCEEDED]: KvErrorCode.DEADLINE_EXCEEDED,
+  [GrpcStatus.CANCELLED]: KvErrorCode.ABORTED,
+  [GrpcStatus.NOT_FOUND]: KvErrorCode.TABLE_NOT_FOUND,
+  [GrpcStatus.ALREADY_EXISTS]: KvErrorCode.VERSION_EXISTS,
+  [GrpcStatus.FAILED_PRECONDITION]: KvErrorCode.LOAD_CONFLICT,
+  [GrpcStatus.RESOURCE_EXHAUSTED]: KvErrorCode.INVALID_ARGUMENT,
+};
+
+const KNOWN_CODES = new Set<string>(Object.values(KvErrorCode));
+const CODE_KEY = 'kv-code';
+const DETAIL_KEY = 'kv-detail';
+
+export interface GrpcErrorShape {
+  code: GrpcStatus;
+  details: string;
+  metadata: Metadata;
+}
+
+/** KvError (or anything thrown by a handler) to a gRPC status; no stack traces on the wire. */
+export function toGrpcError(err: unknown): GrpcErrorShape {
+  const metadata = new Metadata();
+  if (err instanceof KvError) {
+    metadata.set(CODE_KEY, err.code);
+    if (err.detail !== undefined) metadata.set(DETAIL_KEY, JSON.stringify(err.detail));
+    return { code: CODE_TO_STATUS[err.code], details: err.message, metadata };
+  }
+  metadata.set(CODE_KEY, KvErrorCode.INTERNAL);
+  const message = err instanceof Error ? err.message : String(err);
+  return { code: GrpcStatus.INTERNAL, details: `internal error: ${message}`, metadata };
+}
+
+/** A gRPC call error back to a KvError, keeping the server's code when it sent one. */
+export function fromGrpcError(err: ServiceError | Error, context: string): KvError {
+  if (err instanceof KvError) return err;
+  const se = err as Partial<ServiceError>;
+  const status = typeof se.code === 'number' ? se.code : GrpcStatus.UNKNOWN;
+  let code: KvErrorCodeName = STATUS_TO_CODE[status] ?? KvErrorCode.INTERNAL;
+  let detail: Record<string, string | number> | undefined;
+  if (se.metadata instanceof Metadata) {
+    const sent = se.metadata.get(CODE_KEY)[0];
+    if (typeof sent === 'string' && KNOWN_CODES.has(sent)) code = sent as KvErrorCodeName;
+    const d = se.metadata.get(DETAIL_KEY)[0];
+    if (typeof d === 'string') {
+      try {
+        detail = JSON.parse(d) as Record<string, string | number>;
+      } catch {
+        detail = undefined;
+      }
+    }
+  }
+  const text = se.details !== undefined && se.details !== '' ? se.details : err.message;
+  return new KvError(code, `${context}: ${text}`, { cause: err, ...(detail ? { detail } : {}) });
+}

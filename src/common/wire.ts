@@ -1,0 +1,276 @@
+import { fileURLToPath } from 'node:url';
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+import { invalidArgument } from './errors.js';
+
+/**
+ * The Lookup messages are encoded by hand (standard protobuf, see proto/embkv.proto) so that keys and
+ * vectors are written straight into the message buffer and read as views: protobufjs would build
+ * objects and copy the 20 MB payload twice. The control messages go through @grpc/proto-loader.
+ */
+
+export const PROTO_PATH = fileURLToPath(new URL('../../../proto/embkv.proto', import.meta.url));
+
+/** grpc-js options for 20 MB answers (FEASIBILITY: the 4 MiB default refuses them, and the default
+ * flow-control window halves throughput). */
+export const MAX_MESSAGE_BYTES = 512 * 1024 * 1024;
+export const FLOW_CONTROL_WINDOW_BYTES = 16 * 1024 * 1024;
+export const CHANNEL_OPTIONS: grpc.ChannelOptions = {
+  'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
+  'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
+  'grpc-node.flow_control_window': FLOW_CONTROL_WINDOW_BYTES,
+  'grpc.keepalive_time_ms': 30_000,
+  'grpc.keepalive_timeout_ms': 10_000,
+  // Every replica address gets its own channel even when two share a host.
+  'grpc.use_local_subchannel_pool': 1,
+};
+export const SERVER_OPTIONS: grpc.ServerOptions = {
+  'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
+  'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
+  'grpc-node.flow_control_window': FLOW_CONTROL_WINDOW_BYTES,
+};
+
+export interface LookupRequest {
+  table: string;
+  /** 0 = current. */
+  version: number;
+  /** Packed little-endian uint64. */
+  keys: Uint8Array;
+}
+
+export interface LookupResponse {
+  version: number;
+  dim: number;
+  found: Uint8Array;
+  values: Float32Array;
+}
+
+// ---- varints ---------------------------------------------------------------------------------
+
+function varintSize(v: number): number {
+  let n = 1;
+  while (v >= 128) {
+    v = Math.floor(v / 128);
+    n++;
+  }
+  return n;
+}
+
+function writeVarint(buf: Uint8Array, pos: number, v: number): number {
+  while (v >= 128) {
+    buf[pos++] = (v % 128) | 128;
+    v = Math.floor(v / 128);
+  }
+  buf[pos++] = v;
+  return pos;
+}
+
+class Reader {
+  pos = 0;
+  constructor(readonly buf: Uint8Array) {}
+  varint(): number {
+    let result = 0;
+    let mul = 1;
+    for (let i = 0; i < 10; i++) {
+      if (this.pos >= this.buf.length) throw invalidArgument('message truncated inside a varint');
+      const b = this.buf[this.pos++]!;
+      result += (b & 127) * mul;
+      if (b < 128) {
+        if (result > Number.MAX_SAFE_INTEGER) throw invalidArgument('integer field larger than 2^53');
+        return result;
+      }
+      mul *= 128;
+    }
+    throw invalidArgument('malformed varint');
+  }
+  bytes(): Uint8Array {
+    const len = this.varint();
+    if (this.pos + len > this.buf.length) throw invalidArgument('message truncated inside a bytes field');
+    const out = this.buf.subarray(this.pos, this.pos + len);
+    this.pos += len;
+    return out;
+  }
+  skip(wireType: number): void {
+    if (wireType === 0) this.varint();
+    else if (wireType === 1) this.pos += 8;
+    else if (wireType === 2) this.bytes();
+    else if (wireType === 5) this.pos += 4;
+    else throw invalidArgument(`unsupported protobuf wire type ${wireType}`);
+    if (this.pos > this.buf.length) throw invalidArgument('message truncated');
+  }
+}
+
+// ---- LookupRequest -------------------------------------------------------------------------------
+
+export function encodeLookupRequest(req: LookupRequest): Buffer {
+  const table = Buffer.from(req.table, 'utf8');
+  const size =
+    1 + varintSize(table.length) + table.length +
+    (req.version > 0 ? 1 + varintSize(req.version) : 0) +
+    1 + varintSize(req.keys.byteLength) + req.keys.byteLength;
+  const buf = Buffer.allocUnsafe(size);
+  let pos = 0;
+  buf[pos++] = 0x0a;
+  pos = writeVarint(buf, pos, table.length);
+  table.copy(buf, pos);
+  pos += table.length;
+  if (req.version > 0) {
+    buf[pos++] = 0x10;
+    pos = writeVarint(buf, pos, req.version);
+  }
+  buf[pos++] = 0x1a;
+  pos = writeVarint(buf, pos, req.keys.byteLength);
+  buf.set(req.keys, pos);
+  return buf;
+}
+
+export function decodeLookupRequest(buf: Uint8Array): LookupRequest {
+  const r = new Reader(buf);
+  let table = '';
+  let version = 0;
+  let keys: Uint8Array = new Uint8Array(0);
+  while (r.pos < buf.length) {
+    const tag = r.varint();
+    const field = Math.floor(tag / 8);
+    const wt = tag & 7;
+    if (field === 1 && wt === 2) table = Buffer.from(r.bytes()).toString('utf8');
+    else if (field === 2 && wt === 0) version = r.varint();
+    else if (field === 3 && wt === 2) keys = r.bytes();
+    else r.skip(wt);
+  }
+  return { table, version, keys };
+}
+
+// ---- LookupResponse ------------------------------------------------------------------------------
+
+/** A response buffer laid out for in-place filling: `found` and `values` are views into `buf`. */
+export interface LookupResponseBuffer {
+  buf: Buffer;
+  found: Uint8Array;
+  values: Float32Array;
+}
+
+/**
+ * Lays out a LookupResponse of n keys so the answer can be written in place:
+ *
+ *   [08 version][10 dim][1a n found...][22 p pad...][2a n*dim*4 values...]
+ *                                                         ^ message offset ≡ 3 (mod 4)
+ *
+ * grpc-js hands a received message at byte 5 of a fresh buffer, so values at offset ≡ 3 arrive 4-byte
+ * aligned and are read as a Float32Array without a copy. Here the Buffer starts at byte 1 of its
+ * ArrayBuffer so that the same offset is aligned for the writer too.
+ */
+export function allocLookupResponse(version: number, dim: number, n: number): LookupResponseBuffer {
+  const valuesLen = n * dim * 4;
+  const head = (version > 0 ? 1 + varintSize(version) : 0) + (dim > 0 ? 1 + varintSize(dim) : 0) + 1 + varintSize(n) + n;
+  // pad field: tag + 1-byte length + p bytes; choose p in 0..3 so values start at ≡ 3 (mod 4).
+  const valuesHeader = 1 + varintSize(valuesLen);
+  let pad = 0;
+  while ((head + 2 + pad + valuesHeader) % 4 !== 3) pad++;
+  const size = head + 2 + pad + valuesHeader + valuesLen;
+  const ab = new ArrayBuffer(size + 1);
+  const buf = Buffer.from(ab, 1, size);
+  let pos = 0;
+  if (version > 0) {
+    buf[pos++] = 0x08;
+    pos = writeVarint(buf, pos, version);
+  }
+  if (dim > 0) {
+    buf[pos++] = 0x10;
+    pos = writeVarint(buf, pos, dim);
+  }
+  buf[pos++] = 0x1a;
+  pos = writeVarint(buf, pos, n);
+  const found = buf.subarray(pos, pos + n);
+  found.fill(0);
+  pos += n;
+  buf[pos++] = 0x22;
+  buf[pos++] = pad;
+  buf.fill(0, pos, pos + pad);
+  pos += pad;
+  buf[pos++] = 0x2a;
+  pos = writeVarint(buf, pos, valuesLen);
+  const values = new Float32Array(ab, 1 + pos, n * dim);
+  return { buf, found, values };
+}
+
+export function decodeLookupResponse(buf: Uint8Array): LookupResponse {
+  const r = new Reader(buf);
+  let version = 0;
+  let dim = 0;
+  let found: Uint8Array = new Uint8Array(0);
+  let valuesBytes: Uint8Array = new Uint8Array(0);
+  while (r.pos < buf.length) {
+    const tag = r.varint();
+    const field = Math.floor(tag / 8);
+    const wt = tag & 7;
+    if (field === 1 && wt === 0) version = r.varint();
+    else if (field === 2 && wt === 0) dim = r.varint();
+    else if (field === 3 && wt === 2) found = r.bytes();
+    else if (field === 5 && wt === 2) valuesBytes = r.bytes();
+    else r.skip(wt);
+  }
+  if (valuesBytes.byteLength !== found.length * dim * 4) {
+    throw invalidArgument(`lookup answer carries ${valuesBytes.byteLength} value bytes for ${found.length} keys of dim ${dim}`);
+  }
+  let values: Float32Array;
+  if (valuesBytes.byteOffset % 4 === 0) {
+    values = new Float32Array(valuesBytes.buffer, valuesBytes.byteOffset, valuesBytes.byteLength / 4);
+  } else {
+    values = new Float32Array(valuesBytes.byteLength / 4);
+    new Uint8Array(values.buffer).set(valuesBytes);
+  }
+  return { version, dim, found, values };
+}
+
+// ---- service definitions ---------------------------------------------------------------------------
+
+const identity = (b: Buffer): Buffer => b;
+
+/** The Embkv service with hand codecs: the server receives decoded requests and sends prebuilt buffers. */
+export const EMBKV_SERVER_SERVICE = {
+  lookup: {
+    path: '/embkv.v1.Embkv/Lookup',
+    requestStream: false,
+    responseStream: false,
+    requestSerialize: encodeLookupRequest,
+    requestDeserialize: (b: Buffer): LookupRequest => decodeLookupRequest(b),
+    responseSerialize: identity,
+    responseDeserialize: identity,
+    originalName: 'Lookup',
+  },
+} satisfies grpc.ServiceDefinition;
+
+export const EMBKV_CLIENT_SERVICE = {
+  lookup: {
+    path: '/embkv.v1.Embkv/Lookup',
+    requestStream: false,
+    responseStream: false,
+    requestSerialize: encodeLookupRequest,
+    requestDeserialize: (b: Buffer): LookupRequest => decodeLookupRequest(b),
+    responseSerialize: identity,
+    responseDeserialize: (b: Buffer): LookupResponse => decodeLookupResponse(b),
+    originalName: 'Lookup',
+  },
+} satisfies grpc.ServiceDefinition;
+
+let controlPackage: grpc.GrpcObject | undefined;
+function protoPackage(): grpc.GrpcObject {
+  controlPackage ??= grpc.loadPackageDefinition(
+    protoLoader.loadSync(PROTO_PATH, { keepCase: false, longs: Number, enums: String, defaults: true, oneofs: true }),
+  );
+  return controlPackage;
+}
+
+/** The ShardControl service definition (control messages through proto-loader). */
+export function shardControlService(): grpc.ServiceDefinition {
+  const v1 = (protoPackage()['embkv'] as grpc.GrpcObject)['v1'] as grpc.GrpcObject;
+  return (v1['ShardControl'] as grpc.ServiceClientConstructor).service;
+}
+
+export function shardControlClientConstructor(): grpc.ServiceClientConstructor {
+  const v1 = (protoPackage()['embkv'] as grpc.GrpcObject)['v1'] as grpc.GrpcObject;
+  return v1['ShardControl'] as grpc.ServiceClientConstructor;
+}
+
+export const EmbkvClient = grpc.makeGenericClientConstructor(EMBKV_CLIENT_SERVICE, 'Embkv');
