@@ -1,0 +1,209 @@
+#!/usr/bin/env node
+import { existsSync, writeFileSync } from 'node:fs';
+import { Command, InvalidArgumentError } from 'commander';
+import { EmbeddingClientImpl } from '../client/client.js';
+import { KvError, KvErrorCode } from '../common/errors.js';
+import { rootLogger } from '../common/log.js';
+import { DEFAULT_CONFIG_PATH, loadManifest, localManifest, type Manifest } from '../common/manifest.js';
+import { publishVersion, statusAll } from '../loader/cluster-ops.js';
+import { runLoad } from '../loader/loader.js';
+import { ClusterConnections } from '../router/connections.js';
+import { RouterServer } from '../router/server.js';
+import { ReplicaServer } from '../replica/server.js';
+import { runDemo } from './demo.js';
+import { Progress, formatStatus } from './output.js';
+import { Supervisor } from './supervisor.js';
+
+const intArg = (name: string, min: number) => (value: string): number => {
+  const n = Number(value);
+  if (!/^\d+$/.test(value) || !Number.isSafeInteger(n) || n < min) throw new InvalidArgumentError(`${name} must be an integer ≥ ${min}`);
+  return n;
+};
+
+/** The default manifest of `cluster up` and `demo`: 2 groups x 2 replicas on 127.0.0.1:7100-7103. */
+export const DEFAULT_LOCAL_MANIFEST: Manifest = localManifest(2, 2, 7100, 64);
+
+/** Reads the manifest, or with `writeDefault` writes the embedded default first when there is none. */
+function manifestFrom(path: string, writeDefault = false): Manifest {
+  if (writeDefault && !existsSync(path)) {
+    writeFileSync(path, JSON.stringify(DEFAULT_LOCAL_MANIFEST, null, 2) + '\n');
+    process.stderr.write(`wrote ${path}: ${DEFAULT_LOCAL_MANIFEST.groups.length} groups x 2 replicas on 127.0.0.1:7100-7103\n`);
+  }
+  return loadManifest(path);
+}
+
+/** Resolves on SIGINT or SIGTERM, or when the supervising parent's IPC channel closes (it died). */
+function untilSignal(): Promise<NodeJS.Signals | 'parent exited'> {
+  return new Promise((resolve) => {
+    process.once('SIGINT', () => resolve('SIGINT'));
+    process.once('SIGTERM', () => resolve('SIGTERM'));
+    if (process.send !== undefined) process.once('disconnect', () => resolve('parent exited'));
+  });
+}
+
+const program = new Command()
+  .name('kvctl')
+  .description('embkv: a sharded key-value store of float32 embeddings')
+  .showHelpAfterError('(run kvctl help for the commands)');
+
+program
+  .command('serve')
+  .description('run one shard replica')
+  .option('--config <file>', 'cluster manifest', DEFAULT_CONFIG_PATH)
+  .requiredOption('--group <g>', 'shard group index', intArg('--group', 0))
+  .requiredOption('--replica <r>', 'replica index within the group', intArg('--replica', 0))
+  .option('--data <dir>', 'data directory (default ./data/gGrR)')
+  .action(async (o: { config: string; group: number; replica: number; data?: string }) => {
+    const manifest = loadManifest(o.config);
+    const server = new ReplicaServer({
+      manifest, group: o.group, replica: o.replica, dataDir: o.data ?? `data/g${o.group}r${o.replica}`, logger: rootLogger('embkv'),
+    });
+    await server.start();
+    await untilSignal();
+    await server.close();
+  });
+
+const cluster = program.command('cluster').description('a local cluster');
+cluster
+  .command('up')
+  .description('run every replica of the manifest on this host until Ctrl-C')
+  .option('--config <file>', 'cluster manifest (written with the default if missing)', DEFAULT_CONFIG_PATH)
+  .option('--data <dir>', 'data directory', 'data')
+  .action(async (o: { config: string; data: string }) => {
+    const manifest = manifestFrom(o.config, true);
+    const sup = new Supervisor({ manifest, configPath: o.config, dataDir: o.data, logs: 'inherit', report: (l) => process.stderr.write(`kvctl: ${l}\n`) });
+    sup.start();
+    process.once('exit', () => sup.killAll());
+    process.stderr.write(`kvctl: started ${manifest.groups.reduce((a, g) => a + g.replicas.length, 0)} replicas; Ctrl-C stops them\n`);
+    const sig = await untilSignal();
+    process.stderr.write(`kvctl: ${sig}: stopping every replica\n`);
+    await sup.stop();
+  });
+
+program
+  .command('load')
+  .description('load a version of a table from NumPy or text files')
+  .option('--config <file>', 'cluster manifest', DEFAULT_CONFIG_PATH)
+  .requiredOption('--table <name>', 'table name')
+  .requiredOption('--version <n>', 'version number', intArg('--version', 1))
+  .option('--full <path>', 'a full dump: a file, a NumPy pair or a directory of parts')
+  .option('--publish', 'publish the version once every replica holds it', false)
+  .option('--force', 'accept a version number lower than the current one', false)
+  .action(async (o: { config: string; table: string; version: number; full?: string; publish: boolean; force: boolean }) => {
+    if (o.full === undefined) throw new KvError(KvErrorCode.INVALID_ARGUMENT, 'give the dump to load with --full PATH');
+    const manifest = loadManifest(o.config);
+    const progress = new Progress(`loading ${o.table} v${o.version}`);
+    const r = await runLoad({
+      manifest, table: o.table, version: o.version, path: o.full, publish: o.publish, force: o.force,
+      onProgress: (rows, total) => progress.update(rows, total),
+    }).finally(() => progress.done());
+    const rate = Math.round(r.rows / Math.max(r.ms / 1000, 1e-3));
+    process.stdout.write(
+      `loaded ${o.table} v${o.version}: ${r.rows} keys of dim ${r.dim} in ${(r.ms / 1000).toFixed(1)} s (${rate} keys/s) on ${r.rowsPerGroup.length} groups` +
+        `${r.published ? '; published' : `; run kvctl publish --table ${o.table} --version ${o.version} to serve it`}\n`,
+    );
+  });
+
+for (const [name, rollback] of [['publish', false], ['rollback', true]] as const) {
+  program
+    .command(name)
+    .description(rollback ? 'make an older kept version current again' : 'make a loaded version current on every replica')
+    .option('--config <file>', 'cluster manifest', DEFAULT_CONFIG_PATH)
+    .requiredOption('--table <name>', 'table name')
+    .requiredOption('--version <n>', 'version number', intArg('--version', 1))
+    .action(async (o: { config: string; table: string; version: number }) => {
+      const conns = new ClusterConnections(loadManifest(o.config));
+      try {
+        const r = await publishVersion(conns, o.table, o.version, rollback);
+        const prev = [...new Set(r.previous)].join(', ');
+        process.stdout.write(`${o.table}: version ${o.version} is current on every replica (was ${prev})\n`);
+      } finally {
+        conns.close();
+      }
+    });
+}
+
+program
+  .command('get')
+  .description('print the vectors of keys')
+  .option('--config <file>', 'cluster manifest', DEFAULT_CONFIG_PATH)
+  .requiredOption('--table <name>', 'table name')
+  .option('--version <n>', 'version (default: current)', intArg('--version', 1))
+  .option('--strings', 'the keys are strings (hashed with xxh64)', false)
+  .argument('<keys...>', 'decimal uint64 keys')
+  .action(async (keys: string[], o: { config: string; table: string; version?: number; strings: boolean }) => {
+    const parsed = o.strings ? keys : keys.map((k, i) => {
+      if (!/^\d{1,20}$/.test(k) || BigInt(k) >= 1n << 64n) throw new KvError(KvErrorCode.INVALID_ARGUMENT, `key ${i + 1} (${k}) is not a decimal uint64; use --strings for string keys`);
+      return BigInt(k);
+    });
+    const client = new EmbeddingClientImpl({ config: o.config });
+    try {
+      const r = await client.getEmbeddings(parsed as bigint[] | string[], { table: o.table, ...(o.version ? { version: o.version } : {}) });
+      process.stderr.write(`${o.table} v${r.version} dim ${r.dim}\n`);
+      keys.forEach((k, i) => {
+        const row = r.found[i] ? Array.from(r.values.subarray(i * r.dim, (i + 1) * r.dim), (v) => String(v)).join(',') : '(absent)';
+        process.stdout.write(`${k}\t${row}\n`);
+      });
+    } finally {
+      await client.close();
+    }
+  });
+
+program
+  .command('status')
+  .description('groups, replicas, health, tables, versions, keys and memory; exits 1 if a replica does not answer')
+  .option('--config <file>', 'cluster manifest', DEFAULT_CONFIG_PATH)
+  .option('--json', 'machine-readable output', false)
+  .action(async (o: { config: string; json: boolean }) => {
+    const conns = new ClusterConnections(loadManifest(o.config));
+    try {
+      const all = await statusAll(conns);
+      if (o.json) {
+        process.stdout.write(JSON.stringify(all.map((s) => ({ group: s.conn.group, replica: s.conn.replica, address: s.conn.address, ...(s.status ? { status: s.status } : { error: s.error?.message }) })), null, 2) + '\n');
+      } else {
+        process.stdout.write(formatStatus(all));
+      }
+      const down = all.filter((s) => s.error).length;
+      if (down > 0) {
+        process.stderr.write(`kvctl: ${down} of ${all.length} replicas do not answer\n`);
+        process.exitCode = 1;
+      }
+    } finally {
+      conns.close();
+    }
+  });
+
+program
+  .command('router')
+  .description('run the gRPC router endpoint (Embkv.Lookup for any keys)')
+  .option('--config <file>', 'cluster manifest', DEFAULT_CONFIG_PATH)
+  .requiredOption('--port <p>', 'port to listen on', intArg('--port', 0))
+  .option('--host <h>', 'address to listen on', '127.0.0.1')
+  .action(async (o: { config: string; port: number; host: string }) => {
+    const router = new RouterServer({ manifest: loadManifest(o.config), host: o.host, port: o.port, logger: rootLogger('embkv') });
+    await router.start();
+    process.stderr.write(`kvctl: router listening on ${o.host}:${router.port}\n`);
+    await untilSignal();
+    await router.close();
+  });
+
+program
+  .command('demo')
+  .description('start a local cluster, load a demo model, time 150k-key lookups, serve until Ctrl-C')
+  .option('--config <file>', 'cluster manifest (written with the default if missing)', DEFAULT_CONFIG_PATH)
+  .option('--data <dir>', 'data directory', 'data')
+  .option('--keys <n>', 'keys in the demo model', intArg('--keys', 1000), 1_000_000)
+  .option('--dim <n>', 'dimension', intArg('--dim', 1), 32)
+  .option('--requests <n>', 'timed 150k-key requests', intArg('--requests', 1), 20)
+  .option('--no-serve', 'stop after measuring instead of serving until Ctrl-C')
+  .action(async (o: { config: string; data: string; keys: number; dim: number; requests: number; serve: boolean }) => {
+    const manifest = manifestFrom(o.config, true);
+    await runDemo({ manifest, configPath: o.config, dataDir: o.data, keys: o.keys, dim: o.dim, requests: o.requests, serve: o.serve, untilSignal });
+  });
+
+
+program.parseAsync(process.argv).catch((err: unknown) => {
+  const msg = err instanceof Error ? err.message : String(err);
+  process.stderr.write(`kvctl: error: ${msg}\n`);
+  process.exit(1);
+});

@@ -1,0 +1,69 @@
+import type { KvError } from '../common/errors.js';
+import type { ReplicaStatus } from '../loader/cluster-ops.js';
+import type { ReplicaConn } from '../router/connections.js';
+
+export function formatBytes(n: number): string {
+  if (n < 1024) return `${n} B`;
+  const units = ['KiB', 'MiB', 'GiB', 'TiB'];
+  let v = n / 1024;
+  let u = 0;
+  while (v >= 1024 && u < units.length - 1) {
+    v /= 1024;
+    u++;
+  }
+  return `${v.toFixed(v < 10 ? 1 : 0)} ${units[u]}`;
+}
+
+const num = (n: number): string => n.toLocaleString('en-US');
+
+/** A progress line on a terminal (stderr), redrawn at most 10 times a second; silent otherwise. */
+export class Progress {
+  private last = 0;
+  private readonly started = Date.now();
+  private readonly tty = process.stderr.isTTY === true;
+  constructor(private readonly label: string) {}
+
+  update(done: number, total: number): void {
+    if (!this.tty) return;
+    const now = Date.now();
+    if (now - this.last < 100 && done !== total) return;
+    this.last = now;
+    const rate = done / Math.max((now - this.started) / 1000, 1e-3);
+    let bar = '';
+    if (total > 0) {
+      const width = 30;
+      const filled = Math.min(width, Math.round((done / total) * width));
+      bar = `[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${((done / total) * 100).toFixed(0)}% `;
+    }
+    process.stderr.write(`\r${this.label} ${bar}${num(done)}${total > 0 ? `/${num(total)}` : ''} keys, ${num(Math.round(rate))} keys/s   `);
+  }
+
+  done(): void {
+    if (this.tty && this.last !== 0) process.stderr.write('\n');
+  }
+}
+
+export function formatStatus(all: { conn: ReplicaConn; status?: ReplicaStatus; error?: KvError }[]): string {
+  const lines: string[] = [];
+  let group = -1;
+  for (const s of all) {
+    if (s.conn.group !== group) {
+      group = s.conn.group;
+      lines.push(`group ${group}`);
+    }
+    const head = `  replica ${s.conn.replica}  ${s.conn.address}`;
+    if (s.error || !s.status) {
+      lines.push(`${head}  DOWN  ${s.error?.message ?? ''}`);
+      continue;
+    }
+    const st = s.status;
+    lines.push(`${head}  UP ${Math.round(st.uptimeMs / 1000)} s  rss ${formatBytes(st.rssBytes)}  heap ${formatBytes(st.heapUsedBytes)}`);
+    for (const t of st.tables) {
+      const versions = t.versions
+        .map((v) => `v${v.version}${v.version === t.currentVersion ? '*' : ''} ${v.state} ${num(v.keys)} keys dim ${v.dim} ${formatBytes(v.bytes)}`)
+        .join('; ');
+      lines.push(`    ${t.name}  current v${t.currentVersion}  [${versions}]`);
+    }
+  }
+  return lines.join('\n') + '\n';
+}

@@ -1,0 +1,118 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { createWriteStream, mkdirSync, type WriteStream } from 'node:fs';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import type { Manifest } from '../common/manifest.js';
+
+const KVCTL = fileURLToPath(new URL('./kvctl.js', import.meta.url));
+const MAX_BACKOFF_MS = 10_000;
+const HEALTHY_AFTER_MS = 30_000;
+
+export interface SupervisorOptions {
+  manifest: Manifest;
+  configPath: string;
+  dataDir: string;
+  /** 'inherit': child logs on our stderr, prefixed; 'files': DATA/gGrR.log. */
+  logs: 'inherit' | 'files';
+  /** One line per lifecycle event (started, exited, restarting). */
+  report: (line: string) => void;
+}
+
+interface Child {
+  name: string;
+  group: number;
+  replica: number;
+  proc: ChildProcess | undefined;
+  backoffMs: number;
+  startedMs: number;
+  restartTimer: NodeJS.Timeout | undefined;
+  log: WriteStream | undefined;
+}
+
+/**
+ * Runs every replica of the manifest as a child `kvctl serve` process on this host. A child that dies
+ * is reported and restarted with backoff; stop() ends them all with SIGTERM (SIGKILL after a grace).
+ */
+export class Supervisor {
+  private readonly children: Child[] = [];
+  private stopping = false;
+
+  constructor(private readonly options: SupervisorOptions) {
+    options.manifest.groups.forEach((g, gi) =>
+      g.replicas.forEach((_, ri) =>
+        this.children.push({
+          name: `g${gi}r${ri}`, group: gi, replica: ri, proc: undefined, backoffMs: 500, startedMs: 0, restartTimer: undefined, log: undefined,
+        }),
+      ),
+    );
+  }
+
+  start(): void {
+    mkdirSync(this.options.dataDir, { recursive: true });
+    for (const c of this.children) this.spawnChild(c);
+  }
+
+  /** The pid of each running child, by name (gGrR). */
+  pids(): Record<string, number | undefined> {
+    return Object.fromEntries(this.children.map((c) => [c.name, c.proc?.pid]));
+  }
+
+  private spawnChild(c: Child): void {
+    const dataDir = join(this.options.dataDir, c.name);
+    const args = [KVCTL, 'serve', '--config', this.options.configPath, '--group', String(c.group), '--replica', String(c.replica), '--data', dataDir];
+    // The IPC channel ties the child to this process: when it closes, the replica shuts down.
+    const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe', 'ipc'] });
+    c.proc = proc;
+    c.startedMs = Date.now();
+    if (this.options.logs === 'files') {
+      c.log ??= createWriteStream(join(this.options.dataDir, `${c.name}.log`), { flags: 'a' });
+      proc.stdout!.pipe(c.log, { end: false });
+      proc.stderr!.pipe(c.log, { end: false });
+    } else {
+      for (const stream of [proc.stdout!, proc.stderr!]) {
+        createInterface({ input: stream }).on('line', (line) => process.stderr.write(`[${c.name}] ${line}\n`));
+      }
+    }
+    proc.on('exit', (code, signal) => {
+      c.proc = undefined;
+      if (this.stopping) return;
+      if (Date.now() - c.startedMs > HEALTHY_AFTER_MS) c.backoffMs = 500;
+      this.options.report(`replica ${c.name} exited (${signal ?? `code ${code}`}); restarting in ${c.backoffMs} ms`);
+      c.restartTimer = setTimeout(() => {
+        c.restartTimer = undefined;
+        if (!this.stopping) this.spawnChild(c);
+      }, c.backoffMs);
+      c.backoffMs = Math.min(MAX_BACKOFF_MS, c.backoffMs * 2);
+    });
+  }
+
+  /** Last resort when this process exits abruptly: SIGKILL every child, synchronously. */
+  killAll(): void {
+    this.stopping = true;
+    for (const c of this.children) c.proc?.kill('SIGKILL');
+  }
+
+  /** Stops every child: SIGTERM, then SIGKILL for those still running after `graceMs`. */
+  async stop(graceMs = 10_000): Promise<void> {
+    this.stopping = true;
+    const waits: Promise<void>[] = [];
+    for (const c of this.children) {
+      if (c.restartTimer) clearTimeout(c.restartTimer);
+      const proc = c.proc;
+      if (proc === undefined) continue;
+      waits.push(
+        new Promise<void>((resolve) => {
+          const kill = setTimeout(() => proc.kill('SIGKILL'), graceMs);
+          proc.once('exit', () => {
+            clearTimeout(kill);
+            resolve();
+          });
+        }),
+      );
+      proc.kill('SIGTERM');
+    }
+    await Promise.all(waits);
+    for (const c of this.children) c.log?.end();
+  }
+}

@@ -1,0 +1,67 @@
+import type * as grpc from '@grpc/grpc-js';
+import { KvError, KvErrorCode, fromGrpcError } from '../common/errors.js';
+import { controlCall, type ClusterConnections, type ReplicaConn } from '../router/connections.js';
+
+export const DEFAULT_CONTROL_DEADLINE_MS = 30_000;
+
+export interface ReplicaStatus {
+  group: number;
+  replica: number;
+  address: string;
+  uptimeMs: number;
+  rssBytes: number;
+  heapUsedBytes: number;
+  tables: {
+    name: string;
+    currentVersion: number;
+    versions: { version: number; dim: number; keys: number; state: string; bytes: number }[];
+  }[];
+}
+
+export const replicaName = (c: ReplicaConn): string => `group ${c.group} replica ${c.replica} (${c.address})`;
+
+/** A control call whose failure becomes a KvError naming the replica. */
+export async function call<Res>(conn: ReplicaConn, method: string, request: object, deadlineMs = DEFAULT_CONTROL_DEADLINE_MS): Promise<Res> {
+  try {
+    return await controlCall<Res>(conn, method, request, deadlineMs);
+  } catch (err) {
+    throw fromGrpcError(err as grpc.ServiceError, replicaName(conn));
+  }
+}
+
+/** Asks every replica for its status; a replica that does not answer gets its error instead. */
+export async function statusAll(conns: ClusterConnections, deadlineMs = 3000): Promise<{ conn: ReplicaConn; status?: ReplicaStatus; error?: KvError }[]> {
+  return Promise.all(
+    conns.all().map(async (conn) => {
+      try {
+        return { conn, status: await call<ReplicaStatus>(conn, 'Status', {}, deadlineMs) };
+      } catch (err) {
+        return { conn, error: err as KvError };
+      }
+    }),
+  );
+}
+
+/**
+ * Makes `version` current on every replica. First every replica must confirm that it holds the
+ * version complete; only then is any replica flipped, so a publish never strands the cluster on a
+ * version that some group lacks.
+ */
+export async function publishVersion(conns: ClusterConnections, table: string, version: number, rollback: boolean): Promise<{ previous: number[] }> {
+  const statuses = await statusAll(conns);
+  const missing: string[] = [];
+  for (const s of statuses) {
+    if (s.error) {
+      missing.push(`${replicaName(s.conn)} does not answer: ${s.error.message}`);
+      continue;
+    }
+    const t = s.status!.tables.find((x) => x.name === table);
+    const v = t?.versions.find((x) => x.version === version && x.state === 'sealed');
+    if (v === undefined) missing.push(`${replicaName(s.conn)} does not hold ${table} v${version} complete`);
+  }
+  if (missing.length > 0) {
+    throw new KvError(KvErrorCode.VERSION_NOT_FOUND, `cannot ${rollback ? 'roll back to' : 'publish'} ${table} v${version}: ${missing.join('; ')}`);
+  }
+  const res = await Promise.all(conns.all().map((c) => call<{ previousVersion: number }>(c, 'Publish', { table, version, rollback })));
+  return { previous: res.map((r) => r.previousVersion) };
+}

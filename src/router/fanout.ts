@@ -1,0 +1,188 @@
+import * as grpc from '@grpc/grpc-js';
+import { KvError, KvErrorCode, fromGrpcError } from '../common/errors.js';
+import type { PackedKeys } from '../common/keys.js';
+import type { Manifest } from '../common/manifest.js';
+import { EMBKV_CLIENT_SERVICE, type LookupRequest, type LookupResponse } from '../common/wire.js';
+import { ClusterConnections, type ReplicaConn } from './connections.js';
+import { assignGroups, groupTable } from './partition.js';
+
+/** Where the merged answer is written: fresh arrays by default, or a wire buffer for the router. */
+export type AnswerAllocator = (n: number, dim: number, version: number) => { values: Float32Array; found: Uint8Array };
+
+export interface FanoutResult {
+  version: number;
+  dim: number;
+  values: Float32Array;
+  found: Uint8Array;
+}
+
+export interface FanoutRequest {
+  table: string;
+  /** 0 = the current version, the same for every group. */
+  version: number;
+  keys: PackedKeys;
+  /** Absolute deadline, ms since the epoch. */
+  deadline: number;
+  signal?: AbortSignal | undefined;
+  alloc?: AnswerAllocator | undefined;
+}
+
+const defaultAlloc: AnswerAllocator = (n, dim) => ({ values: new Float32Array(n * dim), found: new Uint8Array(n) });
+
+/** gRPC statuses after which the same sub-request goes to another replica of the group. */
+const RETRYABLE = new Set<number>([grpc.status.UNAVAILABLE, grpc.status.UNKNOWN, grpc.status.INTERNAL, grpc.status.RESOURCE_EXHAUSTED]);
+
+/**
+ * Fans a batched lookup out to every shard group at once and merges the answers in request order.
+ * Shared by the SDK and the router endpoint.
+ */
+export class Fanout {
+  readonly conns: ClusterConnections;
+  private readonly groupOfPartition: Uint16Array;
+  private readonly nextReplica: Uint32Array;
+
+  constructor(readonly manifest: Manifest, conns?: ClusterConnections) {
+    this.conns = conns ?? new ClusterConnections(manifest);
+    this.groupOfPartition = groupTable(manifest.partitions, manifest.groups.length);
+    this.nextReplica = new Uint32Array(manifest.groups.length);
+  }
+
+  close(): void {
+    this.conns.close();
+  }
+
+  async lookup(req: FanoutRequest): Promise<FanoutResult> {
+    const n = req.keys.length / 2;
+    const G = this.manifest.groups.length;
+
+    // Partition in one pass, then a counting sort of request positions by group:
+    //   order[start[g] .. start[g+1]) = the positions whose keys belong to group g, in request order.
+    const groupOf = new Uint16Array(n);
+    const counts = new Uint32Array(G);
+    assignGroups(req.keys, n, this.manifest.partitions, this.groupOfPartition, groupOf, counts);
+    const start = new Uint32Array(G + 1);
+    for (let g = 0; g < G; g++) start[g + 1] = start[g]! + counts[g]!;
+    const fill = start.slice(0, G);
+    const order = new Int32Array(n);
+    const groupKeys = new Uint32Array(2 * n);
+    const src = req.keys;
+    for (let i = 0; i < n; i++) {
+      const at = fill[groupOf[i]!]!++;
+      order[at] = i;
+      groupKeys[2 * at] = src[2 * i]!;
+      groupKeys[2 * at + 1] = src[2 * i + 1]!;
+    }
+
+    const groups: number[] = [];
+    for (let g = 0; g < G; g++) if (counts[g]! > 0) groups.push(g);
+    // An empty request still asks one group, to learn the version and dim (and that the table exists).
+    if (groups.length === 0) groups.push(0);
+
+    const keyBytes = (g: number): Uint8Array => new Uint8Array(groupKeys.buffer, start[g]! * 8, counts[g]! * 8);
+    const ctl = new AbortController();
+    const onAbort = (): void => ctl.abort();
+    req.signal?.addEventListener('abort', onAbort, { once: true });
+    try {
+      if (req.signal?.aborted) throw new KvError(KvErrorCode.ABORTED, 'lookup aborted by its signal');
+      const answers = await Promise.all(
+        groups.map((g) => this.callGroup(g, { table: req.table, version: req.version, keys: keyBytes(g) }, req.deadline, ctl.signal)),
+      );
+      // Every group must answer from one version. With version 0, groups that flipped at a different
+      // moment of a publish are asked again, pinned to the newest version answered.
+      let version = answers[0]!.version;
+      let mixed = false;
+      for (const a of answers) {
+        if (a.version !== version) mixed = true;
+        if (a.version > version) version = a.version;
+      }
+      if (mixed) {
+        await Promise.all(
+          groups.map(async (g, k) => {
+            if (answers[k]!.version === version) return;
+            answers[k] = await this.callGroup(g, { table: req.table, version, keys: keyBytes(g) }, req.deadline, ctl.signal);
+          }),
+        );
+      }
+      const dim = answers[0]!.dim;
+      for (let k = 0; k < answers.length; k++) {
+        const a = answers[k]!;
+        if (a.version !== version || a.dim !== dim) {
+          throw new KvError(KvErrorCode.INTERNAL, `group ${groups[k]} answered version ${a.version} dim ${a.dim}, expected version ${version} dim ${dim}`);
+        }
+      }
+      const out = (req.alloc ?? defaultAlloc)(n, dim, version);
+      for (let k = 0; k < groups.length; k++) {
+        const g = groups[k]!;
+        place(answers[k]!, order, start[g]!, counts[g]!, dim, out.values, out.found);
+      }
+      return { version, dim, values: out.values, found: out.found };
+    } catch (err) {
+      ctl.abort();
+      throw err;
+    } finally {
+      req.signal?.removeEventListener('abort', onAbort);
+    }
+  }
+
+  /** One group's sub-request: a replica in turn, and on a transport failure the next one at once. */
+  private async callGroup(g: number, sub: LookupRequest, deadline: number, signal: AbortSignal): Promise<LookupResponse> {
+    const replicas = this.conns.groups[g]!;
+    const first = this.nextReplica[g]!++ % replicas.length;
+    let lastErr: KvError | undefined;
+    for (let k = 0; k < replicas.length; k++) {
+      const conn = replicas[(first + k) % replicas.length]!;
+      try {
+        return await callLookup(conn, sub, deadline, signal);
+      } catch (err) {
+        const se = err as grpc.ServiceError;
+        if (signal.aborted) throw new KvError(KvErrorCode.ABORTED, 'lookup aborted', { cause: err });
+        if (se.code === grpc.status.DEADLINE_EXCEEDED || Date.now() >= deadline) {
+          throw new KvError(KvErrorCode.DEADLINE_EXCEEDED, `group ${g}: no answer before the deadline (${conn.address})`, { cause: err });
+        }
+        const kv = fromGrpcError(se, `group ${g} replica ${conn.replica} (${conn.address})`);
+        if (!RETRYABLE.has(se.code)) throw kv;
+        lastErr = kv;
+      }
+    }
+    throw new KvError(KvErrorCode.UNAVAILABLE, `group ${g}: no replica answered (${replicas.map((r) => r.address).join(', ')}): ${lastErr?.message ?? ''}`, { cause: lastErr });
+  }
+}
+
+const LOOKUP = EMBKV_CLIENT_SERVICE.lookup;
+
+function callLookup(conn: ReplicaConn, sub: LookupRequest, deadline: number, signal: AbortSignal): Promise<LookupResponse> {
+  return new Promise<LookupResponse>((resolve, reject) => {
+    const call = conn.lookup.makeUnaryRequest<LookupRequest, LookupResponse>(
+      LOOKUP.path,
+      LOOKUP.requestSerialize,
+      LOOKUP.responseDeserialize,
+      sub,
+      new grpc.Metadata(),
+      { deadline: new Date(deadline) },
+      (err, res) => {
+        signal.removeEventListener('abort', cancel);
+        if (err) reject(err);
+        else resolve(res!);
+      },
+    );
+    function cancel(): void {
+      call.cancel();
+    }
+    signal.addEventListener('abort', cancel, { once: true });
+  });
+}
+
+/** Copies group rows into request order: row j of the group's answer goes to position order[base + j]. */
+function place(a: LookupResponse, order: Int32Array, base: number, count: number, dim: number, values: Float32Array, found: Uint8Array): void {
+  const av = a.values;
+  const af = a.found;
+  for (let j = 0; j < count; j++) {
+    if (af[j] === 0) continue;
+    const i = order[base + j]!;
+    found[i] = 1;
+    let s = j * dim;
+    let d = i * dim;
+    const stop = s + dim;
+    while (s < stop) values[d++] = av[s++]!;
+  }
+}
