@@ -253,7 +253,7 @@ describe('text', () => {
         '\r\n' +
         '18446744073709551615\t1.5,-2,3e-3\r\n' +
         '   \n' +
-        '7\t0.1, 0.2 ,0.3   # trailing comment\n' +
+        '7\t0.1, 0.2 ,0.3   # trailing comment, in UTF-8: ключ #2 ✓\n' +
         '000123\t-0,1E2,+4.25', // no final newline
     );
     const plan = await planDump(p, 'full');
@@ -264,6 +264,12 @@ describe('text', () => {
     assert.deepEqual(got.keys, [(1n << 64n) - 1n, 7n, 123n]);
     assert.deepEqual(got.values, [1.5, -2, Math.fround(3e-3), Math.fround(0.1), Math.fround(0.2), Math.fround(0.3), -0, 100, 4.25]);
     assert.deepEqual(Array.from(got.rowChunks[0]!.rowNumbers!), [3, 5, 6]);
+  });
+
+  it('reads a line longer than the read buffer', async () => {
+    const p = join(fresh(), 'long.txt');
+    writeFileSync(p, `1\t1,2 # ${'x'.repeat(3 << 20)}\n2\t3,4\n`);
+    assert.deepEqual((await planAndRead(p)).values, [1, 2, 3, 4]);
   });
 
   it('streams a text file larger than one read block', async () => {
@@ -511,6 +517,7 @@ describe('text refusals', () => {
     ['negative key', '1\t1,2\n\n-5\t1,2\n', ['line 3', 'negative']],
     ['key of 2^64', '18446744073709551616\t1,2\n', ['line 1', 'out of range']],
     ['space instead of tab', '1 1,2\n', ['line 1', 'bad key']],
+    ['non-ASCII key', '1\t1,2\nключ\t1,2\n', ['line 2', 'bad key "ключ"']],
     ['too many values', '1\t1,2\n2\t1,2,3,4\n', ['line 2', '4 values; expected 2', 'first data line']],
     ['too few values', '1\t1,2\n# c\n2\t1\n', ['line 3', '1 values', 'expected 2']],
     ['not a number', '1\t1,abc\n', ['line 1', 'value 2', 'not a number']],

@@ -8,7 +8,6 @@
  */
 import { open, readdir, stat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { StringDecoder } from 'node:string_decoder';
 import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
 
 export type LoadMode = 'full' | 'incremental';
@@ -76,7 +75,7 @@ const MAX_CHUNK_ROWS = 1 << 24;
 /** numpy itself refuses headers over 10,000 bytes by default; anything near this is not a real header. */
 const MAX_NPY_HEADER_BYTES = 1 << 20;
 /** A text line longer than this is refused rather than buffered without bound. */
-const MAX_TEXT_LINE_CHARS = 16 * 1024 * 1024;
+const MAX_TEXT_LINE_BYTES = 16 * 1024 * 1024;
 const TEXT_READ_BYTES = 1 << 20;
 const TWO_32 = 4294967296;
 const U64_LIMIT = 1n << 64n;
@@ -129,8 +128,8 @@ class PyLiteralParser {
   }
 
   private fail(what: string): never {
-    const shown = this.src.length > 200 ? this.src.slice(0, 200) + '…' : this.src;
-    throw dataError(`${this.file}: malformed .npy header: ${what} at character ${this.pos} of ${JSON.stringify(shown.trimEnd())}`);
+    const head = this.src.length > 200 ? this.src.slice(0, 200) + '…' : this.src;
+    throw dataError(`${this.file}: malformed .npy header: ${what} at character ${this.pos} of ${JSON.stringify(head.trimEnd())}`);
   }
 
   private ws(): void {
@@ -356,7 +355,7 @@ class TextLineParser {
   /** Parsed key words of the last line. */
   lo = 0;
   hi = 0;
-  /** Dim learned from the first data line when the plan did not fix one (planning only). */
+  /** `dim` 0 means not known yet: the first upsert line sets it. `dimSource` says where a known dim came from. */
   constructor(
     private readonly file: string,
     private readonly mode: LoadMode,
@@ -403,9 +402,8 @@ class TextLineParser {
       }
     }
     if (!digits) {
-      const shown = JSON.stringify(k.length > 40 ? k.slice(0, 40) + '…' : k);
       if (/^-\d+$/.test(k)) this.fail(lineNo, `key ${k} is negative; keys are unsigned 64-bit integers`);
-      this.fail(lineNo, `bad key ${shown}: expected a decimal unsigned 64-bit integer, then a tab and the values`);
+      this.fail(lineNo, `bad key ${shown(k)}: expected a decimal unsigned 64-bit integer, then a tab and the values`);
     }
     if (len <= 15) {
       const n = Number(k);
@@ -447,35 +445,48 @@ class TextLineParser {
   }
 
   private parseValue(s: string, start: number, end: number, col: number, lineNo: number): number {
-    // Only [0-9 . + - e E] and blanks: Number() alone would also take "0x1f", "Infinity" and "".
-    let ok = true;
-    let any = false;
-    for (let i = start; i < end; i++) {
-      const c = s.charCodeAt(i);
-      if ((c >= 48 && c <= 57) || c === 46 || c === 43 || c === 45 || c === 101 || c === 69) any = true;
-      else if (c !== 32 && c !== 9) {
-        ok = false;
-        break;
-      }
+    const d = Number(start === 0 && end === s.length ? s : s.slice(start, end));
+    // Number() also takes "", "0x1f", "0b1", "0o7" and "Infinity": a finite, non-zero result without a radix
+    // prefix is a decimal number; anything else goes the slow way to be refused (or accepted as a zero).
+    if (d - d === 0 && d !== 0 && !hasRadixPrefix(s, start, end)) {
+      const v = Math.fround(d);
+      if (v - v === 0) return v;
     }
-    const tok = s.slice(start, end).trim();
-    if (!ok || !any) {
-      if (tok.length === 0) this.fail(lineNo, `value ${col} is empty`);
+    return this.parseValueSlow(s.slice(start, end).trim(), col, lineNo);
+  }
+
+  private parseValueSlow(tok: string, col: number, lineNo: number): number {
+    if (tok.length === 0) this.fail(lineNo, `value ${col} is empty`);
+    // Only [0-9 . + - e E] and inner blanks are decimal syntax.
+    if (!/^[-+]?[0-9.]/.test(tok) || /[^0-9.eE+\- \t]/.test(tok)) {
       const low = tok.toLowerCase().replace(/^[+-]/, '');
       if (low === 'nan') this.fail(lineNo, `value ${col} is NaN`);
       if (low === 'inf' || low === 'infinity') this.fail(lineNo, `value ${col} is ${tok.startsWith('-') ? '-Inf' : 'Inf'}`);
-      this.fail(lineNo, `value ${col} ${JSON.stringify(tok.length > 40 ? tok.slice(0, 40) + '…' : tok)} is not a number`);
+      this.fail(lineNo, `value ${col} ${shown(tok)} is not a number`);
     }
     const v = Math.fround(Number(tok));
     if (v - v !== 0) {
-      if (Number.isNaN(v)) this.fail(lineNo, `value ${col} ${JSON.stringify(tok)} is not a number`);
+      if (Number.isNaN(v)) this.fail(lineNo, `value ${col} ${shown(tok)} is not a number`);
       this.fail(lineNo, `value ${col} ${tok} overflows float32 to ${v > 0 ? 'Inf' : '-Inf'}`);
     }
     return v;
   }
 }
 
-/** Yields the complete lines of a text file block by block, in bounded memory, with the first line's number. */
+/** True when the token, after leading blanks, starts with 0x, 0b or 0o (which Number() reads as hex, binary, octal). */
+function hasRadixPrefix(s: string, start: number, end: number): boolean {
+  let i = start;
+  while (i < end && (s.charCodeAt(i) === 32 || s.charCodeAt(i) === 9)) i++;
+  if (i + 1 >= end || s.charCodeAt(i) !== 48) return false;
+  const c = s.charCodeAt(i + 1) | 0x20;
+  return c === 120 || c === 98 || c === 111;
+}
+
+/**
+ * Yields the complete lines of a text file block by block, in bounded memory, with the first line's number.
+ * Lines are decoded as latin1, one char per byte: the syntax is ASCII, and since no byte of a multi-byte UTF-8
+ * sequence is '#' or '\n', UTF-8 comments are cut off intact (shown() re-decodes text quoted in messages).
+ */
 async function* textLineBlocks(path: string): AsyncGenerator<{ lines: string[]; firstLine: number }> {
   let fh: FileHandle;
   try {
@@ -484,29 +495,55 @@ async function* textLineBlocks(path: string): AsyncGenerator<{ lines: string[]; 
     throw dataError(`${path}: cannot open: ${(err as Error).message}`);
   }
   try {
-    const buf = Buffer.allocUnsafe(TEXT_READ_BYTES);
-    const decoder = new StringDecoder('utf8');
-    let carry = '';
+    let buf = Buffer.allocUnsafe(TEXT_READ_BYTES);
+    let have = 0; // bytes in buf; [0, have) starts at the beginning of a line
     let lineNo = 1;
-    for (;;) {
-      const { bytesRead } = await fh.read(buf, 0, buf.length, null);
-      if (bytesRead === 0) break;
-      const text = carry + decoder.write(buf.subarray(0, bytesRead));
-      const lines = text.split('\n');
-      carry = lines.pop()!;
-      if (carry.length > MAX_TEXT_LINE_CHARS) {
-        throw dataError(`${path}: line ${lineNo + lines.length} is longer than ${fmt(MAX_TEXT_LINE_CHARS)} characters`);
+    let eof = false;
+    let bomChecked = false;
+    while (!eof) {
+      if (have === buf.length) {
+        // One line fills the whole buffer: grow it, up to the line limit.
+        if (buf.length >= MAX_TEXT_LINE_BYTES) {
+          throw dataError(`${path}: line ${lineNo} is longer than ${fmt(MAX_TEXT_LINE_BYTES)} bytes`);
+        }
+        const bigger = Buffer.allocUnsafe(buf.length * 2);
+        buf.copy(bigger, 0, 0, have);
+        buf = bigger;
       }
+      const { bytesRead } = await fh.read(buf, have, buf.length - have, null);
+      if (bytesRead === 0) eof = true;
+      have += bytesRead;
+      const view = buf.subarray(0, have);
+      const lines: string[] = [];
+      let pos = 0;
+      if (!bomChecked && (have >= 3 || eof)) {
+        bomChecked = true;
+        if (have >= 3 && view[0] === 0xef && view[1] === 0xbb && view[2] === 0xbf) pos = 3; // a UTF-8 BOM
+      }
+      for (let nl = view.indexOf(10, 0); nl >= 0; nl = view.indexOf(10, pos)) {
+        lines.push(view.toString('latin1', pos, nl));
+        pos = nl + 1;
+      }
+      if (eof && pos < have) {
+        lines.push(view.toString('latin1', pos, have));
+        pos = have;
+      }
+      buf.copy(buf, 0, pos, have);
+      have -= pos;
       if (lines.length > 0) {
         yield { lines, firstLine: lineNo };
         lineNo += lines.length;
       }
     }
-    carry += decoder.end();
-    if (carry.length > 0) yield { lines: [carry], firstLine: lineNo };
   } finally {
     await fh.close();
   }
+}
+
+/** Text from a latin1-decoded line, as the UTF-8 it was, quoted and shortened for a message. */
+function shown(latin1: string): string {
+  const s = Buffer.from(latin1, 'latin1').toString('utf8');
+  return JSON.stringify(s.length > 40 ? s.slice(0, 40) + '…' : s);
 }
 
 /** Finds the dim of a text part from its first upsert line (checking the lines before it). 0 if it has none. */
@@ -612,7 +649,7 @@ export async function planDump(path: string, mode: LoadMode, expectedDim?: numbe
   }
 
   let dim = expectedDim ?? 0;
-  // Says where the dim came from, for messages: "the expected dim 32", "dim 32 of data/a.values.npy".
+  // Where the dim came from, for messages: "the expected dim", "the dim of data/a.values.npy".
   let dimDesc = expectedDim !== undefined ? 'the expected dim' : '';
   const parts: PartInfo[] = [];
   let totalRows = 0;
