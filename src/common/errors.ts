@@ -111,6 +111,8 @@ export function fromGrpcError(err: ServiceError | Error, context: string): KvErr
       }
     }
   }
-  const text = se.details !== undefined && se.details !== '' ? se.details : err.message;
+  const raw = se.details !== undefined && se.details !== '' ? se.details : err.message;
+  // grpc-js appends an empty "Resolution note: " to connection errors.
+  const text = raw.replace(/\.? *Resolution note: *$/, '');
   return new KvError(code, `${context}: ${text}`, { cause: err, ...(detail ? { detail } : {}) });
 }

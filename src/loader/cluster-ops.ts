@@ -11,6 +11,7 @@ export interface ReplicaStatus {
   uptimeMs: number;
   rssBytes: number;
   heapUsedBytes: number;
+  pid: number;
   tables: {
     name: string;
     currentVersion: number;

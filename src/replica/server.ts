@@ -137,6 +137,7 @@ export class ReplicaServer {
           rssBytes: mem.rss,
           heapUsedBytes: mem.heapUsed,
           tables: this.shard.status(),
+          pid: process.pid,
         };
       }),
     };
