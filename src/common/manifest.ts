@@ -55,13 +55,14 @@ export function parseManifest(raw: unknown, where = 'cluster manifest'): Manifes
         }
         const port = Number(a.slice(a.lastIndexOf(':') + 1));
         if (port < 1 || port > 65535) throw configError(where, `groups[${gi}].replicas[${ri}] has port ${port} out of range`);
-        if (seen.has(a)) throw configError(where, `address ${a} appears twice`);
-        seen.add(a);
+        const canonical = `${a.slice(0, a.lastIndexOf(':')).toLowerCase()}:${port}`;
+        if (seen.has(canonical)) throw configError(where, `address ${a} appears twice`);
+        seen.add(canonical);
         return a;
       }),
     };
   });
-  const keep = obj['keepVersions'] ?? DEFAULT_KEEP_VERSIONS;
+  const keep = obj['keepVersions'] === undefined ? DEFAULT_KEEP_VERSIONS : obj['keepVersions'];
   if (typeof keep !== 'number' || !Number.isInteger(keep) || keep < 1 || keep > 100) {
     throw configError(where, `"keepVersions" must be an integer in [1, 100], got ${JSON.stringify(keep)}`);
   }

@@ -1,0 +1,352 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { SLAB_ROWS, VersionData } from '../src/shard/version-data.js';
+
+function mulberry32(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return (t ^ (t >>> 14)) >>> 0;
+  };
+}
+
+const keyOf = (lo: number, hi: number): bigint => (BigInt(hi) << 32n) | BigInt(lo);
+
+interface Dataset {
+  n: number;
+  dim: number;
+  /** Packed keys [lo, hi, ...]. */
+  keys: Uint32Array;
+  /** Row i's vector at values[i*dim ...]; bit patterns are random (finite). */
+  values: Float32Array;
+  set: Set<bigint>;
+}
+
+/**
+ * n distinct random keys; every 4th shares its low half with the previous key and every 7th its high
+ * half, so half-collisions are common; a few small and extreme keys are included.
+ */
+function makeDataset(n: number, dim: number, seed: number): Dataset {
+  const rnd = mulberry32(seed);
+  const keys = new Uint32Array(2 * n);
+  const set = new Set<bigint>();
+  const fixed: [number, number][] = [[0, 0], [1, 0], [0, 1], [0xffffffff, 0xffffffff], [0xffffffff, 0], [0, 0xffffffff]];
+  let i = 0;
+  let prevLo = 0;
+  let prevHi = 0;
+  while (i < n) {
+    let lo: number;
+    let hi: number;
+    if (i < fixed.length) [lo, hi] = fixed[i]!;
+    else {
+      lo = rnd();
+      hi = rnd();
+      if (i % 4 === 1) lo = prevLo;
+      else if (i % 7 === 3) hi = prevHi;
+      else if (i % 13 === 5) hi = 0;
+    }
+    const k = keyOf(lo, hi);
+    if (set.has(k)) continue;
+    set.add(k);
+    keys[2 * i] = lo;
+    keys[2 * i + 1] = hi;
+    prevLo = lo;
+    prevHi = hi;
+    i++;
+  }
+  const bits = new Uint32Array(n * dim);
+  for (let j = 0; j < bits.length; j++) bits[j] = rnd() & 0xbfffffff; // exponent never all ones: finite
+  return { n, dim, keys, values: new Float32Array(bits.buffer), set };
+}
+
+/** Appends rows [0, n) in batches whose sizes cycle through `sizes`; returns the number of batches. */
+function appendInBatches(v: VersionData, d: Dataset, sizes: readonly number[]): number {
+  let start = 0;
+  let b = 0;
+  while (start < d.n) {
+    const size = Math.min(sizes[b % sizes.length]!, d.n - start);
+    const r = v.append(d.keys.subarray(2 * start, 2 * (start + size)), d.values.subarray(start * d.dim, (start + size) * d.dim), size);
+    assert.equal(r, -1, `batch ${b} (rows ${start}..${start + size})`);
+    start += size;
+    assert.equal(v.count, start);
+    b++;
+  }
+  return b;
+}
+
+/** Checks a lookup answer bit for bit against the dataset; `rowOf[i]` is the expected row or -1. */
+function checkAnswer(d: Dataset, rowOf: Int32Array, out: Float32Array, found: Uint8Array, what: string): void {
+  const outBits = new Uint32Array(out.buffer, out.byteOffset, out.length);
+  const expBits = new Uint32Array(d.values.buffer, d.values.byteOffset, d.values.length);
+  const dim = d.dim;
+  for (let i = 0; i < rowOf.length; i++) {
+    const r = rowOf[i]!;
+    if (found[i] !== (r >= 0 ? 1 : 0)) assert.fail(`${what}: found[${i}] = ${found[i]}, expected ${r >= 0 ? 1 : 0}`);
+    for (let j = 0; j < dim; j++) {
+      const got = outBits[i * dim + j]!;
+      const exp = r >= 0 ? expBits[r * dim + j]! : 0;
+      if (got !== exp) assert.fail(`${what}: position ${i} (row ${r}) component ${j}: bits ${got.toString(16)}, expected ${exp.toString(16)}`);
+    }
+  }
+}
+
+/** A request of present keys, absent keys (random and half-colliding) and duplicates, in shuffled order. */
+function makeRequest(d: Dataset, m: number, seed: number): { keys: Uint32Array; rowOf: Int32Array } {
+  const rnd = mulberry32(seed);
+  const keys = new Uint32Array(2 * m);
+  const rowOf = new Int32Array(m);
+  for (let i = 0; i < m; i++) {
+    const kind = rnd() % 10;
+    let lo: number;
+    let hi: number;
+    let row: number;
+    if (kind < 5 || i === 0) {
+      // present
+      row = rnd() % d.n;
+      lo = d.keys[2 * row]!;
+      hi = d.keys[2 * row + 1]!;
+    } else if (kind < 7) {
+      // a duplicate of an earlier position of the request
+      const j = rnd() % i;
+      lo = keys[2 * j]!;
+      hi = keys[2 * j + 1]!;
+      row = rowOf[j]!;
+    } else {
+      // absent: random, or sharing one half with a present key
+      const src = rnd() % d.n;
+      lo = kind === 7 ? d.keys[2 * src]! : rnd();
+      hi = kind === 8 ? d.keys[2 * src + 1]! : rnd();
+      if (kind === 7) hi = (hi + 1 + (rnd() % 1000)) >>> 0;
+      if (kind === 8) lo = (lo + 1 + (rnd() % 1000)) >>> 0;
+      if (d.set.has(keyOf(lo, hi))) {
+        i--;
+        continue;
+      }
+      row = -1;
+    }
+    keys[2 * i] = lo;
+    keys[2 * i + 1] = hi;
+    rowOf[i] = row;
+  }
+  return { keys, rowOf };
+}
+
+test('200k keys in batches of varying size: lookups are bit-exact before and after seal', () => {
+  const d = makeDataset(200_000, 8, 1);
+  const v = new VersionData(d.dim); // no size hint: the slot table grows many times
+  const bytesBefore = v.bytes;
+  const batches = appendInBatches(v, d, [1, 7, 1000, 33_333, 3, 16_384, 250, 70_001]);
+  assert.ok(batches > 10);
+  assert.equal(v.count, 200_000);
+  assert.ok(200_000 > 2 * SLAB_ROWS, 'more than one slab');
+  // The slot table grew from 1024 slots to at least 200k / 0.7.
+  assert.ok(v.bytes > bytesBefore + (200_000 / 0.7) * 12, `bytes ${v.bytes}`);
+
+  const m = 60_000;
+  const req = makeRequest(d, m, 2);
+  const expectHits = req.rowOf.reduce((s, r) => s + (r >= 0 ? 1 : 0), 0);
+  assert.ok(expectHits > m / 3 && expectHits < m, 'a real mix of present and absent keys');
+
+  for (const phase of ['write version', 'sealed']) {
+    if (phase === 'sealed') v.seal();
+    const out = new Float32Array(m * d.dim);
+    const found = new Uint8Array(m);
+    const hits = v.lookup(req.keys, m, out, found);
+    assert.equal(hits, expectHits, phase);
+    checkAnswer(d, req.rowOf, out, found, phase);
+    // find() agrees, key by key.
+    for (let i = 0; i < 2000; i++) assert.equal(v.find(req.keys[2 * i]!, req.keys[2 * i + 1]!), req.rowOf[i], `${phase} find ${i}`);
+  }
+  // Every stored key, one by one.
+  for (let r = 0; r < d.n; r++) {
+    if (v.find(d.keys[2 * r]!, d.keys[2 * r + 1]!) !== r) assert.fail(`find of row ${r}`);
+  }
+});
+
+test('lookup honours n and answers only the first n positions', () => {
+  const d = makeDataset(100, 4, 3);
+  const v = new VersionData(d.dim);
+  appendInBatches(v, d, [100]);
+  const out = new Float32Array(10 * d.dim);
+  const found = new Uint8Array(10);
+  const hits = v.lookup(d.keys.subarray(0, 20), 6, out, found);
+  assert.equal(hits, 6);
+  assert.deepEqual(Array.from(found), [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]);
+  assert.deepEqual(out.subarray(0, 6 * d.dim), d.values.subarray(0, 6 * d.dim));
+  assert.ok(out.subarray(6 * d.dim).every((x) => x === 0));
+});
+
+test('append returns the index of a key already present, within a batch and across batches', () => {
+  const dim = 3;
+  const v = new VersionData(dim);
+  const vec = (x: number): number[] => [x, x + 0.25, -x];
+  // Within one batch: [10, 11, 10, 12] -> 2; rows 10 and 11 are added, 12 is not.
+  const r1 = v.append(new Uint32Array([10, 0, 11, 0, 10, 0, 12, 0]), new Float32Array([...vec(1), ...vec(2), ...vec(3), ...vec(4)]), 4);
+  assert.equal(r1, 2);
+  assert.equal(v.count, 2);
+  assert.equal(v.find(10, 0), 0);
+  assert.equal(v.find(11, 0), 1);
+  assert.equal(v.find(12, 0), -1, 'nothing from the duplicate on is added');
+
+  // Across batches: [13, 11, 14] -> 1; 13 is added, 14 is not.
+  const r2 = v.append(new Uint32Array([13, 0, 11, 0, 14, 0]), new Float32Array([...vec(5), ...vec(6), ...vec(7)]), 3);
+  assert.equal(r2, 1);
+  assert.equal(v.count, 3);
+  assert.equal(v.find(13, 0), 2);
+  assert.equal(v.find(14, 0), -1);
+
+  // First key of a batch already present -> 0, nothing added.
+  assert.equal(v.append(new Uint32Array([10, 0, 15, 0]), new Float32Array([...vec(8), ...vec(9)]), 2), 0);
+  assert.equal(v.count, 3);
+
+  // The stored vectors are the first ones written, not the duplicates'.
+  const out = new Float32Array(4 * dim);
+  const found = new Uint8Array(4);
+  assert.equal(v.lookup(new Uint32Array([10, 0, 11, 0, 13, 0, 12, 0]), 4, out, found), 3);
+  assert.deepEqual(Array.from(found), [1, 1, 1, 0]);
+  assert.deepEqual(Array.from(out), [...vec(1), ...vec(2), ...vec(5), 0, 0, 0]);
+
+  // A later clean batch still works.
+  assert.equal(v.append(new Uint32Array([12, 0, 14, 0]), new Float32Array([...vec(10), ...vec(11)]), 2), -1);
+  assert.equal(v.count, 5);
+  assert.equal(v.find(14, 0), 4);
+});
+
+test('a duplicate is detected across a grow() of the slot table', () => {
+  const dim = 1;
+  const v = new VersionData(dim);
+  const n = 5000; // more than 1024 * 0.7: grows while this batch is appended
+  const keys = new Uint32Array(2 * (n + 1));
+  for (let i = 0; i < n; i++) {
+    keys[2 * i] = i * 2654435761;
+    keys[2 * i + 1] = i;
+  }
+  keys[2 * n] = keys[2 * 3]!;
+  keys[2 * n + 1] = keys[2 * 3 + 1]!;
+  assert.equal(v.append(keys, new Float32Array(n + 1).map((_, i) => i), n + 1), n);
+  assert.equal(v.count, n);
+});
+
+test('seal() ends writing: append throws, lookups and count unchanged, seal is idempotent', () => {
+  const d = makeDataset(SLAB_ROWS + 10, 2, 4);
+  const v = new VersionData(d.dim, d.n);
+  appendInBatches(v, d, [5000]);
+  v.seal();
+  assert.equal(v.sealed, true);
+  assert.throws(() => v.append(new Uint32Array([1, 2]), new Float32Array([1, 2]), 1));
+  assert.throws(() => v.append(new Uint32Array(0), new Float32Array(0), 0), 'even an empty append');
+  assert.equal(v.count, d.n);
+  assert.equal(v.find(1, 2), -1);
+  v.seal();
+  assert.equal(v.count, d.n);
+  const req = makeRequest(d, 3000, 5);
+  const out = new Float32Array(3000 * d.dim);
+  const found = new Uint8Array(3000);
+  v.lookup(req.keys, 3000, out, found);
+  checkAnswer(d, req.rowOf, out, found, 'after seal');
+});
+
+test('keys that share one half are distinct keys', () => {
+  const dim = 2;
+  const v = new VersionData(dim);
+  // (lo, hi): same lo with different hi, same hi with different lo, and the all-zero key.
+  const pairs: [number, number][] = [
+    [7, 1], [7, 2], [7, 0xffffffff], [7, 0],
+    [8, 1], [0xffffffff, 1], [0, 1],
+    [0, 0], [0xffffffff, 0xffffffff], [1, 0], [0, 0xffffffff],
+  ];
+  const keys = new Uint32Array(pairs.flat());
+  const values = new Float32Array(pairs.length * dim).map((_, i) => i + 0.5);
+  assert.equal(v.append(keys, values, pairs.length), -1);
+  assert.equal(v.count, pairs.length);
+  pairs.forEach(([lo, hi], r) => assert.equal(v.find(lo, hi), r, `find(${lo}, ${hi})`));
+  // Absent keys sharing one half with stored ones.
+  for (const [lo, hi] of [[7, 3], [8, 2], [2, 1], [0xffffffff, 2], [1, 1], [2, 0]] as const) {
+    assert.equal(v.find(lo, hi), -1, `absent (${lo}, ${hi})`);
+  }
+  const out = new Float32Array(4 * dim);
+  const found = new Uint8Array(4);
+  assert.equal(v.lookup(new Uint32Array([7, 2, 7, 3, 0, 0, 8, 1]), 4, out, found), 3);
+  assert.deepEqual(Array.from(found), [1, 0, 1, 1]);
+  assert.deepEqual(Array.from(out), [2.5, 3.5, 0, 0, 14.5, 15.5, 8.5, 9.5]);
+});
+
+test('many keys with one half in common stay distinct (probe chains full of half-matches)', () => {
+  // 600 keys sharing the low half and 600 sharing the high half fill most of a 1024-slot table, so
+  // a probe for one of them passes slots whose key matches in one half only.
+  const dim = 1;
+  const v = new VersionData(dim);
+  const n = 600;
+  const keys = new Uint32Array(4 * n);
+  for (let i = 0; i < n; i++) {
+    keys[2 * i] = 0xdeadbeef;
+    keys[2 * i + 1] = (i * 7919) >>> 0;
+    keys[2 * (n + i)] = (i * 104729 + 1) >>> 0;
+    keys[2 * (n + i) + 1] = 0x12345678;
+  }
+  assert.equal(v.append(keys, new Float32Array(2 * n).map((_, i) => i), 2 * n), -1);
+  assert.equal(v.count, 2 * n);
+  for (let r = 0; r < 2 * n; r++) {
+    if (v.find(keys[2 * r]!, keys[2 * r + 1]!) !== r) assert.fail(`row ${r} (lo ${keys[2 * r]}, hi ${keys[2 * r + 1]})`);
+  }
+  for (let i = 0; i < n; i++) {
+    const hiAbsent = (i * 7919 + 1) >>> 0; // not a multiple of 7919 below 600 * 7919
+    if (v.find(0xdeadbeef, hiAbsent) !== -1) assert.fail(`absent (lo 0xdeadbeef, hi ${hiAbsent}) found`);
+    const loAbsent = (i * 104729 + 2) >>> 0;
+    if (v.find(loAbsent, 0x12345678) !== -1) assert.fail(`absent (lo ${loAbsent}, hi 0x12345678) found`);
+  }
+  // And through the block lookup kernel.
+  const out = new Float32Array(2 * n);
+  const found = new Uint8Array(2 * n);
+  assert.equal(v.lookup(keys, 2 * n, out, found), 2 * n);
+  assert.deepEqual(Array.from(out), Array.from({ length: 2 * n }, (_, i) => i));
+});
+
+test('forEach visits every live entry once with its key and vector', () => {
+  const d = makeDataset(3 * SLAB_ROWS + 123, 5, 6);
+  const rowOfKey = new Map<bigint, number>();
+  for (let r = 0; r < d.n; r++) rowOfKey.set(keyOf(d.keys[2 * r]!, d.keys[2 * r + 1]!), r);
+  for (const sealed of [false, true]) {
+    const v = new VersionData(d.dim);
+    appendInBatches(v, d, [999, 20_000, 1]);
+    if (sealed) v.seal();
+    const seen = new Uint8Array(d.n);
+    let visits = 0;
+    v.forEach((lo, hi, vector) => {
+      visits++;
+      const r = rowOfKey.get(keyOf(lo, hi));
+      if (r === undefined) assert.fail(`forEach gave unknown key (lo ${lo}, hi ${hi})`);
+      if (seen[r]) assert.fail(`row ${r} visited twice`);
+      seen[r] = 1;
+      if (vector.length !== d.dim) assert.fail(`row ${r}: vector of ${vector.length}`);
+      for (let j = 0; j < d.dim; j++) {
+        if (!Object.is(vector[j], d.values[r * d.dim + j])) assert.fail(`row ${r} component ${j}`);
+      }
+    });
+    assert.equal(visits, d.n, `sealed=${sealed}`);
+    assert.ok(seen.every((s) => s === 1), `sealed=${sealed}: every row visited`);
+  }
+  // An empty version visits nothing.
+  let calls = 0;
+  new VersionData(4).forEach(() => calls++);
+  assert.equal(calls, 0);
+});
+
+test('a sealed version of 100k keys of dim 32 holds less than 300 bytes a key', () => {
+  const d = makeDataset(100_000, 32, 7);
+  const v = new VersionData(d.dim);
+  appendInBatches(v, d, [4096, 10_000, 777]);
+  v.seal();
+  const perKey = v.bytes / d.n;
+  const payload = d.dim * 4;
+  assert.ok(perKey >= payload, `${perKey.toFixed(1)} bytes a key cannot be below the vectors' ${payload}`);
+  assert.ok(perKey < 300, `${perKey.toFixed(1)} bytes a key`);
+  // The same with a size hint.
+  const w = new VersionData(d.dim, d.n);
+  appendInBatches(w, d, [100_000]);
+  w.seal();
+  assert.ok(w.bytes / d.n < 300, `presized: ${(w.bytes / d.n).toFixed(1)} bytes a key`);
+});
