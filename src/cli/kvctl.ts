@@ -2,13 +2,14 @@
 import { existsSync, writeFileSync } from 'node:fs';
 import { Command, InvalidArgumentError } from 'commander';
 import { EmbeddingClientImpl } from '../client/client.js';
-import { KvError, KvErrorCode } from '../common/errors.js';
+import { KvError, KvErrorCode, fromGrpcError } from '../common/errors.js';
 import { rootLogger } from '../common/log.js';
 import { DEFAULT_CONFIG_PATH, loadManifest, localManifest, type Manifest } from '../common/manifest.js';
 import { publishVersion, statusAll } from '../loader/cluster-ops.js';
 import { runLoad } from '../loader/loader.js';
 import { ClusterConnections } from '../router/connections.js';
 import { RouterServer } from '../router/server.js';
+import { fetchRouterStats, formatFanoutStats } from '../router/stats.js';
 import { ReplicaServer } from '../replica/server.js';
 import { runDemo } from './demo.js';
 import { Progress, formatStatus } from './output.js';
@@ -87,19 +88,28 @@ program
   .requiredOption('--table <name>', 'table name')
   .requiredOption('--version <n>', 'version number', intArg('--version', 1))
   .option('--full <path>', 'a full dump: a file, a NumPy pair or a directory of parts')
-  .option('--publish', 'publish the version once every replica holds it', false)
-  .option('--force', 'accept a version number lower than the current one', false)
-  .action(async (o: { config: string; table: string; version: number; full?: string; publish: boolean; force: boolean }) => {
-    if (o.full === undefined) throw new KvError(KvErrorCode.INVALID_ARGUMENT, 'give the dump to load with --full PATH');
+  .option('--incremental <path>', 'a delta (upserts and deletes) on top of the current version, published when complete')
+  .option('--publish', 'publish the version once every replica holds it (default for --incremental)')
+  .option('--no-publish', 'only load; publish later with kvctl publish')
+  .option('--force', 'accept a version number lower than the current one, and take over a stalled load', false)
+  .action(async (o: { config: string; table: string; version: number; full?: string; incremental?: string; publish?: boolean; force: boolean }) => {
+    if ((o.full === undefined) === (o.incremental === undefined)) {
+      throw new KvError(KvErrorCode.INVALID_ARGUMENT, 'give the dump to load with exactly one of --full PATH or --incremental PATH');
+    }
+    const mode = o.full !== undefined ? 'full' : 'incremental';
+    const publish = o.publish ?? mode === 'incremental';
     const manifest = loadManifest(o.config);
     const progress = new Progress(`loading ${o.table} v${o.version}`);
     const r = await runLoad({
-      manifest, table: o.table, version: o.version, path: o.full, publish: o.publish, force: o.force,
+      manifest, table: o.table, version: o.version, path: (o.full ?? o.incremental)!, mode, publish, force: o.force,
       onProgress: (rows, total) => progress.update(rows, total),
     }).finally(() => progress.done());
-    const rate = Math.round(r.rows / Math.max(r.ms / 1000, 1e-3));
+    const rate = Math.round((r.rows + r.deletes) / Math.max(r.ms / 1000, 1e-3));
+    const what = mode === 'full'
+      ? `${r.rows} keys of dim ${r.dim}`
+      : `a delta on v${r.baseVersion}: ${r.rows} upserts and ${r.deletes} deletes of dim ${r.dim}`;
     process.stdout.write(
-      `loaded ${o.table} v${o.version}: ${r.rows} keys of dim ${r.dim} in ${(r.ms / 1000).toFixed(1)} s (${rate} keys/s) on ${r.rowsPerGroup.length} groups` +
+      `loaded ${o.table} v${o.version}: ${what} in ${(r.ms / 1000).toFixed(1)} s (${rate} rows/s) on ${r.rowsPerGroup.length} groups` +
         `${r.published ? '; published' : `; run kvctl publish --table ${o.table} --version ${o.version} to serve it`}\n`,
     );
   });
@@ -154,11 +164,27 @@ program
   .description('groups, replicas, health, tables, versions, keys and memory; exits 1 if a replica does not answer')
   .option('--config <file>', 'cluster manifest', DEFAULT_CONFIG_PATH)
   .option('--json', 'machine-readable output', false)
-  .action(async (o: { config: string; json: boolean }) => {
+  .option('--router <host:port>', 'also show the per-group request, hedge, retry and latency stats of a running kvctl router')
+  .action(async (o: { config: string; json: boolean; router?: string }) => {
     const conns = new ClusterConnections(loadManifest(o.config));
     try {
       const all = await statusAll(conns);
-      if (o.json) {
+      // --router: the router's stats after the replicas (with --json: { replicas, router }).
+      if (o.router !== undefined) {
+        const replicas = all.map((s) => ({ group: s.conn.group, replica: s.conn.replica, address: s.conn.address, ...(s.status ? { status: s.status } : { error: s.error?.message }) }));
+        let router: object;
+        try {
+          const stats = await fetchRouterStats(o.router, 3000);
+          router = { address: o.router, stats };
+          if (!o.json) process.stdout.write(formatStatus(all) + `router ${o.router}\n` + formatFanoutStats(stats));
+        } catch (err) {
+          const msg = fromGrpcError(err as Error, `router ${o.router}`).message;
+          router = { address: o.router, error: msg };
+          if (!o.json) process.stdout.write(formatStatus(all) + `router ${o.router}  DOWN  ${msg}\n`);
+          process.exitCode = 1;
+        }
+        if (o.json) process.stdout.write(JSON.stringify({ replicas, router }, null, 2) + '\n');
+      } else if (o.json) {
         process.stdout.write(JSON.stringify(all.map((s) => ({ group: s.conn.group, replica: s.conn.replica, address: s.conn.address, ...(s.status ? { status: s.status } : { error: s.error?.message }) })), null, 2) + '\n');
       } else {
         process.stdout.write(formatStatus(all));
@@ -179,8 +205,11 @@ program
   .option('--config <file>', 'cluster manifest', DEFAULT_CONFIG_PATH)
   .requiredOption('--port <p>', 'port to listen on', intArg('--port', 0))
   .option('--host <h>', 'address to listen on', '127.0.0.1')
-  .action(async (o: { config: string; port: number; host: string }) => {
-    const router = new RouterServer({ manifest: loadManifest(o.config), host: o.host, port: o.port, logger: rootLogger('embkv') });
+  .option('--stats-interval-ms <ms>', 'log per-group stats this often (0: never; kvctl status --router shows them any time)', intArg('--stats-interval-ms', 0), 60_000)
+  .action(async (o: { config: string; port: number; host: string; statsIntervalMs: number }) => {
+    const router = new RouterServer({
+      manifest: loadManifest(o.config), host: o.host, port: o.port, logger: rootLogger('embkv'), statsIntervalMs: o.statsIntervalMs,
+    });
     await router.start();
     process.stderr.write(`kvctl: router listening on ${o.host}:${router.port}\n`);
     await untilSignal();

@@ -1,7 +1,10 @@
 import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
-import { packKeys, type KeyInput } from '../common/keys.js';
+import { randomInt, randomUUID } from 'node:crypto';
+import { firstNonFinite, packKeys, type KeyInput } from '../common/keys.js';
 import { resolveManifest, type Manifest } from '../common/manifest.js';
 import { Fanout } from '../router/fanout.js';
+import type { FanoutStats } from '../router/stats.js';
+import { putToGroups } from '../router/put.js';
 import { checkTableName, checkVersion } from '../common/validate.js';
 import { MAX_DEADLINE_MS, checkPositiveInt, parseClientOptions, type EmbeddingClientOptions, type ResolvedClientOptions } from './options.js';
 
@@ -23,11 +26,28 @@ export interface EmbeddingsResult {
   version: number;
 }
 
-/** The SDK: batched lookups fanned out to every shard group at once. */
+export interface PutEmbeddingsOptions {
+  table: string;
+  deadlineMs?: number;
+}
+
+/** Keys in one putEmbeddings call; larger updates are split by the caller. */
+export const MAX_PUT_KEYS = 65_536;
+
+/** The SDK: batched lookups fanned out to every shard group at once, and real-time updates. */
 export interface EmbeddingClient {
   getEmbeddings(keys: KeyInput, options: GetEmbeddingsOptions): Promise<EmbeddingsResult>;
+  putEmbeddings(keys: KeyInput, values: Float32Array, options: PutEmbeddingsOptions): Promise<void>;
+  /** Per shard group: requests, hedges sent and won, retries, failures, latency percentiles, replica health. */
+  stats(): ClientStats;
   close(): Promise<void>;
 }
+
+/** What `client.stats()` returns (see src/router/stats.ts for the fields). */
+export type ClientStats = FanoutStats;
+
+/** Write orders are client milliseconds * ORDER_SCALE + the writer's tag (as replicas expect). */
+const ORDER_SCALE = 4096;
 
 const GET_OPTIONS = new Set(['table', 'version', 'deadlineMs', 'signal']);
 
@@ -36,11 +56,15 @@ export class EmbeddingClientImpl implements EmbeddingClient {
   private readonly options: ResolvedClientOptions;
   readonly manifest: Manifest;
   private readonly fanout: Fanout;
+  /** Names this client's put batches; the tag breaks ties between writers within one millisecond. */
+  private readonly writerId = randomUUID();
+  private readonly writerTag = randomInt(ORDER_SCALE);
+  private lastPutMs = 0;
 
   constructor(options?: EmbeddingClientOptions) {
     this.options = parseClientOptions(options);
     this.manifest = resolveManifest(this.options.config);
-    this.fanout = new Fanout(this.manifest);
+    this.fanout = new Fanout(this.manifest, undefined, this.options.policy);
   }
 
   async getEmbeddings(keys: KeyInput, options: GetEmbeddingsOptions): Promise<EmbeddingsResult> {
@@ -60,6 +84,40 @@ export class EmbeddingClientImpl implements EmbeddingClient {
     const packed = await packKeys(keys, 'keys');
     const r = await this.fanout.lookup({ table, version, keys: packed, deadline: started + deadlineMs, signal: options.signal });
     return { values: r.values, found: r.found, dim: r.dim, version: r.version };
+  }
+
+  /**
+   * A real-time update of the table's current version: resolves once every owning group has it on
+   * disk, and it is visible on every replica of those groups within a second. The batch applies
+   * atomically per group. Concurrent writers of one key: the later write (by client clock) wins.
+   * A rejected call may have been applied on some groups; calling again with the same data is safe.
+   */
+  async putEmbeddings(keys: KeyInput, values: Float32Array, options: PutEmbeddingsOptions): Promise<void> {
+    const started = Date.now();
+    if (this.state !== 'open') throw new KvError(KvErrorCode.CLOSED, 'the client is closed');
+    if (typeof options !== 'object' || options === null) throw invalidArgument('options must be an object with at least { table }');
+    for (const k of Object.keys(options)) if (k !== 'table' && k !== 'deadlineMs') throw invalidArgument(`unsupported option ${k} (known: table, deadlineMs)`);
+    const table = checkTableName(options.table, 'options.table');
+    const deadlineMs = options.deadlineMs === undefined ? this.options.deadlineMs : checkPositiveInt(options.deadlineMs, 'options.deadlineMs', MAX_DEADLINE_MS);
+    if (!(values instanceof Float32Array)) throw invalidArgument('values must be a Float32Array of keys.length * dim floats');
+    const packed = await packKeys(keys, 'keys');
+    const n = packed.length / 2;
+    if (n === 0) throw invalidArgument('keys must not be empty');
+    if (n > MAX_PUT_KEYS) throw invalidArgument(`keys holds ${n} keys; at most ${MAX_PUT_KEYS} per putEmbeddings call`);
+    if (values.length === 0 || values.length % n !== 0) {
+      throw invalidArgument(`values holds ${values.length} floats, not a multiple of the ${n} keys`);
+    }
+    const bad = firstNonFinite(values);
+    if (bad >= 0) throw invalidArgument(`values[${bad}] is ${values[bad]}; vectors must be finite`);
+    this.lastPutMs = Math.max(Date.now(), this.lastPutMs + 1);
+    await putToGroups(this.fanout.conns, {
+      table, keys: packed, values, dim: values.length / n, order: this.lastPutMs * ORDER_SCALE + this.writerTag, writer: this.writerId,
+      deadline: started + deadlineMs,
+    });
+  }
+
+  stats(): ClientStats {
+    return this.fanout.stats();
   }
 
   async close(): Promise<void> {

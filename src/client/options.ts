@@ -1,11 +1,27 @@
 import { invalidArgument } from '../common/errors.js';
 import { DEFAULT_CONFIG_PATH } from '../common/manifest.js';
+import {
+  REPLICA_POLICY_KEYS, REPLICA_POLICY_RENAMED, parseReplicaPolicy, type ReplicaPolicyOptions, type ResolvedReplicaPolicy,
+} from '../router/policy.js';
+
+// Replica choice, hedging and health probes: the options and defaults live with the code that uses
+// them (src/router/policy.ts, shared with the router) and are re-exported here.
+export {
+  DEFAULT_HEDGING, DEFAULT_HEDGE_PERCENTILE, DEFAULT_HEDGE_MIN_DELAY_MS, DEFAULT_HEDGE_MAX_DELAY_MS, DEFAULT_HEDGE_MAX_TOKENS,
+  DEFAULT_HEDGE_TOKEN_RATIO, DEFAULT_HEALTH_PROBE_INTERVAL_MS,
+} from '../router/policy.js';
 
 export const DEFAULT_DEADLINE_MS = 5000;
 export const DEFAULT_MAX_KEYS_PER_REQUEST = 2_000_000;
 export const MAX_DEADLINE_MS = 10 * 60_000;
 
-export interface EmbeddingClientOptions {
+/**
+ * Options of `new EmbeddingClient(options)`. Besides these fields, the ReplicaPolicyOptions:
+ * `hedging` (default true), `hedgeDelayMs` (fixed; unset = adaptive), `hedgePercentile` (95),
+ * `hedgeMinDelayMs` (5), `hedgeMaxDelayMs` (1000), `hedgeMaxTokens` (10), `hedgeTokenRatio` (0.2),
+ * `healthProbeIntervalMs` (250).
+ */
+export interface EmbeddingClientOptions extends ReplicaPolicyOptions {
   /** The cluster manifest: a path to cluster.json, or the manifest object. Default `./cluster.json`. */
   config?: string | object;
   /** Deadline of a request when the call gives none. */
@@ -18,10 +34,14 @@ export interface ResolvedClientOptions {
   config: string | object;
   deadlineMs: number;
   maxKeysPerRequest: number;
+  policy: ResolvedReplicaPolicy;
 }
 
-const KNOWN = new Set(['config', 'deadlineMs', 'maxKeysPerRequest']);
-const RENAMED: Record<string, string> = { deadline: 'deadlineMs', timeout: 'deadlineMs', timeoutMs: 'deadlineMs', manifest: 'config', maxKeys: 'maxKeysPerRequest' };
+const KNOWN = new Set<string>(['config', 'deadlineMs', 'maxKeysPerRequest', ...REPLICA_POLICY_KEYS]);
+const RENAMED: Record<string, string> = {
+  deadline: 'deadlineMs', timeout: 'deadlineMs', timeoutMs: 'deadlineMs', manifest: 'config', maxKeys: 'maxKeysPerRequest',
+  ...REPLICA_POLICY_RENAMED,
+};
 
 export function checkPositiveInt(value: unknown, name: string, max: number): number {
   if (typeof value !== 'number' || !Number.isInteger(value) || value < 1 || value > max) {
@@ -48,5 +68,6 @@ export function parseClientOptions(options: EmbeddingClientOptions | undefined):
     config,
     deadlineMs: checkPositiveInt(o['deadlineMs'] ?? DEFAULT_DEADLINE_MS, 'deadlineMs', MAX_DEADLINE_MS),
     maxKeysPerRequest: checkPositiveInt(o['maxKeysPerRequest'] ?? DEFAULT_MAX_KEYS_PER_REQUEST, 'maxKeysPerRequest', 100_000_000),
+    policy: parseReplicaPolicy(o),
   };
 }

@@ -16,6 +16,7 @@ export const KvErrorCode = {
   DIM_MISMATCH: 'KV_DIM_MISMATCH',
   DUPLICATE_KEY: 'KV_DUPLICATE_KEY',
   CLOSED: 'KV_CLOSED',
+  RESOURCE_EXHAUSTED: 'KV_RESOURCE_EXHAUSTED',
   INTERNAL: 'KV_INTERNAL',
 } as const;
 export type KvErrorCodeName = (typeof KvErrorCode)[keyof typeof KvErrorCode];
@@ -55,6 +56,7 @@ const CODE_TO_STATUS: Record<KvErrorCodeName, GrpcStatus> = {
   KV_VERSION_TOO_OLD: GrpcStatus.FAILED_PRECONDITION,
   KV_LOAD_CONFLICT: GrpcStatus.FAILED_PRECONDITION,
   KV_CLOSED: GrpcStatus.UNAVAILABLE,
+  KV_RESOURCE_EXHAUSTED: GrpcStatus.RESOURCE_EXHAUSTED,
   KV_INTERNAL: GrpcStatus.INTERNAL,
 };
 
@@ -66,7 +68,7 @@ const STATUS_TO_CODE: Partial<Record<GrpcStatus, KvErrorCodeName>> = {
   [GrpcStatus.NOT_FOUND]: KvErrorCode.TABLE_NOT_FOUND,
   [GrpcStatus.ALREADY_EXISTS]: KvErrorCode.VERSION_EXISTS,
   [GrpcStatus.FAILED_PRECONDITION]: KvErrorCode.LOAD_CONFLICT,
-  [GrpcStatus.RESOURCE_EXHAUSTED]: KvErrorCode.INVALID_ARGUMENT,
+  [GrpcStatus.RESOURCE_EXHAUSTED]: KvErrorCode.RESOURCE_EXHAUSTED,
 };
 
 const KNOWN_CODES = new Set<string>(Object.values(KvErrorCode));

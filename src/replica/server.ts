@@ -2,11 +2,12 @@ import * as grpc from '@grpc/grpc-js';
 import { HealthImplementation } from 'grpc-health-check';
 import type { Logger } from 'pino';
 import { KvError, KvErrorCode, invalidArgument, toGrpcError } from '../common/errors.js';
-import { floatsFromBytes, keysFromBytes } from '../common/keys.js';
+import { bytesOf, floatsFromBytes, keysFromBytes } from '../common/keys.js';
 import type { Manifest } from '../common/manifest.js';
 import { EMBKV_SERVER_SERVICE, SERVER_OPTIONS, shardControlService, type LookupRequest } from '../common/wire.js';
 import { checkTableName, checkVersion } from '../common/validate.js';
 import { Shard } from '../shard/shard.js';
+import { PeerSync } from './peer-sync.js';
 import { ShardStore } from '../shard/store.js';
 
 export interface ReplicaOptions {
@@ -35,6 +36,7 @@ export class ReplicaServer {
   private readonly address: string;
   private readonly startedMs = Date.now();
   private boundPort = 0;
+  private readonly peerSync: PeerSync;
 
   constructor(private readonly options: ReplicaOptions) {
     const { manifest, group, replica } = options;
@@ -46,6 +48,8 @@ export class ReplicaServer {
     this.log = options.logger.child({ component: 'replica', group, replica });
     this.store = new ShardStore(options.dataDir);
     this.shard = new Shard(this.store, { keepVersions: manifest.keepVersions, logger: this.log });
+    const peers = g.replicas.filter((_, i) => i !== replica);
+    this.peerSync = new PeerSync(this.shard, peers, this.log);
   }
 
   get port(): number {
@@ -57,12 +61,16 @@ export class ReplicaServer {
     this.state = 'opening';
     await this.store.open();
     await this.shard.restore();
-    this.server.addService(EMBKV_SERVER_SERVICE, { lookup: this.onLookup.bind(this) });
+    this.server.addService(EMBKV_SERVER_SERVICE, { lookup: (TEST_FAULTS ? this.onLookupWithTestFaults : this.onLookup).bind(this) });
     this.server.addService(shardControlService(), this.controlHandlers());
     this.health.addToServer(this.server);
     this.boundPort = await new Promise<number>((resolve, reject) => {
       this.server.bindAsync(this.address, grpc.ServerCredentials.createInsecure(), (err, port) => (err ? reject(err) : resolve(port)));
     });
+    // Peers can pull from this replica now; it answers lookups only once it has caught up on the
+    // real-time puts it missed while it was down.
+    await this.peerSync.catchUp();
+    this.peerSync.start();
     this.health.setStatus('', 'SERVING');
     this.state = 'open';
     this.log.info({ address: this.address, port: this.boundPort, data: this.options.dataDir }, 'serving');
@@ -72,6 +80,7 @@ export class ReplicaServer {
   async close(graceMs = 5000): Promise<void> {
     if (this.state === 'closed' || this.state === 'closing') return;
     this.state = 'closing';
+    this.peerSync.stop();
     this.health.setStatus('', 'NOT_SERVING');
     await new Promise<void>((resolve) => {
       const timer = setTimeout(() => {
@@ -92,6 +101,7 @@ export class ReplicaServer {
   private onLookup(call: grpc.ServerUnaryCall<LookupRequest, Buffer>, callback: grpc.sendUnaryData<Buffer>): void {
     try {
       const req = call.request;
+      if (this.state !== 'open') throw new KvError(KvErrorCode.UNAVAILABLE, `replica is ${this.state === 'opening' ? 'catching up' : this.state}`);
       checkTableName(req.table);
       const keys = keysFromBytes(req.keys);
       callback(null, this.shard.lookup(req.table, req.version, keys));
@@ -99,6 +109,15 @@ export class ReplicaServer {
       callback(toGrpcError(err));
     }
   }
+
+  // ---- test fault switch (only with EMBKV_TEST_FAULTS=1; owned by the hedging tests) ----
+  /** Lookup with the delay that the request's `embkv-test-delay-ms` metadata asks of this replica. */
+  private onLookupWithTestFaults(call: grpc.ServerUnaryCall<LookupRequest, Buffer>, callback: grpc.sendUnaryData<Buffer>): void {
+    const delayMs = testDelayMs(call.metadata, this.options.group, this.options.replica);
+    if (delayMs > 0) setTimeout(() => this.onLookup(call, callback), delayMs);
+    else this.onLookup(call, callback);
+  }
+  // ---- end of test fault switch ----
 
   private controlHandlers(): grpc.UntypedServiceImplementation {
     const unary = <Req, Res>(fn: (req: Req) => Promise<Res> | Res) =>
@@ -111,12 +130,23 @@ export class ReplicaServer {
           });
       };
     return {
-      LoadBegin: unary(async (r: { table: string; version: number; dim: number; loadId: string; force: boolean }) => ({
-        currentVersion: await this.shard.loadBegin(r.table, checkVersion(r.version), r.dim, r.loadId, r.force),
+      LoadBegin: unary(async (r: { table: string; version: number; dim: number; loadId: string; force: boolean; incremental: boolean }) => {
+        const b = await this.shard.loadBegin(r.table, checkVersion(r.version), r.dim, r.loadId, r.force, r.incremental);
+        return { currentVersion: b.current, baseVersion: b.base };
+      }),
+      LoadRows: unary(async (r: { table: string; version: number; loadId: string; keys: Buffer; values: Buffer; deletes: Buffer }) => ({
+        rows: await this.shard.loadRows(r.table, r.version, r.loadId, keysFromBytes(r.keys), floatsFromBytes(r.values), keysFromBytes(r.deletes, 'deletes')),
       })),
-      LoadRows: unary(async (r: { table: string; version: number; loadId: string; keys: Buffer; values: Buffer }) => ({
-        rows: await this.shard.loadRows(r.table, r.version, r.loadId, keysFromBytes(r.keys), floatsFromBytes(r.values)),
+      Put: unary(async (r: { table: string; keys: Buffer; values: Buffer; order: number; writer: string }) => ({
+        seq: await this.shard.put(r.table, keysFromBytes(r.keys), floatsFromBytes(r.values), r.order, r.writer),
       })),
+      PutsSince: unary(async (r: { afterSeq: number; maxBatches: number }) => {
+        const { batches, last } = await this.shard.putsSince(r.afterSeq, r.maxBatches || 256);
+        return {
+          lastSeq: last,
+          batches: batches.map((b) => ({ seq: b.seq, table: b.table, order: b.order, writer: b.writer, keys: bytesOf(b.keys), values: bytesOf(b.values) })),
+        };
+      }),
       LoadSeal: unary(async (r: { table: string; version: number; loadId: string; expectedRows: number }) => ({
         rows: await this.shard.loadSeal(r.table, r.version, r.loadId, r.expectedRows),
       })),
@@ -143,3 +173,24 @@ export class ReplicaServer {
     };
   }
 }
+
+// ---- test fault switch ----
+/**
+ * Like grpc-js tests' `respond-with-status`: a replica started with EMBKV_TEST_FAULTS=1 delays a Lookup
+ * by the request's `embkv-test-delay-ms` metadata: "300" on every replica, or "g0r0=300,g1r1=50" on
+ * the replicas listed. Without the variable the metadata is ignored.
+ */
+const TEST_FAULTS = process.env['EMBKV_TEST_FAULTS'] === '1';
+export const TEST_DELAY_METADATA = 'embkv-test-delay-ms';
+
+function testDelayMs(metadata: grpc.Metadata, group: number, replica: number): number {
+  const v = metadata.get(TEST_DELAY_METADATA)[0];
+  if (typeof v !== 'string') return 0;
+  if (/^\d+$/.test(v)) return Number(v);
+  for (const part of v.split(',')) {
+    const m = /^g(\d+)r(\d+)=(\d+)$/.exec(part.trim());
+    if (m && Number(m[1]) === group && Number(m[2]) === replica) return Number(m[3]);
+  }
+  return 0;
+}
+// ---- end of test fault switch ----

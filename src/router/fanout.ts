@@ -1,10 +1,13 @@
-import * as grpc from '@grpc/grpc-js';
-import { KvError, KvErrorCode, fromGrpcError } from '../common/errors.js';
+import type * as grpc from '@grpc/grpc-js';
+import { KvError, KvErrorCode } from '../common/errors.js';
 import type { PackedKeys } from '../common/keys.js';
 import type { Manifest } from '../common/manifest.js';
-import { EMBKV_CLIENT_SERVICE, type LookupRequest, type LookupResponse } from '../common/wire.js';
-import { ClusterConnections, type ReplicaConn } from './connections.js';
+import type { LookupResponse } from '../common/wire.js';
+import { ClusterConnections } from './connections.js';
+import { GroupCaller } from './group-caller.js';
 import { assignGroups, groupTable } from './partition.js';
+import { parseReplicaPolicy, type ResolvedReplicaPolicy } from './policy.js';
+import { LatencyWindow, latencyOf, type FanoutStats } from './stats.js';
 
 /** Where the merged answer is written: fresh arrays by default, or a wire buffer for the router. */
 export type AnswerAllocator = (n: number, dim: number, version: number) => { values: Float32Array; found: Uint8Array };
@@ -25,12 +28,11 @@ export interface FanoutRequest {
   deadline: number;
   signal?: AbortSignal | undefined;
   alloc?: AnswerAllocator | undefined;
+  /** Sent with every attempt (tests use it for the replicas' fault switch, see replica/server.ts). */
+  metadata?: grpc.Metadata | undefined;
 }
 
 const defaultAlloc: AnswerAllocator = (n, dim) => ({ values: new Float32Array(n * dim), found: new Uint8Array(n) });
-
-/** gRPC statuses after which the same sub-request goes to another replica of the group. */
-const RETRYABLE = new Set<number>([grpc.status.UNAVAILABLE, grpc.status.UNKNOWN, grpc.status.INTERNAL, grpc.status.RESOURCE_EXHAUSTED]);
 
 /**
  * Fans a batched lookup out to every shard group at once and merges the answers in request order.
@@ -38,20 +40,51 @@ const RETRYABLE = new Set<number>([grpc.status.UNAVAILABLE, grpc.status.UNKNOWN,
  */
 export class Fanout {
   readonly conns: ClusterConnections;
+  readonly policy: ResolvedReplicaPolicy;
   private readonly groupOfPartition: Uint16Array;
-  private readonly nextReplica: Uint32Array;
+  private readonly callers: GroupCaller[];
+  private readonly latency = new LatencyWindow(1024);
+  private requests = 0;
+  private failures = 0;
 
-  constructor(readonly manifest: Manifest, conns?: ClusterConnections) {
+  /** `policy`: replica choice, hedging and probing (parseReplicaPolicy({}) gives the defaults). */
+  constructor(readonly manifest: Manifest, conns?: ClusterConnections, policy?: ResolvedReplicaPolicy) {
     this.conns = conns ?? new ClusterConnections(manifest);
+    this.policy = policy ?? parseReplicaPolicy({});
     this.groupOfPartition = groupTable(manifest.partitions, manifest.groups.length);
-    this.nextReplica = new Uint32Array(manifest.groups.length);
+    this.callers = this.conns.groups.map((replicas, g) => new GroupCaller(g, replicas, this.policy));
   }
 
   close(): void {
+    for (const c of this.callers) c.close();
     this.conns.close();
   }
 
+  /** Counters and recent latency percentiles, per group and per replica. */
+  stats(): FanoutStats {
+    const now = Date.now();
+    return {
+      requests: this.requests,
+      failures: this.failures,
+      latencyMs: latencyOf(this.latency),
+      groups: this.callers.map((c) => c.snapshot(now)),
+    };
+  }
+
   async lookup(req: FanoutRequest): Promise<FanoutResult> {
+    const started = Date.now();
+    this.requests++;
+    try {
+      const r = await this.merge(req);
+      this.latency.add(Date.now() - started);
+      return r;
+    } catch (err) {
+      if (!(err instanceof KvError && err.code === KvErrorCode.ABORTED && req.signal?.aborted)) this.failures++;
+      throw err;
+    }
+  }
+
+  private async merge(req: FanoutRequest): Promise<FanoutResult> {
     const n = req.keys.length / 2;
     const G = this.manifest.groups.length;
 
@@ -85,7 +118,7 @@ export class Fanout {
     try {
       if (req.signal?.aborted) throw new KvError(KvErrorCode.ABORTED, 'lookup aborted by its signal');
       const answers = await Promise.all(
-        groups.map((g) => this.callGroup(g, { table: req.table, version: req.version, keys: keyBytes(g) }, req.deadline, ctl.signal)),
+        groups.map((g) => this.callers[g]!.call({ table: req.table, version: req.version, keys: keyBytes(g) }, counts[g]!, req.deadline, ctl.signal, req.metadata)),
       );
       // Every group must answer from one version. With version 0, groups that flipped at a different
       // moment of a publish are asked again, pinned to the newest version answered.
@@ -99,7 +132,7 @@ export class Fanout {
         await Promise.all(
           groups.map(async (g, k) => {
             if (answers[k]!.version === version) return;
-            answers[k] = await this.callGroup(g, { table: req.table, version, keys: keyBytes(g) }, req.deadline, ctl.signal);
+            answers[k] = await this.callers[g]!.call({ table: req.table, version, keys: keyBytes(g) }, counts[g]!, req.deadline, ctl.signal, req.metadata);
           }),
         );
       }
@@ -123,53 +156,6 @@ export class Fanout {
       req.signal?.removeEventListener('abort', onAbort);
     }
   }
-
-  /** One group's sub-request: a replica in turn, and on a transport failure the next one at once. */
-  private async callGroup(g: number, sub: LookupRequest, deadline: number, signal: AbortSignal): Promise<LookupResponse> {
-    const replicas = this.conns.groups[g]!;
-    const first = this.nextReplica[g]!++ % replicas.length;
-    let lastErr: KvError | undefined;
-    for (let k = 0; k < replicas.length; k++) {
-      const conn = replicas[(first + k) % replicas.length]!;
-      try {
-        return await callLookup(conn, sub, deadline, signal);
-      } catch (err) {
-        const se = err as grpc.ServiceError;
-        if (signal.aborted) throw new KvError(KvErrorCode.ABORTED, 'lookup aborted', { cause: err });
-        if (se.code === grpc.status.DEADLINE_EXCEEDED || Date.now() >= deadline) {
-          throw new KvError(KvErrorCode.DEADLINE_EXCEEDED, `group ${g}: no answer before the deadline (${conn.address})`, { cause: err });
-        }
-        const kv = fromGrpcError(se, `group ${g} replica ${conn.replica} (${conn.address})`);
-        if (!RETRYABLE.has(se.code)) throw kv;
-        lastErr = kv;
-      }
-    }
-    throw new KvError(KvErrorCode.UNAVAILABLE, `group ${g}: no replica answered (${replicas.map((r) => r.address).join(', ')}): ${lastErr?.message ?? ''}`, { cause: lastErr });
-  }
-}
-
-const LOOKUP = EMBKV_CLIENT_SERVICE.lookup;
-
-function callLookup(conn: ReplicaConn, sub: LookupRequest, deadline: number, signal: AbortSignal): Promise<LookupResponse> {
-  return new Promise<LookupResponse>((resolve, reject) => {
-    const call = conn.lookup.makeUnaryRequest<LookupRequest, LookupResponse>(
-      LOOKUP.path,
-      LOOKUP.requestSerialize,
-      LOOKUP.responseDeserialize,
-      sub,
-      new grpc.Metadata(),
-      { deadline: new Date(deadline) },
-      (err, res) => {
-        signal.removeEventListener('abort', cancel);
-        if (err) reject(err);
-        else resolve(res!);
-      },
-    );
-    function cancel(): void {
-      call.cancel();
-    }
-    signal.addEventListener('abort', cancel, { once: true });
-  });
 }
 
 /** Copies group rows into request order: row j of the group's answer goes to position order[base + j]. */

@@ -6,6 +6,8 @@ import type { Manifest } from '../common/manifest.js';
 import { checkTableName } from '../common/validate.js';
 import { EMBKV_SERVER_SERVICE, SERVER_OPTIONS, allocLookupResponse, type LookupRequest } from '../common/wire.js';
 import { Fanout } from './fanout.js';
+import { parseReplicaPolicy, type ReplicaPolicyOptions } from './policy.js';
+import { ROUTER_STATS_SERVICE, type FanoutStats } from './stats.js';
 
 export const DEFAULT_ROUTER_DEADLINE_MS = 5000;
 export const MAX_ROUTER_KEYS = 4_000_000;
@@ -17,6 +19,10 @@ export interface RouterOptions {
   logger: Logger;
   /** Deadline of a request whose caller set none. */
   deadlineMs?: number;
+  /** Replica choice, hedging and probes, as in the SDK (validated by parseReplicaPolicy). */
+  policy?: ReplicaPolicyOptions;
+  /** Logs the per-group stats this often (0: never). They are also served by `/embkv.v1.Router/Stats`. */
+  statsIntervalMs?: number;
 }
 
 /**
@@ -28,9 +34,10 @@ export class RouterServer {
   private readonly fanout: Fanout;
   private readonly log: Logger;
   private boundPort = 0;
+  private statsTimer: NodeJS.Timeout | undefined;
 
   constructor(private readonly options: RouterOptions) {
-    this.fanout = new Fanout(options.manifest);
+    this.fanout = new Fanout(options.manifest, undefined, parseReplicaPolicy((options.policy ?? {}) as Record<string, unknown>));
     this.log = options.logger.child({ component: 'router' });
   }
 
@@ -40,14 +47,37 @@ export class RouterServer {
 
   async start(): Promise<void> {
     this.server.addService(EMBKV_SERVER_SERVICE, { lookup: this.onLookup.bind(this) });
+    this.server.addService(ROUTER_STATS_SERVICE, {
+      stats: (_call: grpc.ServerUnaryCall<unknown, FanoutStats>, cb: grpc.sendUnaryData<FanoutStats>) => cb(null, this.fanout.stats()),
+    });
     const addr = this.options.host.includes(':') ? `[${this.options.host}]:${this.options.port}` : `${this.options.host}:${this.options.port}`;
     this.boundPort = await new Promise<number>((resolve, reject) =>
       this.server.bindAsync(addr, grpc.ServerCredentials.createInsecure(), (err, port) => (err ? reject(err) : resolve(port))),
     );
     this.log.info({ host: this.options.host, port: this.boundPort, groups: this.options.manifest.groups.length }, 'router serving');
+    if (this.options.statsIntervalMs) {
+      this.statsTimer = setInterval(() => this.logStats(), this.options.statsIntervalMs);
+      this.statsTimer.unref();
+    }
+  }
+
+  stats(): FanoutStats {
+    return this.fanout.stats();
+  }
+
+  /** One line per group with traffic: requests, hedges, retries, failures, p50/p99. */
+  private logStats(): void {
+    const s = this.fanout.stats();
+    const groups = s.groups.filter((g) => g.requests > 0).map((g) => ({
+      group: g.group, requests: g.requests, hedgesSent: g.hedgesSent, hedgesWon: g.hedgesWon, hedgesThrottled: g.hedgesThrottled,
+      retries: g.retries, failures: g.failures, p50Ms: g.latencyMs.p50, p99Ms: g.latencyMs.p99,
+      down: g.replicas.filter((r) => r.health === 'down').map((r) => r.address),
+    }));
+    this.log.info({ requests: s.requests, failures: s.failures, p50Ms: s.latencyMs.p50, p99Ms: s.latencyMs.p99, groups }, 'router stats');
   }
 
   async close(): Promise<void> {
+    clearInterval(this.statsTimer);
     await new Promise<void>((resolve) => this.server.tryShutdown(() => resolve()));
     this.fanout.close();
   }

@@ -3,22 +3,36 @@ import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
 import { firstNonFinite, keyAt } from '../common/keys.js';
 import { checkTableName, checkVersion } from '../common/validate.js';
 import { allocLookupResponse } from '../common/wire.js';
-import { ShardStore, type TableMeta, type VersionMeta } from './store.js';
-import { VersionData } from './version-data.js';
+import { Overlay } from './overlay.js';
+import { ShardStore, type PutRecord, type TableMeta, type VersionMeta } from './store.js';
+import { KeySet, VersionData } from './version-data.js';
 
 /** Bounds on what a replica accepts. */
 export const MAX_DIM = 16384;
 export const MAX_LOOKUP_KEYS = 4_000_000;
 export const MAX_LOAD_BATCH_ROWS = 1 << 17;
+export const MAX_PUT_KEYS = 65_536;
+/** Memory that real-time updates of one table may hold on a replica before puts are refused. */
+export const DEFAULT_MAX_REALTIME_BYTES = 512 * 1024 * 1024;
 /** A write version that receives nothing for this long may be replaced by another load. */
 export const DEFAULT_LOAD_IDLE_MS = 60_000;
+/** Write orders are client milliseconds * ORDER_SCALE + a writer tag. */
+export const ORDER_SCALE = 4096;
+
+interface Held {
+  data: VersionData;
+  meta: VersionMeta;
+}
+
 interface WriteVersion {
   version: number;
   loadId: string;
   data: VersionData;
   meta: VersionMeta;
+  /** Keys a delta has touched, to refuse one repeated. */
+  touched: KeySet | undefined;
+  ops: number;
   lastActivityMs: number;
-  startedMs: number;
   failed: KvError | undefined;
   pending: Set<Promise<void>>;
 }
@@ -26,14 +40,22 @@ interface WriteVersion {
 interface TableState {
   name: string;
   current: number;
-  /** Sealed, read-only versions. */
-  versions: Map<number, { data: VersionData; meta: VersionMeta }>;
+  /** Sealed, read-only versions that serve. */
+  versions: Map<number, Held>;
+  /** Versions no longer served but kept on disk as the base of a kept delta version. */
+  retained: Map<number, VersionMeta>;
   write: WriteVersion | undefined;
+  overlay: Overlay | undefined;
+  putsFrom: number;
+  realtimeBatches: number;
+  lastPutOrder: number;
+  realtimeLagMs: number;
 }
 
 export interface ShardOptions {
   keepVersions: number;
   loadIdleMs?: number;
+  maxRealtimeBytes?: number;
   logger: Logger;
 }
 
@@ -43,64 +65,126 @@ export interface VersionStatusInfo {
   keys: number;
   state: 'loading' | 'sealed';
   bytes: number;
+  baseVersion: number;
+  deltaUpserts: number;
+  deltaDeletes: number;
+  createdAtMs: number;
 }
 
 export interface TableStatusInfo {
   name: string;
   currentVersion: number;
   versions: VersionStatusInfo[];
+  realtimeKeys: number;
+  realtimeBatches: number;
+  lastPutAtMs: number;
+  realtimeLagMs: number;
 }
 
 /**
  * The tables of one replica. Sealed versions are read-only and looked up without locks; the single
- * write version of a table takes loads. Metadata changes are serialised per table and persisted
- * before they are acknowledged.
+ * write version of a table takes a full load or a delta; real-time puts land in the table's overlay,
+ * one batch per synchronous step. Metadata changes are serialised per table and persisted before
+ * they are acknowledged.
  */
 export class Shard {
   private readonly tables = new Map<string, TableState>();
   private readonly metaChains = new Map<string, Promise<unknown>>();
   private readonly keepVersions: number;
   private readonly loadIdleMs: number;
+  private readonly maxRealtimeBytes: number;
   private readonly log: Logger;
+  /** Put batches in the log, by `${order}:${writer}`, so a batch arriving twice is applied once. */
+  private readonly putsSeen = new Set<string>();
+  private putSeq = 0;
 
   constructor(private readonly store: ShardStore, options: ShardOptions) {
     this.keepVersions = options.keepVersions;
     this.loadIdleMs = options.loadIdleMs ?? DEFAULT_LOAD_IDLE_MS;
+    this.maxRealtimeBytes = options.maxRealtimeBytes ?? DEFAULT_MAX_REALTIME_BYTES;
     this.log = options.logger;
   }
 
-  /** Rebuilds every sealed version from disk; loads cut short by a crash are discarded. */
+  /** The newest put log position. */
+  get lastPutSeq(): number {
+    return this.putSeq;
+  }
+
+  // ---- restore ------------------------------------------------------------------------------------
+
+  /** Rebuilds every kept version from disk (deltas on their bases), then replays the put log. */
   async restore(): Promise<void> {
     const metas = await this.store.readTables();
     for (const meta of metas) {
-      const t: TableState = { name: meta.name, current: meta.current, versions: new Map(), write: undefined };
-      const kept: VersionMeta[] = [];
+      const t = this.newTable(meta.name);
+      t.current = meta.current;
+      t.putsFrom = meta.putsFrom ?? 0;
+      const byVersion = new Map<number, VersionMeta>();
       for (const vm of meta.versions) {
-        if (vm.state !== 'sealed') {
+        if (vm.state === 'loading') {
           this.log.warn({ table: meta.name, version: vm.version, rows: vm.rows }, 'discarding a load that did not complete before restart');
           await this.store.dropVersionRows(meta.name, vm.version);
           continue;
         }
+        byVersion.set(vm.version, vm);
+      }
+      const built = new Map<number, VersionData>();
+      const build = async (v: number): Promise<VersionData> => {
+        const done = built.get(v);
+        if (done) return done;
+        const vm = byVersion.get(v);
+        if (vm === undefined) throw new Error(`table ${meta.name}: version ${v} is needed but not on disk`);
         const started = Date.now();
-        const data = new VersionData(vm.dim, vm.rows);
-        for await (const block of this.store.readBlocks(meta.name, vm.version)) {
-          const dup = data.append(block.keys, block.values, block.n);
-          if (dup >= 0) throw new Error(`table ${meta.name} v${vm.version} on disk repeats key ${keyAt(block.keys, dup)}`);
-        }
-        if (data.count !== vm.rows) {
-          throw new Error(`table ${meta.name} v${vm.version}: ${data.count} rows on disk, ${vm.rows} recorded`);
-        }
+        const data = vm.base ? (await build(vm.base)).derive() : new VersionData(vm.dim, vm.rows);
+        await this.replayBlocks(meta.name, vm, data);
         data.seal();
-        t.versions.set(vm.version, { data, meta: vm });
-        kept.push(vm);
-        this.log.info({ table: meta.name, version: vm.version, rows: vm.rows, ms: Date.now() - started }, 'restored');
+        if (data.count !== vm.rows) throw new Error(`table ${meta.name} v${v}: ${data.count} keys rebuilt, ${vm.rows} recorded`);
+        built.set(v, data);
+        this.log.info({ table: meta.name, version: v, base: vm.base, rows: vm.rows, ms: Date.now() - started }, 'restored');
+        return data;
+      };
+      for (const vm of byVersion.values()) {
+        if (vm.state === 'retained') {
+          t.retained.set(vm.version, vm);
+          continue;
+        }
+        t.versions.set(vm.version, { data: await build(vm.version), meta: vm });
       }
-      if (kept.length !== meta.versions.length) await this.store.putTable({ ...meta, versions: kept }, true);
-      if (t.current !== 0 && !t.versions.has(t.current)) {
-        throw new Error(`table ${meta.name}: current version ${t.current} is not on disk`);
-      }
-      this.tables.set(meta.name, t);
+      if (t.current !== 0 && !t.versions.has(t.current)) throw new Error(`table ${meta.name}: current version ${t.current} is not on disk`);
+      if (byVersion.size !== meta.versions.length) await this.store.putTable(this.metaOf(t), true);
     }
+    // Replay the put log over the restored versions.
+    for (let after = 0; ;) {
+      const recs = await this.store.readPuts(after, 1024);
+      if (recs.length === 0) break;
+      for (const rec of recs) {
+        this.putSeq = Math.max(this.putSeq, rec.seq);
+        this.putsSeen.add(`${rec.order}:${rec.writer}`);
+        const t = this.tables.get(rec.table);
+        if (t !== undefined) this.applyPut(t, rec.keys, rec.values, rec.order);
+        after = rec.seq;
+      }
+    }
+  }
+
+  private async replayBlocks(table: string, vm: VersionMeta, data: VersionData): Promise<void> {
+    for await (const block of this.store.readBlocks(table, vm.version)) {
+      if (block.dim === 0) data.delete(block.keys, block.n);
+      else if (vm.base) data.upsert(block.keys, block.values, block.n);
+      else {
+        const dup = data.append(block.keys, block.values, block.n);
+        if (dup >= 0) throw new Error(`table ${table} v${vm.version} on disk repeats key ${keyAt(block.keys, dup)}`);
+      }
+    }
+  }
+
+  private newTable(name: string): TableState {
+    const t: TableState = {
+      name, current: 0, versions: new Map(), retained: new Map(), write: undefined, overlay: undefined,
+      putsFrom: 0, realtimeBatches: 0, lastPutOrder: 0, realtimeLagMs: 0,
+    };
+    this.tables.set(name, t);
+    return t;
   }
 
   // ---- lookups ------------------------------------------------------------------------------------
@@ -109,84 +193,112 @@ export class Shard {
   lookup(table: string, version: number, keys: Uint32Array): Buffer {
     const n = keys.length / 2;
     if (n > MAX_LOOKUP_KEYS) throw invalidArgument(`a lookup holds ${n} keys; at most ${MAX_LOOKUP_KEYS} are accepted`);
-    const v = this.readable(table, version);
-    const res = allocLookupResponse(v.meta.version, v.data.dim, n);
-    v.data.lookup(keys, n, res.values, res.found);
-    return res.buf;
-  }
-
-  private readable(table: string, version: number): { data: VersionData; meta: VersionMeta } {
     const t = this.tables.get(table);
     if (t === undefined) throw new KvError(KvErrorCode.TABLE_NOT_FOUND, `table ${table} is not held by this replica`);
     const want = version === 0 ? t.current : version;
     if (want === 0) throw new KvError(KvErrorCode.VERSION_NOT_FOUND, `table ${table} has no published version`);
     const v = t.versions.get(want);
     if (v === undefined) throw new KvError(KvErrorCode.VERSION_NOT_FOUND, `table ${table} version ${want} is not held by this replica`);
-    return v;
+    const res = allocLookupResponse(v.meta.version, v.data.dim, n);
+    v.data.lookup(keys, n, res.values, res.found);
+    if (t.overlay !== undefined && t.overlay.dim === v.data.dim) t.overlay.lookupOver(keys, n, res.values, res.found);
+    return res.buf;
   }
 
   // ---- loads --------------------------------------------------------------------------------------
 
-  async loadBegin(table: string, version: number, dim: number, loadId: string, force: boolean): Promise<number> {
+  /** Opens the write version of a full load, or of a delta on top of the current version. */
+  async loadBegin(table: string, version: number, dim: number, loadId: string, force: boolean, incremental: boolean): Promise<{ current: number; base: number }> {
     checkTableName(table);
     checkVersion(version);
     if (!Number.isInteger(dim) || dim < 1 || dim > MAX_DIM) throw invalidArgument(`dim must be in [1, ${MAX_DIM}], got ${dim}`);
     if (typeof loadId !== 'string' || loadId.length === 0 || loadId.length > 128) throw invalidArgument('load_id must be a non-empty string');
     return this.withTable(table, async () => {
-      let t = this.tables.get(table);
-      if (t === undefined) {
-        t = { name: table, current: 0, versions: new Map(), write: undefined };
-        this.tables.set(table, t);
-      }
-      if (t.versions.has(version)) {
+      const t = this.tables.get(table) ?? this.newTable(table);
+      if (t.versions.has(version) || t.retained.has(version)) {
         throw new KvError(KvErrorCode.VERSION_EXISTS, `table ${table} version ${version} exists already`);
       }
       if (version < t.current && !force) {
         throw new KvError(KvErrorCode.VERSION_TOO_OLD, `table ${table} version ${version} is older than the current version ${t.current} (use force to load it anyway)`);
       }
+      let base: Held | undefined;
+      if (incremental) {
+        base = t.versions.get(t.current);
+        if (base === undefined) throw new KvError(KvErrorCode.VERSION_NOT_FOUND, `table ${table} has no current version for a delta to apply to`);
+        if (base.data.dim !== dim) {
+          throw new KvError(KvErrorCode.DIM_MISMATCH, `the delta has dim ${dim}; table ${table} v${t.current} has dim ${base.data.dim}`);
+        }
+      }
       const w = t.write;
       if (w !== undefined) {
         const idle = Date.now() - w.lastActivityMs;
-        if (w.loadId !== loadId && idle < this.loadIdleMs) {
-          throw new KvError(KvErrorCode.LOAD_CONFLICT, `table ${table}: version ${w.version} is being loaded (load ${w.loadId}, active ${Math.round(idle / 1000)} s ago)`);
+        if (w.loadId !== loadId && idle < this.loadIdleMs && !force) {
+          throw new KvError(KvErrorCode.LOAD_CONFLICT, `table ${table}: version ${w.version} is being loaded (load ${w.loadId}, active ${Math.round(idle / 1000)} s ago; force takes it over)`);
         }
         this.log.warn({ table, version: w.version, loadId: w.loadId, idleMs: idle }, 'replacing an unfinished load');
         await this.dropWrite(t);
       }
-      const meta: VersionMeta = { version, dim, rows: 0, state: 'loading', loadId, blocks: 0 };
+      const now = Date.now();
+      const meta: VersionMeta = {
+        version, dim, rows: 0, state: 'loading', loadId, blocks: 0, base: base?.meta.version ?? 0, upserts: 0, deletes: 0, createdAtMs: now,
+      };
       t.write = {
-        version, loadId, meta, data: new VersionData(dim), lastActivityMs: Date.now(), startedMs: Date.now(),
-        failed: undefined, pending: new Set(),
+        version, loadId, meta, data: base ? base.data.derive() : new VersionData(dim), touched: base ? new KeySet() : undefined,
+        ops: 0, lastActivityMs: now, failed: undefined, pending: new Set(),
       };
       await this.store.putTable(this.metaOf(t), false);
-      this.log.info({ table, version, dim, loadId }, 'load begun');
-      return t.current;
+      this.log.info({ table, version, dim, loadId, base: meta.base }, incremental ? 'delta begun' : 'load begun');
+      return { current: t.current, base: meta.base };
     });
   }
 
-  async loadRows(table: string, version: number, loadId: string, keys: Uint32Array, values: Float32Array): Promise<number> {
+  /** A batch of rows (and for a delta, deletes) into the write version; persisted before the answer. */
+  async loadRows(table: string, version: number, loadId: string, keys: Uint32Array, values: Float32Array, deletes: Uint32Array): Promise<number> {
     const w = this.writeVersion(table, version, loadId);
     if (w.failed !== undefined) throw w.failed;
     const n = keys.length / 2;
+    const nd = deletes.length / 2;
     const dim = w.data.dim;
-    if (n > MAX_LOAD_BATCH_ROWS) throw invalidArgument(`a load batch holds ${n} rows; at most ${MAX_LOAD_BATCH_ROWS}`);
+    if (n + nd > MAX_LOAD_BATCH_ROWS) throw invalidArgument(`a load batch holds ${n + nd} rows; at most ${MAX_LOAD_BATCH_ROWS}`);
     if (values.length !== n * dim) {
       throw new KvError(KvErrorCode.DIM_MISMATCH, `batch of ${n} keys carries ${values.length} floats; table ${table} v${version} has dim ${dim}`);
     }
+    if (nd > 0 && w.touched === undefined) throw invalidArgument('deletes are only accepted in a delta (incremental load)');
     const bad = firstNonFinite(values);
     if (bad >= 0) {
       const row = Math.floor(bad / dim);
       throw new KvError(KvErrorCode.INVALID_DATA, `batch row ${row} (key ${keyAt(keys, row)}) holds ${values[bad]}`, { detail: { row } });
     }
     w.lastActivityMs = Date.now();
-    const dup = w.data.append(keys, values, n);
-    if (dup >= 0) {
-      // The version is now partly appended: the load cannot go on, the loader must abort it.
-      w.failed = new KvError(KvErrorCode.DUPLICATE_KEY, `key ${keyAt(keys, dup)} is repeated within this load`, { detail: { row: dup, key: keyAt(keys, dup).toString() } });
-      throw w.failed;
+    if (w.touched !== undefined) {
+      // A delta: refuse a key it touches twice, before changing anything.
+      const dupAt = (ks: Uint32Array, m: number, offset: number): void => {
+        for (let i = 0; i < m; i++) {
+          if (!w.touched!.add(ks[2 * i]!, ks[2 * i + 1]!)) {
+            w.failed = new KvError(KvErrorCode.DUPLICATE_KEY, `key ${keyAt(ks, i)} is repeated within this delta`, { detail: { row: offset + i } });
+            throw w.failed;
+          }
+        }
+      };
+      dupAt(keys, n, 0);
+      dupAt(deletes, nd, n);
+      w.data.upsert(keys, values, n);
+      w.data.delete(deletes, nd);
+      w.meta.upserts += n;
+      w.meta.deletes += nd;
+    } else {
+      const dup = w.data.append(keys, values, n);
+      if (dup >= 0) {
+        // The version is now partly appended: the load cannot go on, the loader must abort it.
+        w.failed = new KvError(KvErrorCode.DUPLICATE_KEY, `key ${keyAt(keys, dup)} is repeated within this load`, { detail: { row: dup } });
+        throw w.failed;
+      }
     }
-    const block = w.meta.blocks++;
-    const write = this.store.appendBlock(table, version, block, keys, values, n, dim);
+    w.ops += n + nd;
+    const writes: Promise<void>[] = [];
+    if (n > 0) writes.push(this.store.appendBlock(table, version, w.meta.blocks++, keys, values, n, dim));
+    if (nd > 0) writes.push(this.store.appendBlock(table, version, w.meta.blocks++, deletes, new Float32Array(0), nd, 0));
+    const write = Promise.all(writes).then(() => undefined);
     w.pending.add(write);
     try {
       await write;
@@ -196,17 +308,17 @@ export class Shard {
     } finally {
       w.pending.delete(write);
     }
-    return w.data.count;
+    return w.ops;
   }
 
   /** Confirms the write version is complete, persists it and makes it a sealed (not yet current) version. */
-  async loadSeal(table: string, version: number, loadId: string, expectedRows: number): Promise<number> {
+  async loadSeal(table: string, version: number, loadId: string, expectedOps: number): Promise<number> {
     return this.withTable(table, async () => {
       const w = this.writeVersion(table, version, loadId);
       if (w.failed !== undefined) throw w.failed;
       await Promise.all(w.pending);
-      if (w.data.count !== expectedRows) {
-        throw new KvError(KvErrorCode.INVALID_DATA, `table ${table} v${version}: this replica holds ${w.data.count} rows, the loader sent ${expectedRows}`);
+      if (w.ops !== expectedOps) {
+        throw new KvError(KvErrorCode.INVALID_DATA, `table ${table} v${version}: this replica received ${w.ops} rows, the loader sent ${expectedOps}`);
       }
       const t = this.tables.get(table)!;
       w.data.seal();
@@ -215,7 +327,7 @@ export class Shard {
       t.versions.set(version, { data: w.data, meta: w.meta });
       t.write = undefined;
       await this.store.putTable(this.metaOf(t), true);
-      this.log.info({ table, version, rows: w.data.count, ms: Date.now() - w.startedMs }, 'load sealed');
+      this.log.info({ table, version, rows: w.data.count, base: w.meta.base, ms: Date.now() - w.meta.createdAtMs }, 'load sealed');
       return w.data.count;
     });
   }
@@ -257,14 +369,21 @@ export class Shard {
     return this.withTable(table, async () => {
       const t = this.tables.get(table);
       if (t === undefined) throw new KvError(KvErrorCode.TABLE_NOT_FOUND, `table ${table} is not held by this replica`);
-      if (!t.versions.has(version)) {
+      const held = t.versions.get(version);
+      if (held === undefined) {
         throw new KvError(KvErrorCode.VERSION_NOT_FOUND, `table ${table} version ${version} is not held complete by this replica`);
       }
       const previous = t.current;
       if (version < previous && !rollback) {
         throw new KvError(KvErrorCode.VERSION_TOO_OLD, `table ${table}: version ${version} is older than the current ${previous}; use rollback`);
       }
+      if (version === previous) return previous;
       t.current = version;
+      if (!rollback && held.meta.base === 0) {
+        // A new full version holds everything written before its load began; puts since stay on top.
+        t.putsFrom = held.meta.createdAtMs * ORDER_SCALE;
+        t.overlay = t.overlay?.dim === held.data.dim ? t.overlay.since(t.putsFrom) : undefined;
+      }
       const dropped = this.prune(t);
       await this.store.putTable(this.metaOf(t), true);
       for (const v of dropped) await this.store.dropVersionRows(table, v);
@@ -273,34 +392,127 @@ export class Shard {
     });
   }
 
-  /** Keeps the current version, every sealed version newer than it, and the newest older ones up to keepVersions. */
+  /**
+   * Keeps the current version, every sealed version newer than it, and the newest older ones up to
+   * keepVersions. A version left out but still the base of a kept delta stays on disk as 'retained'.
+   * Returns the versions whose rows can go.
+   */
   private prune(t: TableState): number[] {
     const older = [...t.versions.keys()].filter((v) => v < t.current).sort((a, b) => b - a);
-    const dropped = older.slice(Math.max(0, this.keepVersions - 1));
-    for (const v of dropped) t.versions.delete(v);
+    for (const v of older.slice(Math.max(0, this.keepVersions - 1))) {
+      const held = t.versions.get(v)!;
+      t.versions.delete(v);
+      t.retained.set(v, { ...held.meta, state: 'retained' });
+    }
+    // Retained versions that no kept version builds on any more are dropped.
+    const needed = new Set<number>();
+    const all = new Map<number, VersionMeta>([...t.retained, ...[...t.versions].map(([v, h]) => [v, h.meta] as const)]);
+    const roots = [...t.versions.keys(), ...(t.write ? [t.write.meta.base] : [])];
+    for (let v of roots) {
+      while (v !== 0 && all.get(v)?.base) {
+        v = all.get(v)!.base;
+        needed.add(v);
+      }
+    }
+    const dropped: number[] = [];
+    for (const v of [...t.retained.keys()]) {
+      if (!needed.has(v)) {
+        t.retained.delete(v);
+        dropped.push(v);
+      }
+    }
     return dropped;
+  }
+
+  // ---- real-time puts -----------------------------------------------------------------------------
+
+  /**
+   * A real-time batch for the table's current version: validated, appended to the put log with a
+   * disk sync, then applied in one step. A batch already logged (same order and writer) is not
+   * applied twice. `lagMs`: for a batch caught up from a peer, how late it arrived.
+   */
+  async put(table: string, keys: Uint32Array, values: Float32Array, order: number, writer: string, lagMs = 0): Promise<number> {
+    checkTableName(table);
+    const t = this.tables.get(table);
+    if (t === undefined) throw new KvError(KvErrorCode.TABLE_NOT_FOUND, `table ${table} is not held by this replica`);
+    const cur = t.versions.get(t.current);
+    if (cur === undefined) throw new KvError(KvErrorCode.VERSION_NOT_FOUND, `table ${table} has no published version to update`);
+    const n = keys.length / 2;
+    const dim = cur.data.dim;
+    if (n === 0) throw invalidArgument('a put needs at least one key');
+    if (n > MAX_PUT_KEYS) throw invalidArgument(`a put batch holds ${n} keys; at most ${MAX_PUT_KEYS}`);
+    if (values.length !== n * dim) throw invalidArgument(`${n} keys need ${n * dim} floats (dim ${dim} of ${table} v${t.current}), got ${values.length}`);
+    if (!Number.isSafeInteger(order) || order <= 0) throw invalidArgument(`order must be a positive integer, got ${order}`);
+    if (typeof writer !== 'string' || writer.length === 0 || writer.length > 128) throw invalidArgument('writer must be a non-empty string');
+    const bad = firstNonFinite(values);
+    if (bad >= 0) throw invalidArgument(`values[${bad}] (key ${keyAt(keys, Math.floor(bad / dim))}) is ${values[bad]}; vectors must be finite`);
+    const id = `${order}:${writer}`;
+    if (this.putsSeen.has(id)) return this.putSeq;
+    if ((t.overlay?.bytesWith(n) ?? 0) > this.maxRealtimeBytes) {
+      throw new KvError(KvErrorCode.RESOURCE_EXHAUSTED, `table ${table}: real-time updates hold ${t.overlay!.bytes} bytes, the limit is ${this.maxRealtimeBytes}; load a new version`);
+    }
+    this.putsSeen.add(id);
+    const seq = ++this.putSeq;
+    const rec: PutRecord = { seq, table, order, writer, keys, values };
+    try {
+      await this.store.appendPut(rec);
+    } catch (err) {
+      this.putsSeen.delete(id);
+      throw new KvError(KvErrorCode.INTERNAL, `writing the put to disk failed: ${(err as Error).message}`, { cause: err });
+    }
+    // Re-read: a publish may have changed the current version while the log was written.
+    this.applyPut(t, keys, values, order);
+    if (lagMs > 0) t.realtimeLagMs = lagMs;
+    return seq;
+  }
+
+  private applyPut(t: TableState, keys: Uint32Array, values: Float32Array, order: number): void {
+    if (order < t.putsFrom) return;
+    const cur = t.versions.get(t.current);
+    if (cur === undefined) return;
+    const dim = cur.data.dim;
+    if (values.length !== (keys.length / 2) * dim) return; // written for another dim: superseded
+    if (t.overlay === undefined || t.overlay.dim !== dim) t.overlay = new Overlay(dim);
+    t.overlay.put(keys, values, keys.length / 2, order);
+    t.realtimeBatches++;
+    if (order > t.lastPutOrder) t.lastPutOrder = order;
+  }
+
+  /** Logged put batches after `after`, for a peer catching up. */
+  async putsSince(after: number, limit: number): Promise<{ batches: PutRecord[]; last: number }> {
+    return { batches: await this.store.readPuts(after, Math.min(Math.max(limit, 1), 1024)), last: this.putSeq };
+  }
+
+  /** Whether this replica has logged the batch (order, writer). */
+  hasPut(order: number, writer: string): boolean {
+    return this.putsSeen.has(`${order}:${writer}`);
   }
 
   // ---- status -------------------------------------------------------------------------------------
 
   status(): TableStatusInfo[] {
     const out: TableStatusInfo[] = [];
+    const vs = (meta: VersionMeta, data: VersionData, state: 'loading' | 'sealed', keys: number): VersionStatusInfo => ({
+      version: meta.version, dim: data.dim, keys, state, bytes: data.ownBytes, baseVersion: meta.base,
+      deltaUpserts: meta.upserts, deltaDeletes: meta.deletes, createdAtMs: meta.createdAtMs,
+    });
     for (const t of [...this.tables.values()].sort((a, b) => a.name.localeCompare(b.name))) {
-      const versions: VersionStatusInfo[] = [...t.versions.values()]
-        .sort((a, b) => a.meta.version - b.meta.version)
-        .map((v) => ({ version: v.meta.version, dim: v.data.dim, keys: v.data.count, state: 'sealed' as const, bytes: v.data.bytes }));
-      if (t.write !== undefined) {
-        versions.push({ version: t.write.version, dim: t.write.data.dim, keys: t.write.data.count, state: 'loading', bytes: t.write.data.bytes });
-      }
-      out.push({ name: t.name, currentVersion: t.current, versions });
+      const versions = [...t.versions.values()].sort((a, b) => a.meta.version - b.meta.version).map((v) => vs(v.meta, v.data, 'sealed', v.data.count));
+      if (t.write !== undefined) versions.push(vs(t.write.meta, t.write.data, 'loading', t.write.ops));
+      out.push({
+        name: t.name, currentVersion: t.current, versions,
+        realtimeKeys: t.overlay?.count ?? 0, realtimeBatches: t.realtimeBatches,
+        lastPutAtMs: Math.floor(t.lastPutOrder / ORDER_SCALE), realtimeLagMs: t.realtimeLagMs,
+      });
     }
     return out;
   }
 
   private metaOf(t: TableState): TableMeta {
     const versions = [...t.versions.values()].map((v) => v.meta);
+    versions.push(...t.retained.values());
     if (t.write !== undefined) versions.push(t.write.meta);
-    return { name: t.name, current: t.current, versions };
+    return { name: t.name, current: t.current, versions, putsFrom: t.putsFrom };
   }
 
   /** Runs metadata changes of one table one at a time. */

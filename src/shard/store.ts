@@ -7,6 +7,8 @@ import { floatsFromBytes, keysFromBytes } from '../common/keys.js';
  *
  *   t!<table>                                  -> msgpack TableMeta (versions, current)
  *   r!<table>!<version:16 digits>!<block:10>   -> [n u32][dim u32][n*8 key bytes][n*dim*4 float bytes]
+ *                                                 (dim 0: a delta's deletes, keys only)
+ *   p!<seq:16 digits>                          -> a real-time put batch (see encodePut)
  *
  * Rows are stored in blocks (one per loader batch): FEASIBILITY measured one entry per key at ~10x
  * slower to load and to rebuild.
@@ -15,15 +17,33 @@ export interface VersionMeta {
   version: number;
   dim: number;
   rows: number;
-  state: 'loading' | 'sealed';
+  /** 'retained': no longer served, kept on disk because a kept delta version is built on it. */
+  state: 'loading' | 'sealed' | 'retained';
   loadId: string;
   blocks: number;
+  /** A delta: the version it applies to (0 for a full version). */
+  base: number;
+  upserts: number;
+  deletes: number;
+  createdAtMs: number;
+}
+
+/** A real-time put batch as logged. */
+export interface PutRecord {
+  seq: number;
+  table: string;
+  order: number;
+  writer: string;
+  keys: Uint32Array;
+  values: Float32Array;
 }
 
 export interface TableMeta {
   name: string;
   current: number;
   versions: VersionMeta[];
+  /** Real-time puts with a lower write order predate the current full version and are not applied. */
+  putsFrom: number;
 }
 
 const pad = (n: number, width: number): string => String(n).padStart(width, '0');
@@ -89,8 +109,47 @@ export class ShardStore {
     }
   }
 
+  /** Appends a put batch to the log, synced to disk before it resolves. */
+  async appendPut(rec: PutRecord): Promise<void> {
+    await this.db.put(`p!${pad(rec.seq, 16)}`, encodePut(rec), { sync: true });
+  }
+
+  /** Put batches with seq > after, oldest first, at most `limit`. */
+  async readPuts(after: number, limit: number): Promise<PutRecord[]> {
+    const out: PutRecord[] = [];
+    for await (const value of this.db.values({ gt: `p!${pad(after, 16)}`, lt: 'p"', limit })) out.push(decodePut(value));
+    return out;
+  }
+
+  /** Deletes logged put batches with seq <= upTo. */
+  async dropPuts(upTo: number): Promise<void> {
+    await this.db.clear({ gte: 'p!', lte: `p!${pad(upTo, 16)}` });
+  }
+
   async dropVersionRows(table: string, version: number): Promise<void> {
     const prefix = versionPrefix(table, version);
     await this.db.clear({ gte: prefix, lt: `${prefix}~` });
   }
+}
+
+/** [header length u32][msgpack {seq, table, order, writer, n}][pad to 8][keys][values] */
+function encodePut(rec: PutRecord): Uint8Array {
+  const head = pack({ seq: rec.seq, table: rec.table, order: rec.order, writer: rec.writer, n: rec.keys.length / 2 });
+  const body = 4 + head.length;
+  const off = Math.ceil(body / 8) * 8;
+  const buf = new Uint8Array(off + rec.keys.byteLength + rec.values.byteLength);
+  new DataView(buf.buffer).setUint32(0, head.length, true);
+  buf.set(head, 4);
+  buf.set(new Uint8Array(rec.keys.buffer, rec.keys.byteOffset, rec.keys.byteLength), off);
+  buf.set(new Uint8Array(rec.values.buffer, rec.values.byteOffset, rec.values.byteLength), off + rec.keys.byteLength);
+  return buf;
+}
+
+function decodePut(value: Uint8Array): PutRecord {
+  const len = new DataView(value.buffer, value.byteOffset, 4).getUint32(0, true);
+  const head = unpack(value.subarray(4, 4 + len)) as { seq: number; table: string; order: number; writer: string; n: number };
+  const off = Math.ceil((4 + len) / 8) * 8;
+  const keys = keysFromBytes(value.subarray(off, off + head.n * 8));
+  const values = floatsFromBytes(value.subarray(off + head.n * 8));
+  return { seq: head.seq, table: head.table, order: head.order, writer: head.writer, keys, values };
 }

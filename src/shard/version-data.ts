@@ -3,19 +3,21 @@
  *
  *   slots (open addressing, linear probing, 3 words a slot, load ≤ 0.7):
  *     [ keyLo | keyHi | row+1 ] [ keyLo | keyHi | row+1 ] ...      row+1 = 0: empty slot
- *   rowKeys: [ lo0 | hi0 | lo1 | hi1 | ... ]                           the key of every row
  *   slabs:   Float32Array[SLAB_ROWS * dim] per slab; row r lives in slabs[r >> SLAB_SHIFT]
  *
  * A version is written only while it is the write version (`sealed === false`); once sealed it is
- * read-only for as long as it is kept, so lookups never take a lock.
+ * read-only for as long as it is kept, so lookups never take a lock. A delta version is derived from
+ * a sealed one: it copies the slots and shares the sealed slabs, appending its own rows to new slabs,
+ * so the base keeps serving unchanged while the delta is applied.
  */
 export const SLAB_SHIFT = 14;
 export const SLAB_ROWS = 1 << SLAB_SHIFT;
 const SLAB_MASK = SLAB_ROWS - 1;
 const MIN_SLOTS = 1024;
+const MAX_LOAD = 0.7;
 const BLOCK = 16;
 
-function slotHash(lo: number, hi: number): number {
+export function slotHash(lo: number, hi: number): number {
   let h = Math.imul(lo, 0x9e3779b1) ^ Math.imul(hi ^ 0x7f4a7c15, 0x85ebca77);
   h ^= h >>> 15;
   h = Math.imul(h, 0x2c1b3c6d);
@@ -23,30 +25,58 @@ function slotHash(lo: number, hi: number): number {
   return h >>> 0;
 }
 
+function slotsFor(rows: number): number {
+  let cap = MIN_SLOTS;
+  while (cap * MAX_LOAD < rows) cap *= 2;
+  return cap;
+}
+
 export class VersionData {
   readonly dim: number;
+  /** Live keys. */
   count = 0;
   sealed = false;
+  /** Rows allocated in the slabs (a derived version starts at its base's slab boundary). */
+  private rows = 0;
+  /** The first row this version owns; rows below it are shared with the base, read-only. */
+  private ownFrom = 0;
   private slots: Uint32Array;
   private mask: number;
-  private rowKeys: Uint32Array;
   private slabs: Float32Array[] = [];
   // Rows found in the current block of the lookup kernel, reused across calls.
   private readonly blockRows = new Int32Array(BLOCK);
 
   constructor(dim: number, expectedRows = 0) {
     this.dim = dim;
-    let cap = MIN_SLOTS;
-    while (cap * 0.7 < expectedRows) cap *= 2;
+    const cap = slotsFor(expectedRows);
     this.slots = new Uint32Array(cap * 3);
     this.mask = cap - 1;
-    this.rowKeys = new Uint32Array(Math.max(2 * expectedRows, 2 * 1024));
   }
 
-  /** Bytes held by this version's arrays. */
+  /** A writable version holding the same entries, sharing this sealed version's vectors. */
+  derive(): VersionData {
+    if (!this.sealed) throw new Error('derive from an unsealed version');
+    const d = new VersionData(this.dim);
+    d.slots = this.slots.slice();
+    d.mask = this.mask;
+    d.slabs = this.slabs.slice();
+    d.count = this.count;
+    d.rows = this.slabs.length << SLAB_SHIFT;
+    d.ownFrom = d.rows;
+    return d;
+  }
+
+  /** Bytes held by this version's arrays (shared slabs included). */
   get bytes(): number {
-    let b = this.slots.byteLength + this.rowKeys.byteLength;
+    let b = this.slots.byteLength;
     for (const s of this.slabs) b += s.byteLength;
+    return b;
+  }
+
+  /** Bytes of the slabs this version does not share with its base. */
+  get ownBytes(): number {
+    let b = this.slots.byteLength;
+    for (let s = this.ownFrom >>> SLAB_SHIFT; s < this.slabs.length; s++) b += this.slabs[s]!.byteLength;
     return b;
   }
 
@@ -68,65 +98,117 @@ export class VersionData {
    * index of the first key that this version already holds (nothing from that index on is added).
    */
   append(keys: Uint32Array, values: Float32Array, n: number): number {
-    if (this.sealed) throw new Error('append to a sealed version');
+    return this.write(keys, values, n, false);
+  }
+
+  /** Inserts or replaces rows (a delta's upserts). A replaced key gets a new row; the old one is left to its base. */
+  upsert(keys: Uint32Array, values: Float32Array, n: number): void {
+    this.write(keys, values, n, true);
+  }
+
+  private write(keys: Uint32Array, values: Float32Array, n: number, replace: boolean): number {
+    if (this.sealed) throw new Error('write to a sealed version');
     const dim = this.dim;
     for (let i = 0; i < n; i++) {
-      if ((this.count + 1) > (this.mask + 1) * 0.7) this.grow();
+      if (this.count + 1 > (this.mask + 1) * MAX_LOAD) this.grow();
       const lo = keys[2 * i]!;
       const hi = keys[2 * i + 1]!;
       const slots = this.slots;
       const mask = this.mask;
       let s = slotHash(lo, hi) & mask;
+      let existed = false;
       for (;;) {
         const row1 = slots[3 * s + 2]!;
         if (row1 === 0) break;
-        if (slots[3 * s] === lo && slots[3 * s + 1] === hi) return i;
+        if (slots[3 * s] === lo && slots[3 * s + 1] === hi) {
+          if (!replace) return i;
+          existed = true;
+          break;
+        }
         s = (s + 1) & mask;
       }
-      const row = this.count;
+      const row = this.rows++;
       slots[3 * s] = lo;
       slots[3 * s + 1] = hi;
       slots[3 * s + 2] = row + 1;
-      if (2 * row + 2 > this.rowKeys.length) {
-        const rk = new Uint32Array(this.rowKeys.length * 2);
-        rk.set(this.rowKeys);
-        this.rowKeys = rk;
-      }
-      this.rowKeys[2 * row] = lo;
-      this.rowKeys[2 * row + 1] = hi;
       const slabIdx = row >>> SLAB_SHIFT;
       if (slabIdx === this.slabs.length) this.slabs.push(new Float32Array(SLAB_ROWS * dim));
       this.slabs[slabIdx]!.set(values.subarray(i * dim, i * dim + dim), (row & SLAB_MASK) * dim);
-      this.count = row + 1;
+      if (!existed) this.count++;
     }
     return -1;
   }
 
-  /** Ends writing: trims the last slab and the key array to what is used. */
+  /** Removes keys; returns how many were present. Backward-shift deletion keeps probe chains whole. */
+  delete(keys: Uint32Array, n: number): number {
+    if (this.sealed) throw new Error('delete from a sealed version');
+    let removed = 0;
+    const slots = this.slots;
+    const mask = this.mask;
+    for (let i = 0; i < n; i++) {
+      const lo = keys[2 * i]!;
+      const hi = keys[2 * i + 1]!;
+      let s = slotHash(lo, hi) & mask;
+      for (;;) {
+        if (slots[3 * s + 2] === 0) break;
+        if (slots[3 * s] === lo && slots[3 * s + 1] === hi) {
+          this.removeSlot(s);
+          removed++;
+          this.count--;
+          break;
+        }
+        s = (s + 1) & mask;
+      }
+    }
+    return removed;
+  }
+
+  private removeSlot(hole: number): void {
+    const slots = this.slots;
+    const mask = this.mask;
+    let s = (hole + 1) & mask;
+    while (slots[3 * s + 2] !== 0) {
+      const home = slotHash(slots[3 * s]!, slots[3 * s + 1]!) & mask;
+      // Move the entry back into the hole if its home is not cyclically within (hole, s].
+      const movable = hole <= s ? home <= hole || home > s : home <= hole && home > s;
+      if (movable) {
+        slots[3 * hole] = slots[3 * s]!;
+        slots[3 * hole + 1] = slots[3 * s + 1]!;
+        slots[3 * hole + 2] = slots[3 * s + 2]!;
+        hole = s;
+      }
+      s = (s + 1) & mask;
+    }
+    slots[3 * hole] = 0;
+    slots[3 * hole + 1] = 0;
+    slots[3 * hole + 2] = 0;
+  }
+
+  /** Ends writing: trims the last slab this version owns to what is used. */
   seal(): void {
     if (this.sealed) return;
     const last = this.slabs.length - 1;
-    if (last >= 0) {
-      const used = (this.count - (last << SLAB_SHIFT)) * this.dim;
+    if (last >= 0 && last >= this.ownFrom >>> SLAB_SHIFT) {
+      const used = (this.rows - (last << SLAB_SHIFT)) * this.dim;
       this.slabs[last] = this.slabs[last]!.slice(0, used);
     }
-    this.rowKeys = this.rowKeys.slice(0, 2 * this.count);
     this.sealed = true;
   }
 
   private grow(): void {
+    const old = this.slots;
     const cap = (this.mask + 1) * 2;
     const slots = new Uint32Array(cap * 3);
     const mask = cap - 1;
-    const rk = this.rowKeys;
-    for (let row = 0; row < this.count; row++) {
-      const lo = rk[2 * row]!;
-      const hi = rk[2 * row + 1]!;
+    for (let o = 0; o < old.length; o += 3) {
+      if (old[o + 2] === 0) continue;
+      const lo = old[o]!;
+      const hi = old[o + 1]!;
       let s = slotHash(lo, hi) & mask;
       while (slots[3 * s + 2] !== 0) s = (s + 1) & mask;
       slots[3 * s] = lo;
       slots[3 * s + 1] = hi;
-      slots[3 * s + 2] = row + 1;
+      slots[3 * s + 2] = old[o + 2]!;
     }
     this.slots = slots;
     this.mask = mask;
@@ -167,12 +249,47 @@ export class VersionData {
     return hits;
   }
 
-  /** Calls `fn` with consecutive runs of rows (keys and vectors as views), for persistence. */
-  forEachRun(fn: (keys: Uint32Array, values: Float32Array, n: number) => void): void {
-    for (let s = 0; s < this.slabs.length; s++) {
-      const first = s << SLAB_SHIFT;
-      const n = Math.min(SLAB_ROWS, this.count - first);
-      fn(this.rowKeys.subarray(2 * first, 2 * (first + n)), this.slabs[s]!.subarray(0, n * this.dim), n);
+  /** Calls `fn` for every live entry with its key halves and a view of its vector. */
+  forEach(fn: (lo: number, hi: number, vector: Float32Array) => void): void {
+    const slots = this.slots;
+    for (let o = 0; o < slots.length; o += 3) {
+      const row1 = slots[o + 2]!;
+      if (row1 === 0) continue;
+      const r = row1 - 1;
+      const off = (r & SLAB_MASK) * this.dim;
+      fn(slots[o]!, slots[o + 1]!, this.slabs[r >>> SLAB_SHIFT]!.subarray(off, off + this.dim));
     }
+  }
+}
+
+/** A set of keys (open addressing on the halves), for refusing a key repeated within one delta. */
+export class KeySet {
+  private slots = new Uint32Array(MIN_SLOTS * 3);
+  private mask = MIN_SLOTS - 1;
+  size = 0;
+
+  /** Adds a key; false if it was there already. */
+  add(lo: number, hi: number): boolean {
+    if (this.size + 1 > (this.mask + 1) * MAX_LOAD) this.grow();
+    const slots = this.slots;
+    let s = slotHash(lo, hi) & this.mask;
+    while (slots[3 * s + 2] !== 0) {
+      if (slots[3 * s] === lo && slots[3 * s + 1] === hi) return false;
+      s = (s + 1) & this.mask;
+    }
+    slots[3 * s] = lo;
+    slots[3 * s + 1] = hi;
+    slots[3 * s + 2] = 1;
+    this.size++;
+    return true;
+  }
+
+  private grow(): void {
+    const old = this.slots;
+    const cap = (this.mask + 1) * 2;
+    this.slots = new Uint32Array(cap * 3);
+    this.mask = cap - 1;
+    this.size = 0;
+    for (let o = 0; o < old.length; o += 3) if (old[o + 2] !== 0) this.add(old[o]!, old[o + 1]!);
   }
 }

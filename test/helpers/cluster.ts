@@ -59,9 +59,12 @@ export class TestCluster {
   readonly procs = new Map<string, ChildProcess>();
   readonly logs = new Map<string, string>();
 
+  /** Extra environment of every replica process (EMBKV_TEST_FAULTS=1 for the fault switch, say). */
+  env: NodeJS.ProcessEnv = {};
+
   private constructor(readonly dir: string, readonly manifest: Manifest, readonly configPath: string) {}
 
-  static async start(groups: number, replicas: number, extra: { partitions?: number; keepVersions?: number } = {}): Promise<TestCluster> {
+  static async start(groups: number, replicas: number, extra: { partitions?: number; keepVersions?: number; env?: NodeJS.ProcessEnv } = {}): Promise<TestCluster> {
     const dir = mkdtempSync(join(tmpdir(), 'embkv-test-'));
     const ports = await freePorts(groups * replicas);
     const raw = {
@@ -75,6 +78,7 @@ export class TestCluster {
     const configPath = join(dir, 'cluster.json');
     writeFileSync(configPath, JSON.stringify(raw, null, 2));
     const c = new TestCluster(dir, manifest, configPath);
+    if (extra.env) c.env = extra.env;
     for (let g = 0; g < groups; g++) for (let r = 0; r < replicas; r++) c.startReplica(g, r);
     await c.waitReady();
     return c;
@@ -84,6 +88,7 @@ export class TestCluster {
     const name = `g${g}r${r}`;
     const p = spawn(process.execPath, [KVCTL, 'serve', '--config', this.configPath, '--group', String(g), '--replica', String(r), '--data', join(this.dir, name)], {
       stdio: ['ignore', 'ignore', 'pipe'],
+      env: { ...process.env, ...this.env },
     });
     this.logs.set(name, '');
     p.stderr!.on('data', (d) => this.logs.set(name, (this.logs.get(name)! + d).slice(-20_000)));
@@ -98,6 +103,13 @@ export class TestCluster {
     const exited = new Promise((resolve) => p.once('exit', resolve));
     p.kill(signal);
     await exited;
+  }
+
+  /** Sends `signal` to a running replica: SIGSTOP freezes it (it gives no cooperation), SIGCONT thaws it. */
+  signalReplica(g: number, r: number, signal: NodeJS.Signals): void {
+    const p = this.procs.get(`g${g}r${r}`);
+    if (p === undefined || p.exitCode !== null || p.signalCode !== null) throw new Error(`replica g${g}r${r} is not running`);
+    p.kill(signal);
   }
 
   /** Waits until every replica answers Status. */

@@ -1,0 +1,114 @@
+import * as grpc from '@grpc/grpc-js';
+import type { Logger } from 'pino';
+import { KvError } from '../common/errors.js';
+import { floatsFromBytes, keysFromBytes } from '../common/keys.js';
+import { CHANNEL_OPTIONS, shardControlClientConstructor } from '../common/wire.js';
+import { ORDER_SCALE, type Shard } from '../shard/shard.js';
+
+export const PULL_INTERVAL_MS = 250;
+const PULL_BATCHES = 256;
+const CATCH_UP_DEADLINE_MS = 5000;
+
+interface PulledBatch {
+  seq: number;
+  table: string;
+  order: number;
+  writer: string;
+  keys: Buffer;
+  values: Buffer;
+}
+
+interface Peer {
+  address: string;
+  client: grpc.Client;
+  /** The peer's log position up to which this replica has what it logged. */
+  cursor: number;
+}
+
+/**
+ * Keeps the real-time puts of a group's replicas in step. Writers send every put to every replica;
+ * a replica that missed some (it was down, or a call to it failed) pulls them from its peers' put
+ * logs: once before it serves, then every PULL_INTERVAL_MS. Batches carry their write order and
+ * writer, so one applied twice, or in another order, ends in the same state.
+ */
+export class PeerSync {
+  private readonly peers: Peer[];
+  private timer: NodeJS.Timeout | undefined;
+  private running = false;
+
+  constructor(private readonly shard: Shard, addresses: string[], private readonly log: Logger) {
+    const Control = shardControlClientConstructor();
+    this.peers = addresses.map((address) => ({ address, client: new Control(address, grpc.credentials.createInsecure(), CHANNEL_OPTIONS), cursor: 0 }));
+  }
+
+  /** Pulls everything the reachable peers logged; a peer that does not answer is skipped. */
+  async catchUp(): Promise<void> {
+    await Promise.all(
+      this.peers.map(async (p) => {
+        try {
+          const pulled = await this.pullAll(p, Date.now() + CATCH_UP_DEADLINE_MS);
+          if (pulled > 0) this.log.info({ peer: p.address, batches: pulled }, 'caught up on real-time puts');
+        } catch (err) {
+          this.log.warn({ peer: p.address, err: (err as Error).message }, 'peer not reachable to catch up from');
+        }
+      }),
+    );
+  }
+
+  start(): void {
+    if (this.peers.length === 0) return;
+    const tick = (): void => {
+      this.timer = setTimeout(() => {
+        if (this.running) return tick();
+        this.running = true;
+        Promise.allSettled(this.peers.map((p) => this.pullAll(p, Date.now() + 2000)))
+          .finally(() => {
+            this.running = false;
+            if (this.timer !== undefined) tick();
+          });
+      }, PULL_INTERVAL_MS);
+      this.timer.unref();
+    };
+    tick();
+  }
+
+  stop(): void {
+    if (this.timer !== undefined) clearTimeout(this.timer);
+    this.timer = undefined;
+    for (const p of this.peers) p.client.close();
+  }
+
+  private async pullAll(p: Peer, deadline: number): Promise<number> {
+    let applied = 0;
+    for (;;) {
+      const res = await new Promise<{ batches: PulledBatch[]; lastSeq: number }>((resolve, reject) => {
+        (p.client as unknown as Record<string, Function>)['PutsSince']!.call(
+          p.client,
+          { afterSeq: p.cursor, maxBatches: PULL_BATCHES },
+          { deadline: new Date(deadline) },
+          (err: grpc.ServiceError | null, r: { batches: PulledBatch[]; lastSeq: number }) => (err ? reject(err) : resolve(r)),
+        );
+      });
+      // A peer whose log restarted below our cursor (its disk was replaced) is read again from the start.
+      if (res.lastSeq < p.cursor) {
+        p.cursor = 0;
+        continue;
+      }
+      for (const b of res.batches) {
+        if (!this.shard.hasPut(b.order, b.writer)) {
+          try {
+            const lag = Math.max(0, Date.now() - Math.floor(b.order / ORDER_SCALE));
+            await this.shard.put(b.table, keysFromBytes(b.keys), floatsFromBytes(b.values), b.order, b.writer, lag);
+            applied++;
+          } catch (err) {
+            // A batch this replica cannot apply (a table it does not hold, a superseded dim) is skipped.
+            if (!(err instanceof KvError)) throw err;
+            this.log.warn({ peer: p.address, seq: b.seq, table: b.table, err: err.message }, 'skipped a put batch from a peer');
+          }
+        }
+        p.cursor = b.seq;
+      }
+      if (res.batches.length < PULL_BATCHES) return applied;
+    }
+  }
+}

@@ -1,0 +1,344 @@
+import * as grpc from '@grpc/grpc-js';
+import { KvError, KvErrorCode, fromGrpcError } from '../common/errors.js';
+import { EMBKV_CLIENT_SERVICE, type LookupRequest, type LookupResponse } from '../common/wire.js';
+import type { ReplicaConn } from './connections.js';
+import type { ResolvedReplicaPolicy } from './policy.js';
+import { ReplicaTracker } from './replica-health.js';
+import { LatencyWindow, latencyOf, type GroupStats } from './stats.js';
+import { HedgeThrottle } from './throttle.js';
+
+/** gRPC statuses after which the same sub-request goes to another replica of the group at once. */
+const RETRYABLE = new Set<number>([grpc.status.UNAVAILABLE, grpc.status.UNKNOWN, grpc.status.INTERNAL, grpc.status.RESOURCE_EXHAUSTED]);
+/** Of those, the ones that say the replica (not the request) is in trouble: it is marked down. */
+const MARKS_DOWN = new Set<number>([grpc.status.UNAVAILABLE]);
+
+const LATENCY_WINDOW = 1024;
+/** Adaptive hedge delay: a window per power of two of keys, re-read every few samples. */
+const DELAY_WINDOW = 128;
+const DELAY_MIN_SAMPLES = 16;
+const DELAY_REFRESH_EVERY = 8;
+const SIZE_CLASSES = 33;
+
+const LOOKUP = EMBKV_CLIENT_SERVICE.lookup;
+
+/** The recent attempt latencies of one request size class of one group, and the delay they give. */
+class DelayEstimate {
+  readonly window = new LatencyWindow(DELAY_WINDOW);
+  private sinceRefresh = 0;
+  delayMs = NaN;
+
+  add(ms: number): void {
+    this.window.add(ms);
+    this.sinceRefresh++;
+  }
+
+  /** The percentile, recomputed every DELAY_REFRESH_EVERY samples; NaN until DELAY_MIN_SAMPLES. */
+  read(percentile: number): number {
+    if (this.window.count < DELAY_MIN_SAMPLES) return NaN;
+    if (Number.isNaN(this.delayMs) || this.sinceRefresh >= DELAY_REFRESH_EVERY) {
+      this.delayMs = this.window.percentiles([percentile])[0]!;
+      this.sinceRefresh = 0;
+    }
+    return this.delayMs;
+  }
+}
+
+/**
+ * Everything one shard group's sub-requests share: the replicas' trackers, the hedge budget, the
+ * adaptive delay and the counters. Each sub-request is a GroupCall.
+ */
+export class GroupCaller {
+  readonly replicas: ReplicaTracker[];
+  readonly throttle: HedgeThrottle;
+  readonly latency = new LatencyWindow(LATENCY_WINDOW);
+  private readonly delays: (DelayEstimate | undefined)[] = new Array<DelayEstimate | undefined>(SIZE_CLASSES);
+  private rr = 0;
+  requests = 0;
+  hedgesSent = 0;
+  hedgesWon = 0;
+  hedgesThrottled = 0;
+  retries = 0;
+  failures = 0;
+  lastDelayMs = NaN;
+
+  constructor(readonly group: number, conns: readonly ReplicaConn[], readonly policy: ResolvedReplicaPolicy) {
+    this.replicas = conns.map((c) => new ReplicaTracker(c, policy.healthProbeIntervalMs));
+    this.throttle = new HedgeThrottle(policy.hedgeMaxTokens, policy.hedgeTokenRatio);
+    // Start each group's round-robin at a different replica so replica 0 is not everyone's first.
+    this.rr = group;
+  }
+
+  /** One sub-request: resolves with the first answer, rejects with a KvError naming the group. */
+  call(sub: LookupRequest, keys: number, deadline: number, signal: AbortSignal, metadata: grpc.Metadata | undefined): Promise<LookupResponse> {
+    this.requests++;
+    return new GroupCall(this, sub, keys, deadline, signal, metadata).promise;
+  }
+
+  close(): void {
+    for (const r of this.replicas) r.close();
+  }
+
+  /**
+   * The replica for the next attempt, among those not `tried`: first the healthy ones not passed over,
+   * then healthy ones passed over, then (only when `allowDown`) the ones marked down, so a group whose
+   * replicas all failed is still tried, once each, and fails fast. Within a tier the fewest attempts in
+   * flight wins, ties going round-robin. -1: none left.
+   */
+  pick(tried: Uint8Array, allowDown: boolean, first: boolean, now: number): number {
+    const n = this.replicas.length;
+    const start = first ? this.rr++ % n : this.rr % n;
+    let best = -1;
+    let bestTier = 3;
+    let bestOut = Infinity;
+    for (let k = 0; k < n; k++) {
+      const i = (start + k) % n;
+      if (tried[i] === 1) continue;
+      const r = this.replicas[i]!;
+      const tier = r.health === 'down' ? 2 : r.avoidUntil > now ? 1 : 0;
+      if (tier === 2 && !allowDown) continue;
+      if (tier < bestTier || (tier === bestTier && r.outstanding < bestOut)) {
+        best = i;
+        bestTier = tier;
+        bestOut = r.outstanding;
+      }
+    }
+    return best;
+  }
+
+  /** The hedge delay for a sub-request of `keys` keys: fixed, or the group's recent percentile for that size. */
+  hedgeDelay(keys: number): number {
+    const p = this.policy;
+    if (p.hedgeDelayMs !== undefined) return p.hedgeDelayMs;
+    const est = this.delays[sizeClass(keys)];
+    const v = est === undefined ? NaN : est.read(p.hedgePercentile);
+    const d = Number.isNaN(v) ? p.hedgeMaxDelayMs : Math.min(p.hedgeMaxDelayMs, Math.max(p.hedgeMinDelayMs, Math.ceil(v)));
+    this.lastDelayMs = d;
+    return d;
+  }
+
+  /** An answered sub-request: `attemptMs` of the attempt that won, `totalMs` since the sub-request began. */
+  onAnswer(keys: number, attemptMs: number, totalMs: number): void {
+    const c = sizeClass(keys);
+    (this.delays[c] ??= new DelayEstimate()).add(attemptMs);
+    this.latency.add(totalMs);
+    this.throttle.onAnswer();
+  }
+
+  snapshot(now: number): GroupStats {
+    return {
+      group: this.group,
+      requests: this.requests,
+      hedgesSent: this.hedgesSent,
+      hedgesWon: this.hedgesWon,
+      hedgesThrottled: this.hedgesThrottled,
+      retries: this.retries,
+      failures: this.failures,
+      latencyMs: latencyOf(this.latency),
+      hedgeDelayMs: this.policy.hedgeDelayMs ?? this.lastDelayMs,
+      hedgeTokens: this.throttle.level,
+      replicas: this.replicas.map((r) => r.snapshot(now)),
+    };
+  }
+}
+
+/** Requests of 2^(c-1) .. 2^c - 1 keys share size class c. */
+const sizeClass = (keys: number): number => Math.min(SIZE_CLASSES - 1, 32 - Math.clz32(keys));
+
+/** One attempt of a sub-request on one replica. */
+interface Attempt {
+  replica: number;
+  started: number;
+  hedge: boolean;
+  call: grpc.ClientUnaryCall | undefined;
+  done: boolean;
+}
+
+/**
+ *   waiting ──hedge delay, a token, another healthy replica──▶ hedged
+ *      │  ╲                                                    │
+ *      │   ╲ an attempt fails (UNAVAILABLE...): another replica at once, same state
+ *      ▼                                                       ▼
+ *   committed (first answer: the others are cancelled)   failed (no replica left, deadline, abort,
+ *                                                          or an answer that another replica would repeat)
+ */
+type GroupCallState = 'waiting' | 'hedged' | 'committed' | 'failed';
+
+/** One group's sub-request, modelled on grpc-js's RetryingCall (hedging policy). */
+class GroupCall {
+  readonly promise: Promise<LookupResponse>;
+  private state: GroupCallState = 'waiting';
+  private readonly attempts: Attempt[] = [];
+  private readonly tried: Uint8Array;
+  private readonly started = Date.now();
+  private hedgeTimer: NodeJS.Timeout | undefined;
+  private readonly errors: string[] = [];
+  private resolve!: (r: LookupResponse) => void;
+  private reject!: (e: KvError) => void;
+
+  constructor(
+    private readonly caller: GroupCaller,
+    private readonly sub: LookupRequest,
+    private readonly keys: number,
+    private readonly deadline: number,
+    private readonly signal: AbortSignal,
+    private readonly metadata: grpc.Metadata | undefined,
+  ) {
+    this.promise = new Promise<LookupResponse>((resolve, reject) => {
+      this.resolve = resolve;
+      this.reject = reject;
+    });
+    this.tried = new Uint8Array(caller.replicas.length);
+    this.onHedgeTimer = this.onHedgeTimer.bind(this);
+    this.onAbort = this.onAbort.bind(this);
+    if (signal.aborted) {
+      this.fail(new KvError(KvErrorCode.ABORTED, `group ${caller.group}: lookup aborted`), false);
+      return;
+    }
+    signal.addEventListener('abort', this.onAbort, { once: true });
+    const first = caller.pick(this.tried, true, true, this.started);
+    this.startAttempt(first, false);
+  }
+
+  private get inFlight(): number {
+    let n = 0;
+    for (const a of this.attempts) if (!a.done) n++;
+    return n;
+  }
+
+  private startAttempt(replica: number, hedge: boolean): void {
+    const tracker = this.caller.replicas[replica]!;
+    this.tried[replica] = 1;
+    tracker.attempts++;
+    tracker.outstanding++;
+    const a: Attempt = { replica, started: Date.now(), hedge, call: undefined, done: false };
+    this.attempts.push(a);
+    a.call = tracker.conn.lookup.makeUnaryRequest<LookupRequest, LookupResponse>(
+      LOOKUP.path,
+      LOOKUP.requestSerialize,
+      LOOKUP.responseDeserialize,
+      this.sub,
+      this.metadata === undefined ? new grpc.Metadata() : this.metadata.clone(),
+      // waitForReady stays false (the default): a call to a replica whose channel is in
+      // TRANSIENT_FAILURE fails at once instead of waiting for a connection.
+      { deadline: this.deadline },
+      (err, res) => this.onAttemptDone(a, err, res),
+    );
+    this.armHedge();
+  }
+
+  /** Arms the hedge timer when another healthy replica could take a backup attempt. */
+  private armHedge(): void {
+    const c = this.caller;
+    if (!c.policy.hedging || this.hedgeTimer !== undefined || (this.state !== 'waiting' && this.state !== 'hedged')) return;
+    const now = Date.now();
+    if (c.pick(this.tried, false, false, now) < 0) return;
+    const delay = c.hedgeDelay(this.keys);
+    // A hedge that could not answer before the deadline is only load.
+    if (now + delay >= this.deadline) return;
+    this.hedgeTimer = setTimeout(this.onHedgeTimer, delay);
+    this.hedgeTimer.unref();
+  }
+
+  private onHedgeTimer(): void {
+    this.hedgeTimer = undefined;
+    if (this.state !== 'waiting' && this.state !== 'hedged') return;
+    const c = this.caller;
+    const next = c.pick(this.tried, false, false, Date.now());
+    if (next < 0) return;
+    if (!c.throttle.canHedge()) {
+      c.hedgesThrottled++;
+      return;
+    }
+    c.throttle.onCost();
+    c.hedgesSent++;
+    this.state = 'hedged';
+    this.startAttempt(next, true);
+  }
+
+  private onAttemptDone(a: Attempt, err: grpc.ServiceError | null, res: LookupResponse | undefined): void {
+    if (a.done) return;
+    a.done = true;
+    const c = this.caller;
+    const tracker = c.replicas[a.replica]!;
+    tracker.outstanding--;
+    if (this.state === 'committed' || this.state === 'failed') return;
+    if (err === null) {
+      this.commit(a, res!);
+      return;
+    }
+    const conn = tracker.conn;
+    const now = Date.now();
+    if (err.code === grpc.status.DEADLINE_EXCEEDED || now >= this.deadline) {
+      this.fail(new KvError(KvErrorCode.DEADLINE_EXCEEDED,
+        `group ${c.group}: no answer within the deadline (${this.deadline - this.started} ms; last tried replica ${conn.replica} at ${conn.address})`,
+        { cause: err, detail: { group: c.group } }), true);
+      return;
+    }
+    const kv = fromGrpcError(err, `group ${c.group} replica ${conn.replica} (${conn.address})`);
+    tracker.onFailure(kv.message);
+    if (!RETRYABLE.has(err.code)) {
+      // The replica answered that the request is wrong (no such table, say): another would say the same.
+      this.fail(kv, true);
+      return;
+    }
+    c.throttle.onCost();
+    if (MARKS_DOWN.has(err.code)) tracker.markDown();
+    this.errors.push(kv.message);
+    // Retried at once on another replica, without a token: it replaces the failed attempt, it adds no load.
+    const next = c.pick(this.tried, true, false, now);
+    if (next >= 0) {
+      c.retries++;
+      this.startAttempt(next, false);
+      return;
+    }
+    if (this.inFlight === 0) {
+      this.fail(new KvError(KvErrorCode.UNAVAILABLE, `group ${c.group}: no replica could answer: ${this.errors.join('; ')}`,
+        { cause: kv, detail: { group: c.group } }), true);
+    }
+  }
+
+  private commit(winner: Attempt, res: LookupResponse): void {
+    this.state = 'committed';
+    this.finish();
+    const c = this.caller;
+    const now = Date.now();
+    const attemptMs = now - winner.started;
+    c.replicas[winner.replica]!.onAnswer(attemptMs);
+    c.onAnswer(this.keys, attemptMs, now - this.started);
+    if (winner.hedge) c.hedgesWon++;
+    for (const a of this.attempts) {
+      if (a.done) continue;
+      a.done = true;
+      const loser = c.replicas[a.replica]!;
+      loser.outstanding--;
+      // It held the sub-request longer than the winner took from a later start: stalled or slow.
+      if (a.started < winner.started) loser.avoid(now, now - a.started);
+      a.call?.cancel();
+    }
+    this.resolve(res);
+  }
+
+  private onAbort(): void {
+    if (this.state === 'committed' || this.state === 'failed') return;
+    this.fail(new KvError(KvErrorCode.ABORTED, `group ${this.caller.group}: lookup aborted`), false);
+  }
+
+  private fail(err: KvError, count: boolean): void {
+    this.state = 'failed';
+    this.finish();
+    if (count) this.caller.failures++;
+    for (const a of this.attempts) {
+      if (a.done) continue;
+      a.done = true;
+      this.caller.replicas[a.replica]!.outstanding--;
+      a.call?.cancel();
+    }
+    this.reject(err);
+  }
+
+  private finish(): void {
+    clearTimeout(this.hedgeTimer);
+    this.hedgeTimer = undefined;
+    this.signal.removeEventListener('abort', this.onAbort);
+  }
+}

@@ -1,0 +1,76 @@
+import * as grpc from '@grpc/grpc-js';
+import { KvError, KvErrorCode, fromGrpcError } from '../common/errors.js';
+import type { PackedKeys } from '../common/keys.js';
+import { controlCall, type ClusterConnections } from './connections.js';
+import { assignGroups, groupTable } from './partition.js';
+
+export interface PutRequest {
+  table: string;
+  keys: PackedKeys;
+  values: Float32Array;
+  dim: number;
+  /** Write order (client ms * 4096 + writer tag) and writer id: they name the batch on every replica. */
+  order: number;
+  writer: string;
+  /** Absolute deadline, ms since the epoch. */
+  deadline: number;
+}
+
+/** gRPC statuses after which a replica is taken to be down rather than to refuse the batch. */
+const DOWN = new Set<number>([grpc.status.UNAVAILABLE, grpc.status.DEADLINE_EXCEEDED, grpc.status.CANCELLED, grpc.status.UNKNOWN]);
+
+/**
+ * Sends a real-time batch to every replica of each owning group. A group acknowledges when at least
+ * one replica has logged the batch durably; a replica that missed it catches up from its peers. A
+ * refusal (bad input, unknown table) from any replica rejects the call.
+ */
+export async function putToGroups(conns: ClusterConnections, req: PutRequest): Promise<void> {
+  const { manifest } = conns;
+  const G = manifest.groups.length;
+  const n = req.keys.length / 2;
+  const groupOf = new Uint16Array(n);
+  const counts = new Uint32Array(G);
+  assignGroups(req.keys, n, manifest.partitions, groupTable(manifest.partitions, G), groupOf, counts);
+  const start = new Uint32Array(G + 1);
+  for (let g = 0; g < G; g++) start[g + 1] = start[g]! + counts[g]!;
+  const fill = start.slice(0, G);
+  const keys = new Uint32Array(2 * n);
+  const values = new Float32Array(n * req.dim);
+  for (let i = 0; i < n; i++) {
+    const at = fill[groupOf[i]!]!++;
+    keys[2 * at] = req.keys[2 * i]!;
+    keys[2 * at + 1] = req.keys[2 * i + 1]!;
+    values.set(req.values.subarray(i * req.dim, (i + 1) * req.dim), at * req.dim);
+  }
+  const groups: number[] = [];
+  for (let g = 0; g < G; g++) if (counts[g]! > 0) groups.push(g);
+  await Promise.all(
+    groups.map(async (g) => {
+      const body = {
+        table: req.table,
+        keys: Buffer.from(keys.buffer, start[g]! * 8, counts[g]! * 8),
+        values: Buffer.from(values.buffer, start[g]! * req.dim * 4, counts[g]! * req.dim * 4),
+        order: req.order,
+        writer: req.writer,
+      };
+      const replicas = conns.groups[g]!;
+      const results = await Promise.allSettled(replicas.map((c) => controlCall(c, 'Put', body, Math.max(1, req.deadline - Date.now()))));
+      let ok = 0;
+      let down: KvError | undefined;
+      for (let r = 0; r < results.length; r++) {
+        const res = results[r]!;
+        if (res.status === 'fulfilled') {
+          ok++;
+          continue;
+        }
+        const se = res.reason as grpc.ServiceError;
+        const err = fromGrpcError(se, `group ${g} replica ${r} (${replicas[r]!.address})`);
+        if (!DOWN.has(se.code)) throw err;
+        down = err;
+      }
+      if (ok === 0) {
+        throw new KvError(KvErrorCode.UNAVAILABLE, `group ${g}: no replica took the put (${replicas.map((c) => c.address).join(', ')}): ${down?.message ?? ''}`, { cause: down });
+      }
+    }),
+  );
+}

@@ -1,0 +1,274 @@
+import assert from 'node:assert/strict';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import * as grpc from '@grpc/grpc-js';
+import { EmbeddingClient, KvError } from '../src/index.js';
+import { writeNpy } from '../src/loader/npy-write.js';
+import { CHANNEL_OPTIONS, EmbkvClient, type LookupResponse } from '../src/common/wire.js';
+import { TestCluster } from './helpers/cluster.js';
+import { expected, makeModel, sameBits, scramble, writeModelPart, type Model } from './helpers/model.js';
+
+const DIM = 8;
+const N = 20_000;
+
+/** A Lookup sent to one replica, bypassing the SDK, to see what that replica itself serves. */
+function lookupAt(address: string, table: string, keys: BigUint64Array, version = 0): Promise<LookupResponse> {
+  const c = new EmbkvClient(address, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
+  return new Promise<LookupResponse>((resolve, reject) => {
+    (c as unknown as { lookup: Function }).lookup(
+      { table, version, keys: new Uint8Array(keys.buffer, keys.byteOffset, keys.byteLength) },
+      { deadline: new Date(Date.now() + 10_000) },
+      (err: Error | null, r: LookupResponse) => {
+        c.close();
+        if (err) reject(err);
+        else resolve(r);
+      },
+    );
+  });
+}
+
+/** Asserts every replica of the cluster serves `m` (plus puts folded into m) for `keys` of its own group. */
+async function assertEveryReplica(cluster: TestCluster, m: Model, keys: BigUint64Array): Promise<void> {
+  const want = expected(m, keys);
+  for (const g of cluster.manifest.groups) {
+    for (const address of g.replicas) {
+      const r = await lookupAt(address, 'emb', keys);
+      // A replica answers only its own partitions; compare the keys it holds.
+      for (let i = 0; i < keys.length; i++) {
+        if (r.found[i] === 0) continue;
+        assert.equal(want.found[i], 1, `${address} serves key ${keys[i]} that should be absent`);
+        assert.ok(sameBits(r.values.subarray(i * DIM, (i + 1) * DIM), want.values.subarray(i * DIM, (i + 1) * DIM)), `${address} key ${keys[i]}`);
+      }
+    }
+  }
+  // And between them, the replicas of each group hold every key that should be present.
+  const seen = new Uint8Array(keys.length);
+  for (const g of cluster.manifest.groups) {
+    const r = await lookupAt(g.replicas[0]!, 'emb', keys);
+    r.found.forEach((f, i) => (seen[i] ||= f));
+  }
+  assert.deepEqual(seen, want.found);
+}
+
+describe('versions, deltas and real-time puts on 2 groups x 2 replica processes', () => {
+  let cluster: TestCluster;
+  let client: EmbeddingClient;
+  let dumps: string;
+  const v1 = makeModel(N, DIM, 5, 1);
+  const v2 = makeModel(N, DIM, 5, 2); // the same keys, marker 2
+
+  before(async () => {
+    cluster = await TestCluster.start(2, 2, { partitions: 32, keepVersions: 2 });
+    client = new EmbeddingClient({ config: cluster.configPath });
+    dumps = join(cluster.dir, 'dumps');
+    mkdirSync(dumps);
+    await writeModelPart(join(dumps, 'v1'), v1, 0, N);
+    await writeModelPart(join(dumps, 'v2'), v2, 0, N);
+    const r = await cluster.kvctl(['load', '--table', 'emb', '--version', '1', '--full', join(dumps, 'v1'), '--publish']);
+    assert.equal(r.code, 0, r.stderr);
+  });
+
+  after(async () => {
+    await client?.close();
+    await cluster?.close();
+  });
+
+  test('readers never see mixed versions through a load, publish, rollback and publish again', async () => {
+    let stop = false;
+    let reads = 0;
+    let mixed = 0;
+    const errors: unknown[] = [];
+    const versions = new Set<number>();
+    const reader = async (): Promise<void> => {
+      const req = new BigUint64Array(2000);
+      while (!stop) {
+        for (let i = 0; i < req.length; i++) req[i] = v1.keys[Math.floor(Math.random() * N)]!;
+        try {
+          const r = await client.getEmbeddings(req, { table: 'emb' });
+          reads++;
+          versions.add(r.version);
+          for (let i = 0; i < req.length; i++) if (r.found[i] !== 1 || r.values[i * DIM] !== r.version) mixed++;
+        } catch (err) {
+          errors.push(err);
+        }
+      }
+    };
+    const readers = [reader(), reader()];
+    const step = async (args: string[]): Promise<void> => {
+      const r = await cluster.kvctl(args);
+      assert.equal(r.code, 0, `${args.join(' ')}: ${r.stderr}`);
+      await new Promise((res) => setTimeout(res, 200));
+    };
+    await step(['load', '--table', 'emb', '--version', '2', '--full', join(dumps, 'v2')]);
+    await step(['publish', '--table', 'emb', '--version', '2']);
+    await step(['rollback', '--table', 'emb', '--version', '1']);
+    await step(['publish', '--table', 'emb', '--version', '2']);
+    stop = true;
+    await Promise.all(readers);
+    assert.deepEqual(errors, []);
+    assert.equal(mixed, 0);
+    assert.ok(reads > 8, `only ${reads} reads`);
+    assert.deepEqual([...versions].sort(), [1, 2]);
+  });
+
+  test('a delta of upserts and deletes becomes a new version, bit-exact, and refusals change nothing', async () => {
+    const dir = join(dumps, 'd3');
+    mkdirSync(dir);
+    // 300 changed keys, 200 new keys, 100 deletes.
+    const upKeys = new BigUint64Array(500);
+    const upVals = new Float32Array(500 * DIM);
+    for (let i = 0; i < 500; i++) {
+      upKeys[i] = i < 300 ? v2.keys[i]! : scramble(BigInt(i) + (1n << 61n));
+      for (let j = 0; j < DIM; j++) upVals[i * DIM + j] = j === 0 ? 3 : i * 10 + j;
+    }
+    const delKeys = v2.keys.slice(1000, 1100);
+    await writeNpy(join(dir, 'd.keys.npy'), '<u8', [500], upKeys);
+    await writeNpy(join(dir, 'd.values.npy'), '<f4', [500, DIM], upVals);
+    await writeNpy(join(dir, 'd.deletes.npy'), '<u8', [100], delKeys);
+
+    // Refused first: a key both upserted and deleted, and a wrong dim.
+    const bad = join(dumps, 'bad-delta');
+    mkdirSync(bad);
+    writeFileSync(join(bad, 'x.txt'), `${v2.keys[5]}\t${Array(DIM).fill(1).join(',')}\n${v2.keys[5]}\n`);
+    const r1 = await cluster.kvctl(['load', '--table', 'emb', '--version', '3', '--incremental', bad]);
+    assert.equal(r1.code, 1);
+    assert.match(r1.stderr, /x\.txt: line 2: key \d+ is repeated within this delta/);
+    const bad2 = join(dumps, 'bad-delta-dim');
+    mkdirSync(bad2);
+    writeFileSync(join(bad2, 'x.txt'), `${v2.keys[5]}\t1,2,3\n`);
+    const r2 = await cluster.kvctl(['load', '--table', 'emb', '--version', '3', '--incremental', bad2]);
+    assert.equal(r2.code, 1);
+    assert.match(r2.stderr, /dim/);
+
+    const ok = await cluster.kvctl(['load', '--table', 'emb', '--version', '3', '--incremental', dir]);
+    assert.equal(ok.code, 0, ok.stderr);
+    assert.match(ok.stdout, /a delta on v2: 500 upserts and 100 deletes/);
+
+    const v3 = applyDelta(v2, upKeys, upVals, delKeys);
+    const probe = new BigUint64Array([...upKeys, ...delKeys, ...v2.keys.slice(2000, 4000)]);
+    const res = await client.getEmbeddings(probe, { table: 'emb' });
+    assert.equal(res.version, 3);
+    const want = expected(v3, probe);
+    assert.deepEqual(res.found, want.found);
+    assert.ok(sameBits(res.values, want.values));
+    // v2 is kept and unchanged underneath.
+    const old = await client.getEmbeddings(probe, { table: 'emb', version: 2 });
+    assert.ok(sameBits(old.values, expected(v2, probe).values));
+    // keepVersions 2: v1 is gone, from memory and disk.
+    const st = await cluster.kvctl(['status', '--json']);
+    const reps = JSON.parse(st.stdout) as { status: { tables: { currentVersion: number; versions: { version: number; baseVersion: number }[] }[] } }[];
+    for (const rep of reps) {
+      assert.equal(rep.status.tables[0]!.currentVersion, 3);
+      assert.deepEqual(rep.status.tables[0]!.versions.map((v) => `${v.version}<${v.baseVersion}`), ['2<0', '3<2']);
+    }
+    const back = await cluster.kvctl(['rollback', '--table', 'emb', '--version', '1']);
+    assert.equal(back.code, 1);
+    state.v3 = v3;
+  });
+
+  const state: { v3?: Model; withPuts?: Model } = {};
+
+  test('2,000 real-time puts are visible on every replica within a second', async () => {
+    const v3 = state.v3!;
+    const keys = new BigUint64Array(2000);
+    const values = new Float32Array(2000 * DIM);
+    for (let i = 0; i < 2000; i++) {
+      keys[i] = i % 2 === 0 ? v3.keys[i]! : scramble(BigInt(i) + (1n << 60n));
+      for (let j = 0; j < DIM; j++) values[i * DIM + j] = -(i * 100 + j);
+    }
+    for (let b = 0; b < 20; b++) {
+      await client.putEmbeddings(keys.slice(b * 100, (b + 1) * 100), values.slice(b * 100 * DIM, (b + 1) * 100 * DIM), { table: 'emb' });
+    }
+    const acked = Date.now();
+    const m = foldPuts(v3, keys, values);
+    // Every replica, read directly, within a second of the last acknowledgement.
+    let lastErr: unknown;
+    for (;;) {
+      try {
+        await assertEveryReplica(cluster, m, keys);
+        break;
+      } catch (err) {
+        lastErr = err;
+        if (Date.now() - acked > 1000) throw lastErr;
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    }
+    state.withPuts = m;
+
+    const code = async (p: Promise<unknown>): Promise<string> => p.then(() => 'resolved', (e: KvError) => e.code);
+    assert.equal(await code(client.putEmbeddings([1n], new Float32Array(DIM + 1), { table: 'emb' })), 'KV_INVALID_ARGUMENT');
+    assert.equal(await code(client.putEmbeddings([1n], new Float32Array(DIM).fill(NaN), { table: 'emb' })), 'KV_INVALID_ARGUMENT');
+    assert.equal(await code(client.putEmbeddings(new BigUint64Array(70_000), new Float32Array(70_000 * DIM), { table: 'emb' })), 'KV_INVALID_ARGUMENT');
+    assert.equal(await code(client.putEmbeddings([1n], new Float32Array(DIM), { table: 'nope' })), 'KV_TABLE_NOT_FOUND');
+  });
+
+  test('a replica that was down catches up on the puts it missed before it serves', async () => {
+    await cluster.stopReplica(0, 1, 'SIGKILL');
+    const keys = new BigUint64Array(400);
+    const values = new Float32Array(400 * DIM);
+    for (let i = 0; i < 400; i++) {
+      keys[i] = scramble(BigInt(i) + (1n << 59n));
+      values.fill(i + 0.5, i * DIM, (i + 1) * DIM);
+    }
+    await client.putEmbeddings(keys, values, { table: 'emb' });
+    state.withPuts = foldPuts(state.withPuts!, keys, values);
+    cluster.startReplica(0, 1);
+    await cluster.waitReady();
+    const r = await lookupAt(cluster.manifest.groups[0]!.replicas[1]!, 'emb', keys);
+    const held = r.found.reduce((a, f) => a + f, 0);
+    assert.ok(held > 100, `group 0 should own a good share of the keys, got ${held}`);
+    const want = expected(state.withPuts, keys);
+    for (let i = 0; i < keys.length; i++) {
+      if (r.found[i]) assert.ok(sameBits(r.values.subarray(i * DIM, (i + 1) * DIM), want.values.subarray(i * DIM, (i + 1) * DIM)));
+    }
+  });
+
+  test('after kill -9 of one replica of every group, puts and the delta are served exactly', async () => {
+    for (let g = 0; g < 2; g++) await cluster.stopReplica(g, 0, 'SIGKILL');
+    for (let g = 0; g < 2; g++) cluster.startReplica(g, 0);
+    await cluster.waitReady();
+    const m = state.withPuts!;
+    const probe = m.keys.slice(0, 6000);
+    await assertEveryReplica(cluster, m, probe);
+  });
+
+  test('a replica killed during a load: the load fails clearly and the last published version serves', async () => {
+    const big = makeModel(200_000, DIM, 9, 4);
+    await writeModelPart(join(dumps, 'v4'), big, 0, big.keys.length);
+    const load = cluster.kvctl(['load', '--table', 'emb', '--version', '4', '--full', join(dumps, 'v4'), '--publish']);
+    await new Promise((r) => setTimeout(r, 400));
+    await cluster.stopReplica(1, 1, 'SIGKILL');
+    const r = await load;
+    assert.equal(r.code, 1, `the load should fail: ${r.stdout}`);
+    assert.match(r.stderr, /group 1 replica 1/);
+    cluster.startReplica(1, 1);
+    await cluster.waitReady();
+    const st = await cluster.kvctl(['status', '--json']);
+    for (const rep of JSON.parse(st.stdout) as { status: { tables: { currentVersion: number; versions: { state: string }[] }[] } }[]) {
+      assert.equal(rep.status.tables[0]!.currentVersion, 3);
+      assert.ok(rep.status.tables[0]!.versions.every((v) => v.state === 'sealed'), 'no write version left behind');
+    }
+    await assertEveryReplica(cluster, state.withPuts!, state.withPuts!.keys.slice(0, 3000));
+  });
+});
+
+function applyDelta(m: Model, upKeys: BigUint64Array, upVals: Float32Array, delKeys: BigUint64Array): Model {
+  const rows = new Map<bigint, Float32Array>();
+  m.keys.forEach((k, i) => rows.set(k, m.values.subarray(i * m.dim, (i + 1) * m.dim)));
+  upKeys.forEach((k, i) => rows.set(k, upVals.subarray(i * m.dim, (i + 1) * m.dim)));
+  delKeys.forEach((k) => rows.delete(k));
+  const keys = new BigUint64Array(rows.size);
+  const values = new Float32Array(rows.size * m.dim);
+  let i = 0;
+  for (const [k, v] of rows) {
+    keys[i] = k;
+    values.set(v, i * m.dim);
+    i++;
+  }
+  return { keys, values, dim: m.dim };
+}
+
+function foldPuts(m: Model, keys: BigUint64Array, values: Float32Array): Model {
+  return applyDelta(m, keys, values, new BigUint64Array(0));
+}
