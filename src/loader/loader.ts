@@ -246,7 +246,13 @@ async function streamRows(plan: DumpPlan, conns: ClusterConnections, ctx: Stream
       const at = b.n;
       b.keys[2 * at] = chunk.keys[2 * i]!;
       b.keys[2 * at + 1] = chunk.keys[2 * i + 1]!;
-      b.values.set(chunk.values.subarray(i * dim, i * dim + dim), at * dim);
+      // A plain loop: set(subarray()) would allocate a view per row.
+      const bv = b.values;
+      const cv = chunk.values;
+      let src = i * dim;
+      let dst = at * dim;
+      const stop = src + dim;
+      while (src < stop) bv[dst++] = cv[src++]!;
       b.file[at] = chunk.file;
       b.row[at] = chunk.rowNumbers ? chunk.rowNumbers[i]! : chunk.firstRow + i;
       b.n = at + 1;

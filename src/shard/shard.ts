@@ -16,6 +16,8 @@ export const MAX_PUT_KEYS = 65_536;
 export const DEFAULT_MAX_REALTIME_BYTES = 512 * 1024 * 1024;
 /** A write version that receives nothing for this long may be replaced by another load. */
 export const DEFAULT_LOAD_IDLE_MS = 60_000;
+/** Disk writes of one load in flight before a batch waits for the oldest. */
+const MAX_PENDING_WRITES = 8;
 /** Write orders are client milliseconds * ORDER_SCALE + a writer tag. */
 export const ORDER_SCALE = 4096;
 
@@ -298,16 +300,19 @@ export class Shard {
     const writes: Promise<void>[] = [];
     if (n > 0) writes.push(this.store.appendBlock(table, version, w.meta.blocks++, keys, values, n, dim));
     if (nd > 0) writes.push(this.store.appendBlock(table, version, w.meta.blocks++, deletes, new Float32Array(0), nd, 0));
-    const write = Promise.all(writes).then(() => undefined);
+    // The batch is answered once it is in memory and its disk write is under way: the load is only
+    // acknowledged by loadSeal, which waits for every write. A bounded number of writes in flight
+    // keeps the loader from outrunning the disk.
+    const write: Promise<void> = Promise.all(writes).then(
+      () => void w.pending.delete(write),
+      (err: unknown) => {
+        w.pending.delete(write);
+        w.failed ??= new KvError(KvErrorCode.INTERNAL, `writing to disk failed: ${(err as Error).message}`, { cause: err });
+      },
+    );
     w.pending.add(write);
-    try {
-      await write;
-    } catch (err) {
-      w.failed = new KvError(KvErrorCode.INTERNAL, `writing to disk failed: ${(err as Error).message}`, { cause: err });
-      throw w.failed;
-    } finally {
-      w.pending.delete(write);
-    }
+    while (w.pending.size > MAX_PENDING_WRITES) await Promise.race(w.pending);
+    if (w.failed !== undefined) throw w.failed;
     return w.ops;
   }
 
@@ -317,6 +322,7 @@ export class Shard {
       const w = this.writeVersion(table, version, loadId);
       if (w.failed !== undefined) throw w.failed;
       await Promise.all(w.pending);
+      if (w.failed !== undefined) throw w.failed;
       if (w.ops !== expectedOps) {
         throw new KvError(KvErrorCode.INVALID_DATA, `table ${table} v${version}: this replica received ${w.ops} rows, the loader sent ${expectedOps}`);
       }

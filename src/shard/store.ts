@@ -53,7 +53,8 @@ export class ShardStore {
   private readonly db: ClassicLevel<string, Uint8Array>;
 
   constructor(readonly dir: string) {
-    this.db = new ClassicLevel<string, Uint8Array>(dir, { keyEncoding: 'utf8', valueEncoding: 'view' });
+    // Vectors do not compress: Snappy would only spend CPU on them.
+    this.db = new ClassicLevel<string, Uint8Array>(dir, { keyEncoding: 'utf8', valueEncoding: 'view', compression: false });
   }
 
   async open(): Promise<void> {

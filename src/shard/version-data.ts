@@ -133,7 +133,12 @@ export class VersionData {
       slots[3 * s + 2] = row + 1;
       const slabIdx = row >>> SLAB_SHIFT;
       if (slabIdx === this.slabs.length) this.slabs.push(new Float32Array(SLAB_ROWS * dim));
-      this.slabs[slabIdx]!.set(values.subarray(i * dim, i * dim + dim), (row & SLAB_MASK) * dim);
+      // A plain loop: set(subarray()) would allocate a view per row.
+      const slab = this.slabs[slabIdx]!;
+      let src = i * dim;
+      let dst = (row & SLAB_MASK) * dim;
+      const stop = src + dim;
+      while (src < stop) slab[dst++] = values[src++]!;
       if (!existed) this.count++;
     }
     return -1;
