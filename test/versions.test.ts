@@ -195,6 +195,10 @@ describe('versions, deltas and real-time puts on 2 groups x 2 replica processes'
       }
     }
     state.withPuts = m;
+    const st = await cluster.kvctl(['status']);
+    assert.equal(st.code, 0, st.stderr);
+    assert.match(st.stdout, /v3\* [\d,]+ keys dim 8 .* delta on v2 \+\d+ -\d+/);
+    assert.match(st.stdout, /real-time: [\d,]+ keys from 20 batches, last put \d+ s ago/);
 
     const code = async (p: Promise<unknown>): Promise<string> => p.then(() => 'resolved', (e: KvError) => e.code);
     assert.equal(await code(client.putEmbeddings([1n], new Float32Array(DIM + 1), { table: 'emb' })), 'KV_INVALID_ARGUMENT');

@@ -59,10 +59,16 @@ export function formatStatus(all: { conn: ReplicaConn; status?: ReplicaStatus; e
     const st = s.status;
     lines.push(`${head}  UP ${Math.round(st.uptimeMs / 1000)} s  rss ${formatBytes(st.rssBytes)}  heap ${formatBytes(st.heapUsedBytes)}`);
     for (const t of st.tables) {
-      const versions = t.versions
-        .map((v) => `v${v.version}${v.version === t.currentVersion ? '*' : ''} ${v.state} ${num(v.keys)} keys dim ${v.dim} ${formatBytes(v.bytes)}`)
-        .join('; ');
-      lines.push(`    ${t.name}  current v${t.currentVersion}  [${versions}]`);
+      const versions = t.versions.map((v) => {
+        const what = v.state === 'loading' ? `loading, ${num(v.keys)} rows so far` : `${num(v.keys)} keys`;
+        const delta = v.baseVersion ? ` delta on v${v.baseVersion} +${num(v.deltaUpserts)} -${num(v.deltaDeletes)}` : '';
+        return `v${v.version}${v.version === t.currentVersion ? '*' : ''} ${what} dim ${v.dim} ${formatBytes(v.bytes)}${delta}`;
+      });
+      lines.push(`    ${t.name}  current v${t.currentVersion}  [${versions.join('; ')}]`);
+      if (t.realtimeBatches > 0) {
+        const age = Math.max(0, Math.round((Date.now() - t.lastPutAtMs) / 1000));
+        lines.push(`      real-time: ${num(t.realtimeKeys)} keys from ${num(t.realtimeBatches)} batches, last put ${age} s ago, catch-up lag ${num(t.realtimeLagMs)} ms`);
+      }
     }
   }
   return lines.join('\n') + '\n';

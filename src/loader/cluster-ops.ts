@@ -15,7 +15,14 @@ export interface ReplicaStatus {
   tables: {
     name: string;
     currentVersion: number;
-    versions: { version: number; dim: number; keys: number; state: string; bytes: number }[];
+    versions: {
+      version: number; dim: number; keys: number; state: string; bytes: number;
+      baseVersion: number; deltaUpserts: number; deltaDeletes: number; createdAtMs: number;
+    }[];
+    realtimeKeys: number;
+    realtimeBatches: number;
+    lastPutAtMs: number;
+    realtimeLagMs: number;
   }[];
 }
 
