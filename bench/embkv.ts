@@ -1,0 +1,175 @@
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { waitForCluster } from '../src/cli/demo.js';
+import { Supervisor } from '../src/cli/supervisor.js';
+import { EmbeddingClientImpl } from '../src/client/client.js';
+import type { EmbeddingsResult } from '../src/client/client.js';
+import type { Manifest } from '../src/common/manifest.js';
+import { statusAll } from '../src/loader/cluster-ops.js';
+import { runLoad } from '../src/loader/loader.js';
+import { ClusterConnections } from '../src/router/connections.js';
+import { timeRequests, type RequestFigures } from './measure.js';
+import { fillRequest, requestBuffer, verifyAnswer, type Model } from './model.js';
+import { freePorts, type Resources } from './resources.js';
+import { Staller, type StallReport } from './stall.js';
+
+export const TABLE = 'bench_emb';
+
+export interface EmbkvConfig {
+  groups: number;
+  replicas: number;
+  requests: number;
+  warmup: number;
+  batch: number;
+  absent: number;
+  /** --stall: time the requests again while replica 0 of every group is frozen now and then. */
+  stall?: boolean;
+}
+
+/** The same requests, timed while replica 0 of every group is frozen now and then (--stall). */
+export interface StalledFigures extends RequestFigures, StallReport {
+  hedgesSent: number;
+  hedgesWon: number;
+  hedgesThrottled: number;
+  retries: number;
+}
+
+export interface EmbkvFigures extends RequestFigures {
+  loadMs: number;
+  loadKeysPerSec: number;
+  /** Sums over every replica. */
+  rssBytes: number;
+  versionBytes: number;
+  /** Per stored copy of a key: sums divided by keys * replicas. */
+  rssBytesPerKey: number;
+  versionBytesPerKey: number;
+  stalled?: StalledFigures | undefined;
+}
+
+const say = (line: string): void => void process.stderr.write(`${line}\n`);
+
+/**
+ * One configuration against a fresh local cluster of `kvctl serve` processes: start, load and
+ * publish the model from its NumPy files, time the requests, read memory from Status, stop.
+ */
+export async function runEmbkv(cfg: EmbkvConfig, model: Model, modelDir: string, res: Resources): Promise<EmbkvFigures> {
+  const dir = res.tempDir(`g${cfg.groups}r${cfg.replicas}`);
+  const ports = await freePorts(cfg.groups * cfg.replicas);
+  const manifest: Manifest = {
+    partitions: Math.max(64, cfg.groups),
+    keepVersions: 2,
+    groups: Array.from({ length: cfg.groups }, (_, g) => ({
+      replicas: Array.from({ length: cfg.replicas }, (_, r) => `127.0.0.1:${ports[g * cfg.replicas + r]}`),
+    })),
+  };
+  const configPath = join(dir, 'cluster.json');
+  writeFileSync(configPath, JSON.stringify(manifest, null, 2) + '\n');
+  const dataDir = join(dir, 'data');
+  // Any replica exit during a run spoils its figures: remember it and fail the run.
+  const exits: string[] = [];
+  const sup = new Supervisor({ manifest, configPath, dataDir, logs: 'files', report: (l) => exits.push(l) });
+  res.addSupervisor(sup);
+  const checkReplicas = (): void => {
+    if (exits.length === 0) return;
+    let tail = '';
+    const name = /replica (g\d+r\d+)/.exec(exits[0]!)?.[1];
+    if (name !== undefined) {
+      try {
+        tail = readFileSync(join(dataDir, `${name}.log`), 'utf8').split('\n').slice(-15).join('\n');
+      } catch {
+        // no log to show
+      }
+    }
+    throw new Error(`a replica exited during the benchmark: ${exits.join('; ')}${tail ? `\nlast lines of its log:\n${tail}` : ''}`);
+  };
+
+  let client: EmbeddingClientImpl | undefined;
+  try {
+    sup.start();
+    await waitForCluster(manifest, 60_000);
+    checkReplicas();
+    say(`  cluster up: ${cfg.groups} groups x ${cfg.replicas} replicas, ${manifest.partitions} partitions (logs in ${dataDir})`);
+
+    const load = await runLoad({ manifest, table: TABLE, version: 1, path: modelDir, publish: true });
+    if (load.rows !== model.n) throw new Error(`runLoad sent ${load.rows} rows, the model has ${model.n}`);
+    checkReplicas();
+    const loadKeysPerSec = model.n / (load.ms / 1000);
+    say(`  loaded and published ${model.n.toLocaleString('en-US')} keys in ${(load.ms / 1000).toFixed(2)} s: ${Math.round(loadKeysPerSec).toLocaleString('en-US')} keys/s`);
+
+    client = new EmbeddingClientImpl({ config: manifest, deadlineMs: 60_000 });
+    const req = requestBuffer(cfg.batch);
+    const c = client;
+    const figures = await timeRequests<EmbeddingsResult>({
+      warmup: cfg.warmup,
+      requests: cfg.requests,
+      prepare: (r) => fillRequest(req, model, r, cfg.absent),
+      call: () => c.getEmbeddings(req.keys, { table: TABLE }),
+      check: (a, r) => {
+        if (a.version !== 1) throw new Error(`embkv request ${r}: answered version ${a.version}, expected 1`);
+        return verifyAnswer(`embkv request ${r}`, a, req, model, r);
+      },
+    });
+    checkReplicas();
+
+    // --stall: the same requests again, replica 0 of every group frozen at random moments.
+    let stalled: StalledFigures | undefined;
+    if (cfg.stall) {
+      const pids = manifest.groups.map((_, g) => sup.pids()[`g${g}r0`]).filter((p): p is number => p !== undefined);
+      const before = c.stats();
+      const staller = new Staller(pids);
+      staller.start();
+      let fig: RequestFigures;
+      let report: StallReport;
+      try {
+        fig = await timeRequests<EmbeddingsResult>({
+          warmup: cfg.warmup,
+          requests: cfg.requests,
+          prepare: (r) => fillRequest(req, model, r, cfg.absent),
+          call: () => c.getEmbeddings(req.keys, { table: TABLE }),
+          check: (a, r) => verifyAnswer(`embkv stalled request ${r}`, a, req, model, r),
+        });
+      } finally {
+        report = await staller.stop();
+      }
+      const after = c.stats();
+      const delta = (f: (g: (typeof after.groups)[number]) => number): number =>
+        after.groups.reduce((s, g, i) => s + f(g) - f(before.groups[i]!), 0);
+      stalled = {
+        ...fig, ...report,
+        hedgesSent: delta((g) => g.hedgesSent), hedgesWon: delta((g) => g.hedgesWon), hedgesThrottled: delta((g) => g.hedgesThrottled), retries: delta((g) => g.retries),
+      };
+      checkReplicas();
+    }
+
+    // Memory while serving, after the requests: every replica's rss and the version's arrays.
+    const conns = new ClusterConnections(manifest);
+    let rssBytes = 0;
+    let versionBytes = 0;
+    try {
+      for (const s of await statusAll(conns, 10_000)) {
+        if (s.error || !s.status) throw new Error(`status of ${s.conn.address}: ${s.error?.message ?? 'no answer'}`);
+        rssBytes += Number(s.status.rssBytes);
+        const v = s.status.tables.find((t) => t.name === TABLE)?.versions.find((x) => Number(x.version) === 1);
+        if (v === undefined) throw new Error(`status of ${s.conn.address} lists no ${TABLE} v1`);
+        versionBytes += Number(v.bytes);
+      }
+    } finally {
+      conns.close();
+    }
+    const copies = model.n * cfg.replicas;
+    return {
+      ...figures,
+      loadMs: load.ms,
+      loadKeysPerSec,
+      rssBytes,
+      versionBytes,
+      rssBytesPerKey: rssBytes / copies,
+      versionBytesPerKey: versionBytes / copies,
+      stalled,
+    };
+  } finally {
+    await client?.close();
+    await res.stopSupervisor(sup);
+    res.removeDir(dir);
+  }
+}

@@ -1,0 +1,155 @@
+/**
+ * `npm run bench -- [flags]`: starts real local clusters, loads a random model from NumPy files,
+ * times 150k-key lookups through the SDK (and, with --redis, the same against redis-server), and
+ * prints one markdown table row per configuration. See bench/README.md.
+ */
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { DEFAULTS, SWEEP_BIG_KEYS, SWEEP_GROUPS, SWEEP_KEYS, USAGE, parseBenchArgs, type BenchOptions } from './args.js';
+import { runEmbkv } from './embkv.js';
+import { makeModel, writeModel, type Model } from './model.js';
+import { REDIS_INSTALL_HINT, findRedisServer, runRedis, type RedisFigures } from './redis.js';
+import { appendResults, loadLine, machineLine, rowLine, table, type Row } from './report.js';
+import { Resources } from './resources.js';
+
+const RESULTS_PATH = fileURLToPath(new URL('../../bench/RESULTS.md', import.meta.url));
+const say = (line: string): void => void process.stderr.write(`${line}\n`);
+const mb = (b: number): string => `${(b / 2 ** 20).toFixed(0)} MB`;
+
+interface Config {
+  keys: number;
+  groups: number;
+}
+
+function configs(o: BenchOptions): Config[] {
+  if (!o.sweep) return [{ keys: o.keys, groups: o.groups }];
+  const keys: number[] = [...SWEEP_KEYS, ...(o.big ? [SWEEP_BIG_KEYS] : [])];
+  return keys.flatMap((k) => SWEEP_GROUPS.map((g) => ({ keys: k, groups: g })));
+}
+
+async function main(o: BenchOptions, argv: string[], res: Resources): Promise<void> {
+  const runEmbkvToo = o.only !== 'redis';
+  const runRedisToo = o.redis && o.only !== 'embkv';
+  if (runRedisToo && findRedisServer() === undefined) {
+    throw new Error(`--redis needs redis-server, which is not installed here; install it with: ${REDIS_INSTALL_HINT}`);
+  }
+  const date = new Date().toISOString().slice(0, 10);
+  const all = configs(o);
+  const loadAtStart = loadLine();
+  say(`embkv bench on ${machineLine()}; load average ${loadAtStart}`);
+  say(`${all.length} configuration(s); requests: ${o.requests} timed (+${o.warmup} warm-up) of ${o.batch.toLocaleString('en-US')} keys, ${(o.absent * 100).toFixed(1)}% absent, dim ${o.dim}`);
+  if (o.sweep && runRedisToo) say('redis runs once per key count; its figures repeat on every row of that key count');
+
+  const rows: Row[] = [];
+  const extra: string[] = [];
+  const keyCounts = [...new Set(all.map((c) => c.keys))];
+  for (const keys of keyCounts) {
+    const t0 = performance.now();
+    let model: Model | undefined = makeModel(keys, o.dim, o.seed);
+    const modelRoot = res.tempDir('model');
+    const modelDir = join(modelRoot, 'model');
+    if (runEmbkvToo) await writeModel(model, modelDir, o.parts);
+    say(`\nmodel: ${keys.toLocaleString('en-US')} random keys, dim ${o.dim} (${mb(keys * o.dim * 4)} of vectors)` +
+      `${runEmbkvToo ? `, written as ${o.parts} NumPy parts` : ''} in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+
+    let redis: RedisFigures | undefined;
+    const these = all.filter((c) => c.keys === keys);
+    const rowsHere: Row[] = [];
+    for (const c of these) {
+      const row: Row = { date, keys, dim: o.dim, batch: o.batch, groups: c.groups, replicas: o.replicas };
+      if (runEmbkvToo) {
+        say(`\nembkv: ${keys.toLocaleString('en-US')} keys, ${c.groups} groups x ${o.replicas} replicas`);
+        const e = await runEmbkv(
+          { groups: c.groups, replicas: o.replicas, requests: o.requests, warmup: o.warmup, batch: o.batch, absent: o.absent, stall: o.stall },
+          model,
+          modelDir,
+          res,
+        );
+        row.embkv = e;
+        say(`  ${o.requests} requests: p50 ${e.p50.toFixed(1)} / p90 ${e.p90.toFixed(1)} / p99 ${e.p99.toFixed(1)} / max ${e.max.toFixed(1)} ms; ` +
+          `client CPU ${e.cpuMsPerRequest.toFixed(1)} ms/req, GC ${e.gcMsPerRequest.toFixed(1)} ms/req (${e.gcCount} pauses, ${e.gcMajorCount} major: ${e.gcMajorMsPerRequest.toFixed(1)} ms/req); ` +
+          `${e.verified.toLocaleString('en-US')} vectors checked bit-exact, every found flag checked`);
+        say(`  memory: rss ${mb(e.rssBytes)} over ${c.groups * o.replicas} replicas (${e.rssBytesPerKey.toFixed(0)} B/key), ` +
+          `index+vectors ${mb(e.versionBytes)} (${e.versionBytesPerKey.toFixed(0)} B/key; raw vectors ${o.dim * 4} B/key)`);
+        if (e.stalled) {
+          const st = e.stalled;
+          const line = `stalled (replica 0 of every group frozen ${st.freezes} times for 60 ms, ${(st.frozenFraction * 100).toFixed(0)}% of the time, ` +
+            `longest ${st.longestFreezeMs.toFixed(0)} ms): p50 ${st.p50.toFixed(1)} / p90 ${st.p90.toFixed(1)} / p99 ${st.p99.toFixed(1)} / max ${st.max.toFixed(1)} ms ` +
+            `against p50 ${e.p50.toFixed(1)} / p99 ${e.p99.toFixed(1)} ms without: p99 ${(st.p99 / e.p99).toFixed(2)}× the fault-free p99; ` +
+            `hedges sent ${st.hedgesSent}, won ${st.hedgesWon}, throttled ${st.hedgesThrottled}; retries ${st.retries}; ${st.requests} requests, no errors`;
+          say(`  ${line}`);
+          extra.push(`embkv ${keys.toLocaleString('en-US')} keys ${c.groups}×${o.replicas} ${line}`);
+        }
+        extra.push(`embkv ${keys.toLocaleString('en-US')} keys ${c.groups}×${o.replicas}: load ${(e.loadMs / 1000).toFixed(2)} s; ` +
+          `rss ${mb(e.rssBytes)}, index+vectors ${mb(e.versionBytes)} in total; ${e.gcCount} GC pauses in the timed requests (${e.gcMajorCount} major, ${e.gcMajorMsPerRequest.toFixed(1)} ms/req); ` +
+          `${e.verified.toLocaleString('en-US')} vectors checked bit-exact`);
+      }
+      rowsHere.push(row);
+    }
+    if (runRedisToo) {
+      say(`\nredis: ${keys.toLocaleString('en-US')} keys, ${o.redisConcurrency} concurrent MGETs per request`);
+      redis = await runRedis(
+        { requests: o.requests, warmup: o.warmup, batch: o.batch, absent: o.absent, concurrency: o.redisConcurrency, loadBatch: o.redisBatch },
+        model,
+        res,
+      );
+      say(`  ${o.requests} requests: p50 ${redis.p50.toFixed(1)} / p90 ${redis.p90.toFixed(1)} / p99 ${redis.p99.toFixed(1)} / max ${redis.max.toFixed(1)} ms; ` +
+        `client CPU ${redis.cpuMsPerRequest.toFixed(1)} ms/req, GC ${redis.gcMsPerRequest.toFixed(1)} ms/req (${redis.gcCount} pauses, ${redis.gcMajorCount} major)`);
+      say(`  memory: used_memory ${mb(redis.usedMemoryBytes)} (${redis.usedBytesPerKey.toFixed(0)} B/key), rss ${mb(redis.rssBytes)} (${redis.rssBytesPerKey.toFixed(0)} B/key)`);
+      extra.push(`redis ${redis.version} ${keys.toLocaleString('en-US')} keys: load ${(redis.loadMs / 1000).toFixed(2)} s (MSET of ${o.redisBatch} pairs, 16 in flight); ` +
+        `requests as ${o.redisConcurrency} concurrent mgetBuffer; client CPU ${redis.cpuMsPerRequest.toFixed(1)} ms/req, GC ${redis.gcMsPerRequest.toFixed(1)} ms/req; ` +
+        `used_memory ${mb(redis.usedMemoryBytes)}, rss ${mb(redis.rssBytes)}`);
+      for (const r of rowsHere) r.redis = redis;
+    }
+    for (const r of rowsHere) {
+      rows.push(r);
+      say(`row: ${rowLine(r, runRedisToo)}`);
+    }
+    model = undefined;
+    res.removeDir(modelRoot);
+  }
+
+  process.stdout.write(`\n${table(rows)}\n`);
+  if (o.appendResults) {
+    extra.unshift(`${o.requests} timed requests (+${o.warmup} warm-up) of ${o.batch.toLocaleString('en-US')} keys, ` +
+      `${(o.absent * 100).toFixed(1)}% absent, seed ${o.seed}; model written as ${o.parts} NumPy parts`);
+    appendResults(RESULTS_PATH, rows, argv, o.note, extra, loadAtStart);
+    say(`appended to ${RESULTS_PATH}`);
+  }
+}
+
+const argv = process.argv.slice(2);
+let options: BenchOptions;
+try {
+  options = parseBenchArgs(argv);
+} catch (err) {
+  process.stderr.write(`bench: ${(err as Error).message}\n\n${USAGE}\n`);
+  process.exit(2);
+}
+if (options.help) {
+  process.stdout.write(`${USAGE}\n\ndefaults: ${JSON.stringify(DEFAULTS)}\n`);
+  process.exit(0);
+}
+
+const resources = new Resources();
+process.once('exit', () => resources.shutdownSync());
+for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+  process.once(sig, () => {
+    say(`\nbench: ${sig}: stopping every process and removing the temp dirs`);
+    void resources.shutdown().finally(() => process.exit(sig === 'SIGINT' ? 130 : 143));
+  });
+}
+const fail = (err: unknown): void => {
+  say(`\nbench: FAILED: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
+  void resources.shutdown().finally(() => process.exit(1));
+};
+process.on('uncaughtException', fail);
+process.on('unhandledRejection', fail);
+
+main(options, argv, resources).then(
+  async () => {
+    await resources.shutdown();
+    process.exit(0);
+  },
+  fail,
+);
