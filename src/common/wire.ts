@@ -154,22 +154,23 @@ export interface LookupResponseBuffer {
  * Lays out a LookupResponse of n keys so the answer can be written in place:
  *
  *   [08 version][10 dim][1a n found...][22 p pad...][2a n*dim*4 values...]
- *                                                         ^ message offset ≡ 3 (mod 4)
+ *                                                         ^ message offset ≡ 3 (mod 8)
  *
- * grpc-js hands a received message at byte 5 of a fresh buffer, so values at offset ≡ 3 arrive 4-byte
- * aligned and are read as a Float32Array without a copy. Here the Buffer starts at byte 1 of its
- * ArrayBuffer so that the same offset is aligned for the writer too.
+ * grpc-js hands a received message at byte 5 of a fresh buffer, so values at offset ≡ 3 arrive 8-byte
+ * aligned and are read as a Float32Array (or Float64 pairs) without a copy. Here the Buffer starts at byte 5 of its
+ * ArrayBuffer, as a received one does, so the writer's view is aligned the same way.
  */
 export function allocLookupResponse(version: number, dim: number, n: number): LookupResponseBuffer {
   const valuesLen = n * dim * 4;
   const head = (version > 0 ? 1 + varintSize(version) : 0) + (dim > 0 ? 1 + varintSize(dim) : 0) + 1 + varintSize(n) + n;
-  // pad field: tag + 1-byte length + p bytes; choose p in 0..3 so values start at ≡ 3 (mod 4).
+  // pad field: tag + 1-byte length + p bytes; choose p in 0..7 so values start at ≡ 3 (mod 8):
+  // 8-byte aligned after grpc-js's 5-byte frame header, so rows can be copied as Float64 pairs.
   const valuesHeader = 1 + varintSize(valuesLen);
   let pad = 0;
-  while ((head + 2 + pad + valuesHeader) % 4 !== 3) pad++;
+  while ((head + 2 + pad + valuesHeader) % 8 !== 3) pad++;
   const size = head + 2 + pad + valuesHeader + valuesLen;
-  const ab = new ArrayBuffer(size + 1);
-  const buf = Buffer.from(ab, 1, size);
+  const ab = new ArrayBuffer(size + 5);
+  const buf = Buffer.from(ab, 5, size);
   let pos = 0;
   if (version > 0) {
     buf[pos++] = 0x08;
@@ -190,7 +191,7 @@ export function allocLookupResponse(version: number, dim: number, n: number): Lo
   pos += pad;
   buf[pos++] = 0x2a;
   pos = writeVarint(buf, pos, valuesLen);
-  const values = new Float32Array(ab, 1 + pos, n * dim);
+  const values = new Float32Array(ab, 5 + pos, n * dim);
   return { buf, found, values };
 }
 

@@ -76,7 +76,8 @@ export function groupTable(partitions: number, groups: number): Uint16Array {
 
 /**
  * One pass over packed keys: writes each key's group to `groupOut` and counts keys per group into
- * `counts` (length = groups, zeroed here).
+ * `counts` (length = groups, zeroed here). fmix64 is inlined; with a power-of-two partition count
+ * the modulo is a mask of the low word.
  */
 export function assignGroups(
   keys: PackedKeys,
@@ -87,11 +88,21 @@ export function assignGroups(
   counts: Uint32Array,
 ): void {
   counts.fill(0);
+  const pow2 = (partitions & (partitions - 1)) === 0;
+  const pmask = partitions - 1;
   const base = 4294967296 % partitions;
-  const low = scratch;
   for (let i = 0; i < n; i++) {
-    const mhi = fmix64(keys[2 * i]!, keys[2 * i + 1]!, low);
-    const p = ((mhi % partitions) * base + (low[0]! % partitions)) % partitions;
+    let lo = keys[2 * i]!;
+    let hi = keys[2 * i + 1]!;
+    lo = (lo ^ (hi >>> 1)) >>> 0;
+    let nlo = Math.imul(lo, C1_LO) >>> 0;
+    let nhi = (mulhi32(lo, C1_LO) + Math.imul(lo, C1_HI) + Math.imul(hi, C1_LO)) >>> 0;
+    lo = (nlo ^ (nhi >>> 1)) >>> 0;
+    hi = nhi;
+    nlo = Math.imul(lo, C2_LO) >>> 0;
+    nhi = (mulhi32(lo, C2_LO) + Math.imul(lo, C2_HI) + Math.imul(hi, C2_LO)) >>> 0;
+    const mlo = (nlo ^ (nhi >>> 1)) >>> 0;
+    const p = pow2 ? mlo & pmask : ((nhi % partitions) * base + (mlo % partitions)) % partitions;
     const g = groupOfPartition[p]!;
     groupOut[i] = g;
     counts[g]!++;
