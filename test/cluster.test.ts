@@ -159,6 +159,13 @@ describe('a cluster of 2 groups x 2 replica processes', () => {
         expect: /b\.values\.npy.*dim|dim.*b\.values\.npy/,
       },
       {
+        name: 'newdim',
+        make: async (d) => {
+          await writeModelPart(join(d, 'p'), makeModel(100, 16, 12, 2), 0, 100);
+        },
+        expect: /p\.values\.npy: dim 16 differs from 32 \(the dim of emb v1; pass --dim/,
+      },
+      {
         name: 'rowcount',
         make: async (d) => {
           await writeNpy(join(d, 'p.keys.npy'), '<u8', [1000], m.keys.slice(0, 1000));
@@ -216,6 +223,14 @@ describe('a cluster of 2 groups x 2 replica processes', () => {
 
     const back = await cluster.kvctl(['rollback', '--table', 'emb', '--version', '1']);
     assert.equal(back.code, 0, back.stderr);
+    await assertServes(client, v1, makeRequest(v1, 2000));
+
+    // A retrain that changes the dimension says so with --dim.
+    const wide = makeModel(500, 48, 13, 9);
+    await writeModelPart(join(dumps, 'v9'), wide, 0, 500);
+    const v9 = await cluster.kvctl(['load', '--table', 'emb', '--version', '9', '--full', join(dumps, 'v9'), '--dim', '48']);
+    assert.equal(v9.code, 0, v9.stderr);
+    await assertServes(client, wide, makeRequest(wide, 300), 9);
     await assertServes(client, v1, makeRequest(v1, 2000));
   });
 

@@ -92,7 +92,8 @@ program
   .option('--publish', 'publish the version once every replica holds it (default for --incremental)')
   .option('--no-publish', 'only load; publish later with kvctl publish')
   .option('--force', 'accept a version number lower than the current one, and take over a stalled load', false)
-  .action(async (o: { config: string; table: string; version: number; full?: string; incremental?: string; publish?: boolean; force: boolean }) => {
+  .option('--dim <n>', 'the dimension of a full load that changes the table\'s dimension (default: the current version\'s)', intArg('--dim', 1))
+  .action(async (o: { config: string; table: string; version: number; full?: string; incremental?: string; publish?: boolean; force: boolean; dim?: number }) => {
     if ((o.full === undefined) === (o.incremental === undefined)) {
       throw new KvError(KvErrorCode.INVALID_ARGUMENT, 'give the dump to load with exactly one of --full PATH or --incremental PATH');
     }
@@ -102,6 +103,7 @@ program
     const progress = new Progress(`loading ${o.table} v${o.version}`);
     const r = await runLoad({
       manifest, table: o.table, version: o.version, path: (o.full ?? o.incremental)!, mode, publish, force: o.force,
+      ...(o.dim !== undefined ? { dim: o.dim } : {}),
       onProgress: (rows, total) => progress.update(rows, total),
     }).finally(() => progress.done());
     const rate = Math.round((r.rows + r.deletes) / Math.max(r.ms / 1000, 1e-3));

@@ -6,7 +6,7 @@ import type { Manifest } from '../common/manifest.js';
 import { checkTableName, checkVersion } from '../common/validate.js';
 import { ClusterConnections, type ReplicaConn } from '../router/connections.js';
 import { assignGroups, groupTable } from '../router/partition.js';
-import { call, publishVersion, replicaName, statusAll } from './cluster-ops.js';
+import { call, publishVersion, statusAll } from './cluster-ops.js';
 import { planDump, readDump, type DumpPlan, type RowChunk } from './sources.js';
 
 export const DEFAULT_BATCH_ROWS = 8192;
@@ -24,6 +24,8 @@ export interface LoadOptions {
   publish?: boolean;
   /** Allow a version number lower than the current one. */
   force?: boolean;
+  /** The dim of a full load that changes the table's dimension; by default it must match the current version's. */
+  dim?: number;
   /** Rows per LoadRows call. */
   batchRows?: number;
   /** LoadRows calls in flight per shard group. */
@@ -90,25 +92,23 @@ export async function runLoad(options: LoadOptions): Promise<LoadResult> {
   }
 }
 
-/** The dim of the table's current version, which every replica must agree on (deltas only). */
-async function currentDim(conns: ClusterConnections, table: string): Promise<number> {
+/**
+ * The dim of the table's current version, which every replica must agree on; undefined when the
+ * table has no current version anywhere (its first load).
+ */
+async function currentVersion(conns: ClusterConnections, table: string): Promise<{ version: number; dim: number } | undefined> {
   const all = await statusAll(conns);
-  const seen = new Set<string>();
-  let dim = 0;
+  const seen = new Map<string, { version: number; dim: number } | undefined>();
   for (const s of all) {
     if (s.error) throw s.error;
     const t = s.status!.tables.find((x) => x.name === table);
     const v = t?.versions.find((x) => x.version === t.currentVersion);
-    if (t === undefined || v === undefined) {
-      throw new KvError(KvErrorCode.VERSION_NOT_FOUND, `${replicaName(s.conn)} has no current version of ${table} for a delta to apply to`);
-    }
-    seen.add(`v${v.version} dim ${v.dim}`);
-    dim = v.dim;
+    seen.set(v ? `v${v.version} dim ${v.dim}` : 'none', v ? { version: v.version, dim: v.dim } : undefined);
   }
   if (seen.size > 1) {
-    throw new KvError(KvErrorCode.LOAD_CONFLICT, `replicas disagree on the current version of ${table} (${[...seen].join(', ')}); finish the publish first`);
+    throw new KvError(KvErrorCode.LOAD_CONFLICT, `replicas disagree on the current version of ${table} (${[...seen.keys()].join(', ')}); finish the publish first`);
   }
-  return dim;
+  return [...seen.values()][0];
 }
 
 async function load(
@@ -117,7 +117,15 @@ async function load(
 ): Promise<LoadResult> {
   const { manifest } = options;
   const incremental = mode === 'incremental';
-  const plan = await planDump(options.path, mode, incremental ? await currentDim(conns, table) : undefined);
+  // A delta has the current version's dim. A full load does too, unless it declares a new one.
+  const current = await currentVersion(conns, table);
+  if (incremental && current === undefined) {
+    throw new KvError(KvErrorCode.VERSION_NOT_FOUND, `table ${table} has no current version for a delta to apply to`);
+  }
+  const expectDim = options.dim ?? current?.dim;
+  const what = options.dim !== undefined ? `--dim ${options.dim}`
+    : `the dim of ${table} v${current?.version}${incremental ? '' : `; pass --dim to load a version with a new dimension`}`;
+  const plan = await planDump(options.path, mode, expectDim, what);
   const rowsPerBatch = Math.max(1, Math.min(batchRows, Math.floor(MAX_BATCH_BYTES / (plan.dim * 4 + 8))));
   const loadId = randomUUID();
   const log = options.logger?.child({ component: 'loader', table, version, loadId });

@@ -594,7 +594,7 @@ interface NpyGroup {
  * Lists the parts and validates every header, size and dim before a single row is sent. For text parts,
  * reads the first data line to learn dim. `expectedDim` (optional) must match.
  */
-export async function planDump(path: string, mode: LoadMode, expectedDim?: number): Promise<DumpPlan> {
+export async function planDump(path: string, mode: LoadMode, expectedDim?: number, expectedDimWhat = 'the expected dim'): Promise<DumpPlan> {
   if (typeof path !== 'string' || path.length === 0) throw invalidArgument('path must be a non-empty string');
   if (mode !== 'full' && mode !== 'incremental') throw invalidArgument(`mode must be 'full' or 'incremental', not ${String(mode)}`);
   if (expectedDim !== undefined && (!Number.isSafeInteger(expectedDim) || expectedDim < 1 || expectedDim > MAX_LOAD_DIM)) {
@@ -650,7 +650,7 @@ export async function planDump(path: string, mode: LoadMode, expectedDim?: numbe
 
   let dim = expectedDim ?? 0;
   // Where the dim came from, for messages: "the expected dim", "the dim of data/a.values.npy".
-  let dimDesc = expectedDim !== undefined ? 'the expected dim' : '';
+  let dimDesc = expectedDim !== undefined ? expectedDimWhat : '';
   const parts: PartInfo[] = [];
   let totalRows = 0;
   for (const g of groups) {
