@@ -137,7 +137,9 @@ async function load(
     log?.info({ path: plan.path, parts: plan.parts.length, dim: plan.dim, rows: plan.totalRows, mode }, 'load starting');
     const results = await Promise.allSettled(
       conns.all().map(async (c) => {
-        const r = await call<{ baseVersion: number }>(c, 'LoadBegin', { table, version, dim: plan.dim, loadId, force: options.force ?? false, incremental });
+        // Keys spread evenly over the groups; 5% over the mean leaves room for the spread.
+        const expectedRows = plan.totalRows > 0 && !incremental ? Math.ceil((plan.totalRows / G) * 1.05) : 0;
+        const r = await call<{ baseVersion: number }>(c, 'LoadBegin', { table, version, dim: plan.dim, loadId, force: options.force ?? false, incremental, expectedRows });
         return { c, base: r.baseVersion };
       }),
     );

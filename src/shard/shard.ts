@@ -210,7 +210,7 @@ export class Shard {
   // ---- loads --------------------------------------------------------------------------------------
 
   /** Opens the write version of a full load, or of a delta on top of the current version. */
-  async loadBegin(table: string, version: number, dim: number, loadId: string, force: boolean, incremental: boolean): Promise<{ current: number; base: number }> {
+  async loadBegin(table: string, version: number, dim: number, loadId: string, force: boolean, incremental: boolean, expectedRows = 0): Promise<{ current: number; base: number }> {
     checkTableName(table);
     checkVersion(version);
     if (!Number.isInteger(dim) || dim < 1 || dim > MAX_DIM) throw invalidArgument(`dim must be in [1, ${MAX_DIM}], got ${dim}`);
@@ -245,7 +245,8 @@ export class Shard {
         version, dim, rows: 0, state: 'loading', loadId, blocks: 0, base: base?.meta.version ?? 0, upserts: 0, deletes: 0, createdAtMs: now,
       };
       t.write = {
-        version, loadId, meta, data: base ? base.data.derive() : new VersionData(dim), touched: base ? new KeySet() : undefined,
+        // The index is sized from the loader's hint (bounded: a wrong hint must not exhaust memory).
+        version, loadId, meta, data: base ? base.data.derive() : new VersionData(dim, Math.min(Math.max(0, expectedRows), 1 << 26)), touched: base ? new KeySet() : undefined,
         ops: 0, lastActivityMs: now, failed: undefined, pending: new Set(),
       };
       await this.store.putTable(this.metaOf(t), false);
