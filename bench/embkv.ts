@@ -42,6 +42,8 @@ export interface EmbkvFigures extends RequestFigures {
   versionBytes: number;
   /** Per stored copy of a key: sums divided by keys * replicas. */
   rssBytesPerKey: number;
+  /** (rss while serving - rss of the empty replicas) / stored keys. */
+  rssGrowthBytesPerKey: number;
   versionBytesPerKey: number;
   stalled?: StalledFigures | undefined;
 }
@@ -90,6 +92,9 @@ export async function runEmbkv(cfg: EmbkvConfig, model: Model, modelDir: string,
     checkReplicas();
     say(`  cluster up: ${cfg.groups} groups x ${cfg.replicas} replicas, ${manifest.partitions} partitions (logs in ${dataDir})`);
 
+    // The replicas' rss before they hold anything, so the growth per stored key can be reported
+    // apart from each process's fixed cost (runtime, gRPC, LevelDB).
+    const rssEmpty = await totalRss(manifest);
     const load = await runLoad({ manifest, table: TABLE, version: 1, path: modelDir, publish: true });
     if (load.rows !== model.n) throw new Error(`runLoad sent ${load.rows} rows, the model has ${model.n}`);
     checkReplicas();
@@ -164,6 +169,7 @@ export async function runEmbkv(cfg: EmbkvConfig, model: Model, modelDir: string,
       rssBytes,
       versionBytes,
       rssBytesPerKey: rssBytes / copies,
+      rssGrowthBytesPerKey: (rssBytes - rssEmpty) / copies,
       versionBytesPerKey: versionBytes / copies,
       stalled,
     };
@@ -171,5 +177,19 @@ export async function runEmbkv(cfg: EmbkvConfig, model: Model, modelDir: string,
     await client?.close();
     await res.stopSupervisor(sup);
     res.removeDir(dir);
+  }
+}
+
+async function totalRss(manifest: Manifest): Promise<number> {
+  const conns = new ClusterConnections(manifest);
+  try {
+    let rss = 0;
+    for (const s of await statusAll(conns, 10_000)) {
+      if (s.error || !s.status) throw new Error(`status of ${s.conn.address}: ${s.error?.message ?? 'no answer'}`);
+      rss += Number(s.status.rssBytes);
+    }
+    return rss;
+  } finally {
+    conns.close();
   }
 }

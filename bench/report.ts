@@ -22,7 +22,7 @@ const rate = (x: number): string => Math.round(x).toLocaleString('en-US');
 const perKey = (bytes: number, raw: number): string => `${Math.round(bytes)} (${(bytes / raw).toFixed(2)}×)`;
 const DASH = '–';
 
-const EMBKV_HEAD = ['p50 ms', 'p90 ms', 'p99 ms', 'max ms', 'client CPU ms/req', 'GC ms/req', 'load keys/s', 'B/key rss', 'B/key index+vectors'];
+const EMBKV_HEAD = ['p50 ms', 'p90 ms', 'p99 ms', 'max ms', 'client CPU ms/req', 'GC ms/req', 'load keys/s', 'B/key rss', 'B/key rss growth', 'B/key index+vectors'];
 const REDIS_HEAD = ['redis p50 ms', 'redis p90 ms', 'redis/embkv p50', 'redis B/key used (rss)', 'redis load keys/s'];
 
 /** The markdown table of `rows`; the Redis columns appear when any row has Redis figures. */
@@ -40,7 +40,7 @@ export function rowLine(r: Row, withRedis: boolean): string {
   const cells = [r.date, count(r.keys), String(r.dim), count(r.batch), `${r.groups}×${r.replicas}`];
   if (e) {
     cells.push(ms(e.p50), ms(e.p90), ms(e.p99), ms(e.max), ms(e.cpuMsPerRequest), ms(e.gcMsPerRequest), rate(e.loadKeysPerSec),
-      perKey(e.rssBytesPerKey, raw), perKey(e.versionBytesPerKey, raw));
+      perKey(e.rssBytesPerKey, raw), perKey(e.rssGrowthBytesPerKey, raw), perKey(e.versionBytesPerKey, raw));
   } else {
     cells.push(...EMBKV_HEAD.map(() => DASH));
   }

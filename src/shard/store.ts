@@ -53,8 +53,9 @@ export class ShardStore {
   private readonly db: ClassicLevel<string, Uint8Array>;
 
   constructor(readonly dir: string) {
-    // Vectors do not compress: Snappy would only spend CPU on them.
-    this.db = new ClassicLevel<string, Uint8Array>(dir, { keyEncoding: 'utf8', valueEncoding: 'view', compression: false });
+    // Vectors do not compress: Snappy would only spend CPU on them. Blocks are read once, at
+    // restore, in order: a block cache would only hold memory.
+    this.db = new ClassicLevel<string, Uint8Array>(dir, { keyEncoding: 'utf8', valueEncoding: 'view', compression: false, cacheSize: 1 << 20 });
   }
 
   async open(): Promise<void> {
