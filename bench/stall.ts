@@ -1,4 +1,5 @@
-import { Worker } from 'node:worker_threads';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { setPriority } from 'node:os';
 
 /** `--stall`: how long each freeze lasts and what fraction of the time the replicas are frozen. */
 export const STALL_FREEZE_MS = 60;
@@ -12,14 +13,14 @@ export interface StallReport {
   longestFreezeMs: number;
 }
 
-// Runs in a worker thread, so the freezes keep their length while the client's own event loop is busy
-// placing rows. Gaps between freezes are exponential (random moments) with the mean that gives the fraction.
-const WORKER = `
-const { parentPort, workerData } = require('node:worker_threads');
-const { pids, freezeMs, meanGapMs } = workerData;
+// Runs in its own process at a raised priority, so that the freezes keep their length while the
+// client and the replicas keep both cores busy. Gaps between freezes are exponential (random moments)
+// with the mean that gives the fraction. SIGTERM stops it; it prints its report as JSON.
+const FREEZER = `
+const { pids, freezeMs, meanGapMs } = JSON.parse(process.argv[1]);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 let stopping = false;
-parentPort.on('message', () => { stopping = true; });
+process.on('SIGTERM', () => { stopping = true; });
 const signal = (sig) => { for (const pid of pids) { try { process.kill(pid, sig); } catch {} } };
 (async () => {
   const started = performance.now();
@@ -40,7 +41,7 @@ const signal = (sig) => { for (const pid of pids) { try { process.kill(pid, sig)
   } finally {
     signal('SIGCONT');
   }
-  parentPort.postMessage({ freezes, frozenFraction: frozen / (performance.now() - started), longestFreezeMs: longest });
+  process.stdout.write(JSON.stringify({ freezes, frozenFraction: frozen / (performance.now() - started), longestFreezeMs: longest }));
 })();
 `;
 
@@ -49,27 +50,35 @@ const signal = (sig) => { for (const pid of pids) { try { process.kill(pid, sig)
  * stop(); they get no say in it (a GC pause, a swapped-out page or a noisy neighbour, made harsh).
  */
 export class Staller {
-  private worker: Worker | undefined;
+  private proc: ChildProcess | undefined;
+  private out = '';
 
   constructor(private readonly pids: readonly number[], private readonly freezeMs = STALL_FREEZE_MS, private readonly fraction = STALL_FRACTION) {}
 
   start(): void {
     const meanGapMs = (this.freezeMs * (1 - this.fraction)) / this.fraction;
-    this.worker = new Worker(WORKER, { eval: true, workerData: { pids: this.pids, freezeMs: this.freezeMs, meanGapMs } });
+    const p = spawn(process.execPath, ['-e', FREEZER, JSON.stringify({ pids: this.pids, freezeMs: this.freezeMs, meanGapMs })], {
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
+    p.stdout!.on('data', (d) => (this.out += d));
+    try {
+      setPriority(p.pid!, -15);
+    } catch {
+      // not allowed here: the freezes may run a little long on a busy machine (the report says how long)
+    }
+    this.proc = p;
   }
 
   /** Stops freezing; every process is left running (SIGCONT) whatever happens. */
   async stop(): Promise<StallReport> {
-    const w = this.worker;
-    this.worker = undefined;
+    const p = this.proc;
+    this.proc = undefined;
     try {
-      if (w === undefined) return { freezes: 0, frozenFraction: 0, longestFreezeMs: 0 };
-      const report = new Promise<StallReport>((resolve, reject) => {
-        w.once('message', resolve);
-        w.once('error', reject);
-      });
-      w.postMessage('stop');
-      return await report;
+      if (p === undefined) return { freezes: 0, frozenFraction: 0, longestFreezeMs: 0 };
+      const exited = new Promise<void>((resolve) => (p.exitCode !== null ? resolve() : p.once('close', () => resolve())));
+      p.kill('SIGTERM');
+      await exited;
+      return JSON.parse(this.out) as StallReport;
     } finally {
       for (const pid of this.pids) {
         try {
@@ -78,7 +87,6 @@ export class Staller {
           // already gone
         }
       }
-      await w?.terminate();
     }
   }
 }

@@ -23,6 +23,9 @@ export const CHANNEL_OPTIONS: grpc.ChannelOptions = {
   'grpc.keepalive_timeout_ms': 10_000,
   // Every replica address gets its own channel even when two share a host.
   'grpc.use_local_subchannel_pool': 1,
+  // A restarted replica is reconnected within seconds, not after grpc-js's default 120 s backoff.
+  'grpc.initial_reconnect_backoff_ms': 250,
+  'grpc.max_reconnect_backoff_ms': 5000,
 };
 export const SERVER_OPTIONS: grpc.ServerOptions = {
   'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,

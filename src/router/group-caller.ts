@@ -109,8 +109,11 @@ export class GroupCaller {
   hedgeDelay(keys: number): number {
     const p = this.policy;
     if (p.hedgeDelayMs !== undefined) return p.hedgeDelayMs;
-    const est = this.delays[sizeClass(keys)];
-    const v = est === undefined ? NaN : est.read(p.hedgePercentile);
+    const c = sizeClass(keys);
+    let v = this.delays[c]?.read(p.hedgePercentile) ?? NaN;
+    // Too few answers of this size yet: the next larger size's delay bounds it, or twice the next smaller's.
+    if (Number.isNaN(v)) v = this.delays[c + 1]?.read(p.hedgePercentile) ?? NaN;
+    if (Number.isNaN(v)) v = 2 * (this.delays[c - 1]?.read(p.hedgePercentile) ?? NaN);
     const d = Number.isNaN(v) ? p.hedgeMaxDelayMs : Math.min(p.hedgeMaxDelayMs, Math.max(p.hedgeMinDelayMs, Math.ceil(v)));
     this.lastDelayMs = d;
     return d;
@@ -171,6 +174,7 @@ class GroupCall {
   private readonly tried: Uint8Array;
   private readonly started = Date.now();
   private hedgeTimer: NodeJS.Timeout | undefined;
+  private hedgeCheck: NodeJS.Immediate | undefined;
   private readonly errors: string[] = [];
   private resolve!: (r: LookupResponse) => void;
   private reject!: (e: KvError) => void;
@@ -189,6 +193,7 @@ class GroupCall {
     });
     this.tried = new Uint8Array(caller.replicas.length);
     this.onHedgeTimer = this.onHedgeTimer.bind(this);
+    this.hedgeIfStillWaiting = this.hedgeIfStillWaiting.bind(this);
     this.onAbort = this.onAbort.bind(this);
     if (signal.aborted) {
       this.fail(new KvError(KvErrorCode.ABORTED, `group ${caller.group}: lookup aborted`), false);
@@ -229,7 +234,7 @@ class GroupCall {
   /** Arms the hedge timer when another healthy replica could take a backup attempt. */
   private armHedge(): void {
     const c = this.caller;
-    if (!c.policy.hedging || this.hedgeTimer !== undefined || (this.state !== 'waiting' && this.state !== 'hedged')) return;
+    if (!c.policy.hedging || this.hedgeTimer !== undefined || this.hedgeCheck !== undefined || (this.state !== 'waiting' && this.state !== 'hedged')) return;
     const now = Date.now();
     if (c.pick(this.tried, false, false, now) < 0) return;
     const delay = c.hedgeDelay(this.keys);
@@ -241,6 +246,15 @@ class GroupCall {
 
   private onHedgeTimer(): void {
     this.hedgeTimer = undefined;
+    // Timers run before the event loop polls for I/O: after a busy stretch (placing another request's
+    // rows, a GC) the answer may already be waiting in the socket. Decide after the poll phase, so an
+    // answer that is there wins without a hedge.
+    // (Not unref'd: an unref'd immediate lets the poll phase block until some other event.)
+    this.hedgeCheck = setImmediate(this.hedgeIfStillWaiting);
+  }
+
+  private hedgeIfStillWaiting(): void {
+    this.hedgeCheck = undefined;
     if (this.state !== 'waiting' && this.state !== 'hedged') return;
     const c = this.caller;
     const next = c.pick(this.tried, false, false, Date.now());
@@ -339,6 +353,8 @@ class GroupCall {
   private finish(): void {
     clearTimeout(this.hedgeTimer);
     this.hedgeTimer = undefined;
+    clearImmediate(this.hedgeCheck);
+    this.hedgeCheck = undefined;
     this.signal.removeEventListener('abort', this.onAbort);
   }
 }

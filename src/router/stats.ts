@@ -109,7 +109,7 @@ export interface FanoutStats {
 // ---- the router's stats RPC ---------------------------------------------------------------------------
 //
 // `/embkv.v1.Router/Stats`, served by the router next to Embkv.Lookup for `kvctl status --router`.
-// Standard protobuf: `message StatsRequest {}`, `message StatsResponse { string json = 1; }` where json
+// Standard protobuf (proto/embkv.proto: Router.Stats, RouterStatsResponse { string json = 1; }) where json
 // is a FanoutStats object.
 
 export const ROUTER_STATS_PATH = '/embkv.v1.Router/Stats';
