@@ -24,6 +24,8 @@ export interface BenchOptions {
   note: string | undefined;
   /** After the timed requests, time them again while replica 0 of every group is frozen now and then. */
   stall: boolean;
+  /** --during-load: time requests again while a second version loads into a write version. */
+  duringLoad: boolean;
   help: boolean;
 }
 
@@ -64,6 +66,7 @@ export const USAGE = `usage: npm run bench -- [flags]
   --redis-batch M      pairs per MSET while loading Redis (default ${DEFAULTS.redisBatch})
   --sweep              run keys 1M, 2M x groups 1, 4, 8, 16 (ignores --keys and --groups)
   --big                with --sweep, also 10M keys (needs several GB of RAM)
+  --during-load        then time requests again while version 2 of the model loads (reads stay on v1)
   --stall              then time the same requests again while replica 0 of every group is frozen
                        (SIGSTOP) for 60 ms at random moments, a fifth of the time; needs --replicas 2+
   --append-results     append the table to bench/RESULTS.md under a dated heading
@@ -99,6 +102,7 @@ export function parseBenchArgs(argv: string[]): BenchOptions {
       big: { type: 'boolean', default: false },
       'append-results': { type: 'boolean', default: false },
       stall: { type: 'boolean', default: false },
+      'during-load': { type: 'boolean', default: false },
       note: { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -129,6 +133,7 @@ export function parseBenchArgs(argv: string[]): BenchOptions {
     big: v['big'] === true,
     appendResults: v['append-results'] === true,
     stall: v['stall'] === true,
+    duringLoad: v['during-load'] === true,
     note: typeof v['note'] === 'string' ? v['note'] : undefined,
     help: v['help'] === true,
   };

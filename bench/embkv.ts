@@ -24,6 +24,8 @@ export interface EmbkvConfig {
   absent: number;
   /** --stall: time the requests again while replica 0 of every group is frozen now and then. */
   stall?: boolean;
+  /** --during-load: time requests while a second version loads into the write version. */
+  duringLoad?: boolean;
 }
 
 /** The same requests, timed while replica 0 of every group is frozen now and then (--stall). */
@@ -46,6 +48,8 @@ export interface EmbkvFigures extends RequestFigures {
   rssGrowthBytesPerKey: number;
   versionBytesPerKey: number;
   stalled?: StalledFigures | undefined;
+  /** Requests timed while version 2 loaded (reads answered by v1). */
+  duringLoad?: { requests: number; p50: number; p99: number; max: number; loadMs: number } | undefined;
 }
 
 const say = (line: string): void => void process.stderr.write(`${line}\n`);
@@ -161,6 +165,29 @@ export async function runEmbkv(cfg: EmbkvConfig, model: Model, modelDir: string,
     } finally {
       conns.close();
     }
+    // --during-load (after memory is read, so v2 does not count): version 2 (the same files) loads into a write version while requests keep
+    // coming; they are answered by v1, unchanged, and timed.
+    let duringLoad: EmbkvFigures['duringLoad'];
+    if (cfg.duringLoad) {
+      const latencies: number[] = [];
+      let done = false;
+      const started = Date.now();
+      const loading = runLoad({ manifest, table: TABLE, version: 2, path: modelDir, publish: false }).finally(() => (done = true));
+      for (let r = 0; !done || latencies.length < 5; r++) {
+        fillRequest(req, model, r, cfg.absent);
+        const t0 = performance.now();
+        const a = await c.getEmbeddings(req.keys, { table: TABLE });
+        latencies.push(performance.now() - t0);
+        if (a.version !== 1) throw new Error(`request during the load answered version ${a.version}, expected 1`);
+        verifyAnswer(`embkv request during load ${r}`, a, req, model, r);
+      }
+      await loading;
+      latencies.sort((x, y) => x - y);
+      const pct = (p: number): number => latencies[Math.min(latencies.length - 1, Math.ceil((p / 100) * latencies.length) - 1)]!;
+      duringLoad = { requests: latencies.length, p50: pct(50), p99: pct(99), max: latencies[latencies.length - 1]!, loadMs: Date.now() - started };
+      checkReplicas();
+    }
+
     const copies = model.n * cfg.replicas;
     return {
       ...figures,
@@ -172,6 +199,7 @@ export async function runEmbkv(cfg: EmbkvConfig, model: Model, modelDir: string,
       rssGrowthBytesPerKey: (rssBytes - rssEmpty) / copies,
       versionBytesPerKey: versionBytes / copies,
       stalled,
+      duringLoad,
     };
   } finally {
     await client?.close();

@@ -60,7 +60,7 @@ async function main(o: BenchOptions, argv: string[], res: Resources): Promise<vo
       if (runEmbkvToo) {
         say(`\nembkv: ${keys.toLocaleString('en-US')} keys, ${c.groups} groups x ${o.replicas} replicas`);
         const e = await runEmbkv(
-          { groups: c.groups, replicas: o.replicas, requests: o.requests, warmup: o.warmup, batch: o.batch, absent: o.absent, stall: o.stall },
+          { groups: c.groups, replicas: o.replicas, requests: o.requests, warmup: o.warmup, batch: o.batch, absent: o.absent, stall: o.stall, duringLoad: o.duringLoad },
           model,
           modelDir,
           res,
@@ -77,6 +77,13 @@ async function main(o: BenchOptions, argv: string[], res: Resources): Promise<vo
             `longest ${st.longestFreezeMs.toFixed(0)} ms): p50 ${st.p50.toFixed(1)} / p90 ${st.p90.toFixed(1)} / p99 ${st.p99.toFixed(1)} / max ${st.max.toFixed(1)} ms ` +
             `against p50 ${e.p50.toFixed(1)} / p99 ${e.p99.toFixed(1)} ms without: p99 ${(st.p99 / e.p99).toFixed(2)}× the fault-free p99; ` +
             `hedges sent ${st.hedgesSent}, won ${st.hedgesWon}, throttled ${st.hedgesThrottled}; retries ${st.retries}; ${st.requests} requests, no errors`;
+          say(`  ${line}`);
+          extra.push(`embkv ${keys.toLocaleString('en-US')} keys ${c.groups}×${o.replicas} ${line}`);
+        }
+        if (e.duringLoad) {
+          const d = e.duringLoad;
+          const line = `during a load of v2 (${(d.loadMs / 1000).toFixed(1)} s, into the write version, reads answered by v1): ${d.requests} requests, ` +
+            `p50 ${d.p50.toFixed(1)} / p99 ${d.p99.toFixed(1)} / max ${d.max.toFixed(1)} ms against p50 ${e.p50.toFixed(1)} / p99 ${e.p99.toFixed(1)} ms idle`;
           say(`  ${line}`);
           extra.push(`embkv ${keys.toLocaleString('en-US')} keys ${c.groups}×${o.replicas} ${line}`);
         }

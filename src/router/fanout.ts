@@ -47,6 +47,7 @@ export class Fanout {
   private readonly latency = new LatencyWindow(1024);
   private requests = 0;
   private failures = 0;
+  private readonly scratch = new ScratchPool(4);
 
   /** `policy`: replica choice, hedging and probing (parseReplicaPolicy({}) gives the defaults). */
   constructor(readonly manifest: Manifest, conns?: ClusterConnections, policy?: ResolvedReplicaPolicy) {
@@ -90,19 +91,19 @@ export class Fanout {
     const G = this.manifest.groups.length;
 
     // Partition in one pass, then a counting sort of request positions by group:
-    //   order[start[g] .. start[g+1]) = the positions whose keys belong to group g, in request order.
-    const groupOf = new Uint16Array(n);
+    //   groupKeys[start[g] .. start[g+1]) = the keys of group g, in request order.
+    // The arrays come from a small pool: a request of 150k keys would otherwise allocate 2 MB of
+    // scratch each time.
+    const scratch = this.scratch.acquire(n);
+    const { groupOf, groupKeys } = scratch;
     const counts = new Uint32Array(G);
     assignGroups(req.keys, n, this.manifest.partitions, this.groupOfPartition, groupOf, counts);
     const start = new Uint32Array(G + 1);
     for (let g = 0; g < G; g++) start[g + 1] = start[g]! + counts[g]!;
     const fill = start.slice(0, G);
-    const order = new Int32Array(n);
-    const groupKeys = new Uint32Array(2 * n);
     const src = req.keys;
     for (let i = 0; i < n; i++) {
       const at = fill[groupOf[i]!]!++;
-      order[at] = i;
       groupKeys[2 * at] = src[2 * i]!;
       groupKeys[2 * at + 1] = src[2 * i + 1]!;
     }
@@ -147,48 +148,91 @@ export class Fanout {
         }
       }
       const out = (req.alloc ?? defaultAlloc)(n, dim, version);
-      for (let k = 0; k < groups.length; k++) {
-        const g = groups[k]!;
-        place(answers[k]!, order, start[g]!, counts[g]!, dim, out.values, out.found);
-      }
+      placeAll(answers, groups, groupOf, n, G, dim, out.values, out.found);
       return { version, dim, values: out.values, found: out.found };
     } catch (err) {
       ctl.abort();
       throw err;
     } finally {
       req.signal?.removeEventListener('abort', onAbort);
+      this.scratch.release(scratch);
     }
   }
 }
 
-/** Copies group rows into request order: row j of the group's answer goes to position order[base + j]. */
-function place(a: LookupResponse, order: Int32Array, base: number, count: number, dim: number, values: Float32Array, found: Uint8Array): void {
-  const av = a.values;
-  const af = a.found;
-  if ((dim & 1) === 0 && (av.byteOffset & 7) === 0 && (values.byteOffset & 7) === 0) {
-    // Answers arrive 8-byte aligned (see allocLookupResponse): move rows as Float64 pairs. Finite
+interface Scratch {
+  capacity: number;
+  groupOf: Uint16Array;
+  groupKeys: Uint32Array;
+}
+
+/** Scratch arrays of finished requests, kept for the next ones (at most a few, so memory stays bounded). */
+class ScratchPool {
+  private readonly free: Scratch[] = [];
+  constructor(private readonly keep: number) {}
+
+  acquire(n: number): Scratch {
+    for (let i = this.free.length - 1; i >= 0; i--) {
+      const s = this.free[i]!;
+      if (s.capacity >= n) {
+        this.free.splice(i, 1);
+        return s;
+      }
+    }
+    const capacity = Math.max(n, 1024);
+    return { capacity, groupOf: new Uint16Array(capacity), groupKeys: new Uint32Array(2 * capacity) };
+  }
+
+  release(s: Scratch): void {
+    if (this.free.length < this.keep) this.free.push(s);
+  }
+}
+
+/**
+ * Places every group's rows into request order in one pass over the output. The counting sort kept
+ * request order within each group, so while i runs over the output, each group's answer is read
+ * front to back: one sequential write stream and one sequential read stream per group, instead of
+ * 150k scattered row writes.
+ */
+function placeAll(answers: LookupResponse[], groups: number[], groupOf: Uint16Array, n: number, G: number, dim: number, values: Float32Array, found: Uint8Array): void {
+  const cursor = new Int32Array(G);
+  const srcFound: Uint8Array[] = new Array<Uint8Array>(G);
+  for (let k = 0; k < groups.length; k++) srcFound[groups[k]!] = answers[k]!.found;
+  const wide = (dim & 1) === 0 && (values.byteOffset & 7) === 0 && answers.every((a) => (a.values.byteOffset & 7) === 0);
+  if (wide) {
+    // Answers arrive 8-byte aligned (see allocLookupResponse): rows move as Float64 pairs. Finite
     // float32 pairs never form a NaN double, so the copy is bit-exact.
-    const src = new Float64Array(av.buffer, av.byteOffset, av.length >>> 1);
-    const dst = new Float64Array(values.buffer, values.byteOffset, values.length >>> 1);
     const half = dim >>> 1;
-    for (let j = 0; j < count; j++) {
-      if (af[j] === 0) continue;
-      const i = order[base + j]!;
+    const src: Float64Array[] = new Array<Float64Array>(G);
+    for (let k = 0; k < groups.length; k++) {
+      const av = answers[k]!.values;
+      src[groups[k]!] = new Float64Array(av.buffer, av.byteOffset, av.length >>> 1);
+    }
+    const dst = new Float64Array(values.buffer, values.byteOffset, values.length >>> 1);
+    for (let i = 0; i < n; i++) {
+      const g = groupOf[i]!;
+      const j = cursor[g]!++;
+      if (srcFound[g]![j] === 0) continue;
       found[i] = 1;
+      const sv = src[g]!;
       let s = j * half;
       let d = i * half;
       const stop = s + half;
-      while (s < stop) dst[d++] = src[s++]!;
+      while (s < stop) dst[d++] = sv[s++]!;
     }
     return;
   }
-  for (let j = 0; j < count; j++) {
-    if (af[j] === 0) continue;
-    const i = order[base + j]!;
+  const src: Float32Array[] = new Array<Float32Array>(G);
+  for (let k = 0; k < groups.length; k++) src[groups[k]!] = answers[k]!.values;
+  for (let i = 0; i < n; i++) {
+    const g = groupOf[i]!;
+    const j = cursor[g]!++;
+    if (srcFound[g]![j] === 0) continue;
     found[i] = 1;
+    const sv = src[g]!;
     let s = j * dim;
     let d = i * dim;
     const stop = s + dim;
-    while (s < stop) values[d++] = av[s++]!;
+    while (s < stop) values[d++] = sv[s++]!;
   }
 }
