@@ -4,10 +4,11 @@ import { mkdirSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
-import { EmbeddingClient, KvError, stringKey } from '../src/index.js';
+import { EmbeddingClient, stringKey } from '../src/index.js';
 import { writeNpy } from '../src/loader/npy-write.js';
 import { freePorts, KVCTL, TestCluster } from './helpers/cluster.js';
 import { expected, makeModel, makeRequest, sameBits, writeModelPart, writeModelText, type Model } from './helpers/model.js';
+import { codeOf } from './helpers/util.js';
 
 const DIM = 32;
 const PROTO_DIR = fileURLToPath(new URL('../../proto', import.meta.url));
@@ -79,15 +80,7 @@ describe('a cluster of 2 groups x 2 replica processes', () => {
   });
 
   test('the SDK rejects with stable codes', async () => {
-    const code = async (p: Promise<unknown>): Promise<string> => {
-      try {
-        await p;
-        return 'resolved';
-      } catch (err) {
-        assert.ok(err instanceof KvError, `not a KvError: ${err}`);
-        return err.code;
-      }
-    };
+    const code = codeOf;
     assert.equal(await code(client.getEmbeddings([1], { table: 'nope' })), 'KV_TABLE_NOT_FOUND');
     assert.equal(await code(client.getEmbeddings([1], { table: 'emb', version: 99 })), 'KV_VERSION_NOT_FOUND');
     assert.equal(await code(client.getEmbeddings([-1], { table: 'emb' })), 'KV_INVALID_ARGUMENT');

@@ -12,19 +12,11 @@ import { LatencyWindow, type FanoutStats } from '../src/router/stats.js';
 import { HedgeThrottle } from '../src/router/throttle.js';
 import { freePorts, KVCTL, TestCluster } from './helpers/cluster.js';
 import { expected, makeModel, makeRequest, sameBits, writeModelPart, type Model } from './helpers/model.js';
+import { codeOf } from './helpers/util.js';
 
 const DIM = 16;
 const DELAY = 'embkv-test-delay-ms';
 
-const codeOf = async (p: Promise<unknown>): Promise<string> => {
-  try {
-    await p;
-    return 'resolved';
-  } catch (err) {
-    assert.ok(err instanceof KvError, `not a KvError: ${err}`);
-    return err.code;
-  }
-};
 
 const packed = (req: BigUint64Array): Uint32Array => new Uint32Array(req.buffer, req.byteOffset, req.length * 2);
 

@@ -8,6 +8,7 @@ import {
   partitionOfReference,
 } from '../src/router/partition.js';
 import { stringKey } from '../src/common/keys.js';
+import { mulberry32 } from './helpers/util.js';
 
 // ---- independent reference implementations (written from the published algorithms, not from src) ----
 
@@ -82,17 +83,6 @@ function xxh64(bytes: Uint8Array, seed = 0n): bigint {
 
 const utf8 = (s: string): Uint8Array => new TextEncoder().encode(s);
 
-/** Deterministic PRNG (mulberry32) so a failure reproduces. */
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return (t ^ (t >>> 14)) >>> 0;
-  };
-}
 
 const EDGE_KEYS = [0n, 1n, 2n ** 32n - 1n, 2n ** 32n, 2n ** 63n, M64];
 const PARTITION_COUNTS = [1, 7, 64, 1000, 65536];

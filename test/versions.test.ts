@@ -3,7 +3,8 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
-import { EmbeddingClient, KvError } from '../src/index.js';
+import { EmbeddingClient } from '../src/index.js';
+import { codeOf } from './helpers/util.js';
 import { writeNpy } from '../src/loader/npy-write.js';
 import { CHANNEL_OPTIONS, EmbkvClient, type LookupResponse } from '../src/common/wire.js';
 import { TestCluster } from './helpers/cluster.js';
@@ -200,7 +201,7 @@ describe('versions, deltas and real-time puts on 2 groups x 2 replica processes'
     assert.match(st.stdout, /v3\* [\d,]+ keys dim 8 .* delta on v2 \+\d+ -\d+/);
     assert.match(st.stdout, /real-time: [\d,]+ keys from 20 batches, last put \d+ s ago/);
 
-    const code = async (p: Promise<unknown>): Promise<string> => p.then(() => 'resolved', (e: KvError) => e.code);
+    const code = codeOf;
     assert.equal(await code(client.putEmbeddings([1n], new Float32Array(DIM + 1), { table: 'emb' })), 'KV_INVALID_ARGUMENT');
     assert.equal(await code(client.putEmbeddings([1n], new Float32Array(DIM).fill(NaN), { table: 'emb' })), 'KV_INVALID_ARGUMENT');
     assert.equal(await code(client.putEmbeddings(new BigUint64Array(70_000), new Float32Array(70_000 * DIM), { table: 'emb' })), 'KV_INVALID_ARGUMENT');

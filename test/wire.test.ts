@@ -9,6 +9,7 @@ import {
   encodeLookupRequest,
 } from '../src/common/wire.js';
 import { KvError } from '../src/common/errors.js';
+import { mulberry32 } from './helpers/util.js';
 
 // protobufjs, loading the published .proto, stands in for "any gRPC client generated from it".
 const root = protobuf.loadSync(PROTO_PATH);
@@ -35,16 +36,6 @@ const pbEncodeResponse = (o: {
 
 const bytesOf = (a: ArrayBufferView): Buffer => Buffer.from(a.buffer, a.byteOffset, a.byteLength);
 
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return (t ^ (t >>> 14)) >>> 0;
-  };
-}
 
 function randomKeys(n: number, seed: number): Uint8Array {
   const rnd = mulberry32(seed);

@@ -1,4 +1,4 @@
-import { slotHash } from './version-data.js';
+import { rehashSlots, slotHash } from './version-data.js';
 
 const MIN_SLOTS = 256;
 const MAX_LOAD = 0.7;
@@ -115,21 +115,11 @@ export class Overlay {
   }
 
   private grow(): void {
-    const old = this.slots;
     const cap = (this.mask + 1) * 2;
-    const slots = new Uint32Array(cap * 3);
-    const mask = cap - 1;
-    for (let o = 0; o < old.length; o += 3) {
-      if (old[o + 2] === 0) continue;
-      let s = slotHash(old[o]!, old[o + 1]!) & mask;
-      while (slots[3 * s + 2] !== 0) s = (s + 1) & mask;
-      slots[3 * s] = old[o]!;
-      slots[3 * s + 1] = old[o + 1]!;
-      slots[3 * s + 2] = old[o + 2]!;
-    }
-    this.slots = slots;
-    this.mask = mask;
+    this.slots = rehashSlots(this.slots, cap);
+    this.mask = cap - 1;
   }
+
 
   private growRows(): void {
     const rows = new Float32Array(this.rows.length * 2);

@@ -25,6 +25,21 @@ export function slotHash(lo: number, hi: number): number {
   return h >>> 0;
 }
 
+/** A slot array of `cap` slots (3 words each, third word 0 = empty) holding the entries of `old`. */
+export function rehashSlots(old: Uint32Array, cap: number): Uint32Array {
+  const slots = new Uint32Array(cap * 3);
+  const mask = cap - 1;
+  for (let o = 0; o < old.length; o += 3) {
+    if (old[o + 2] === 0) continue;
+    let s = slotHash(old[o]!, old[o + 1]!) & mask;
+    while (slots[3 * s + 2] !== 0) s = (s + 1) & mask;
+    slots[3 * s] = old[o]!;
+    slots[3 * s + 1] = old[o + 1]!;
+    slots[3 * s + 2] = old[o + 2]!;
+  }
+  return slots;
+}
+
 function slotsFor(rows: number): number {
   let cap = MIN_SLOTS;
   while (cap * MAX_LOAD < rows) cap *= 2;
@@ -206,23 +221,11 @@ export class VersionData {
   }
 
   private grow(): void {
-    const old = this.slots;
     const cap = (this.mask + 1) * 2;
-    const slots = new Uint32Array(cap * 3);
-    const mask = cap - 1;
-    for (let o = 0; o < old.length; o += 3) {
-      if (old[o + 2] === 0) continue;
-      const lo = old[o]!;
-      const hi = old[o + 1]!;
-      let s = slotHash(lo, hi) & mask;
-      while (slots[3 * s + 2] !== 0) s = (s + 1) & mask;
-      slots[3 * s] = lo;
-      slots[3 * s + 1] = hi;
-      slots[3 * s + 2] = old[o + 2]!;
-    }
-    this.slots = slots;
-    this.mask = mask;
+    this.slots = rehashSlots(this.slots, cap);
+    this.mask = cap - 1;
   }
+
 
   /**
    * Looks up n packed keys, writing each vector to `out[i*dim ...]` and 1/0 to `found[i]`. `out` must
@@ -326,7 +329,7 @@ export class VersionData {
 
 /** A set of keys (open addressing on the halves), for refusing a key repeated within one delta. */
 export class KeySet {
-  private slots = new Uint32Array(MIN_SLOTS * 3);
+  private slots: Uint32Array = new Uint32Array(MIN_SLOTS * 3);
   private mask = MIN_SLOTS - 1;
   size = 0;
 
@@ -347,12 +350,10 @@ export class KeySet {
   }
 
   private grow(): void {
-    const old = this.slots;
     const cap = (this.mask + 1) * 2;
-    this.slots = new Uint32Array(cap * 3);
+    this.slots = rehashSlots(this.slots, cap);
     this.mask = cap - 1;
-    this.size = 0;
-    for (let o = 0; o < old.length; o += 3) if (old[o + 2] !== 0) this.add(old[o]!, old[o + 1]!);
   }
+
 }
 

@@ -1,0 +1,25 @@
+import assert from 'node:assert/strict';
+import { KvError } from '../../src/common/errors.js';
+
+/** Deterministic PRNG (mulberry32) so a failure reproduces. */
+export function mulberry32(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return (t ^ (t >>> 14)) >>> 0;
+  };
+}
+
+/** The KvError code a promise rejects with, or 'resolved'. */
+export async function codeOf(p: Promise<unknown>): Promise<string> {
+  try {
+    await p;
+    return 'resolved';
+  } catch (err) {
+    assert.ok(err instanceof KvError, `not a KvError: ${err}`);
+    return err.code;
+  }
+}
