@@ -7,11 +7,6 @@ import type { Manifest } from '../common/manifest.js';
 
 const KVCTL = fileURLToPath(new URL('./kvctl.js', import.meta.url));
 const MAX_BACKOFF_MS = 10_000;
-/**
- * glibc raises its mmap threshold after the first large free, after which megabyte message buffers
- * come from the heap and their freed pages stay resident. A fixed threshold returns them to the OS.
- */
-export const REPLICA_ENV: Record<string, string> = { MALLOC_MMAP_THRESHOLD_: '131072' };
 const HEALTHY_AFTER_MS = 30_000;
 
 export interface SupervisorOptions {
@@ -67,7 +62,7 @@ export class Supervisor {
     const dataDir = join(this.options.dataDir, c.name);
     const args = [KVCTL, 'serve', '--config', this.options.configPath, '--group', String(c.group), '--replica', String(c.replica), '--data', dataDir];
     // The IPC channel ties the child to this process: when it closes, the replica shuts down.
-    const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe', 'ipc'], env: { ...REPLICA_ENV, ...process.env } });
+    const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe', 'ipc'] });
     c.proc = proc;
     c.startedMs = Date.now();
     if (this.options.logs === 'files') {

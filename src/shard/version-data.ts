@@ -259,10 +259,11 @@ export class VersionData {
         found[i] = 1;
         hits++;
       }
+      // Keeps the touching loads from being optimised away. Inside the loop on purpose: code
+      // reached only after the loops has no type feedback when V8 compiles the hot loop (OSR), and
+      // a compare or store there deoptimised the kernel at the end of every call.
+      this.sink = touch;
     }
-    // Keeps the touching loads from being optimised away (a store: a compare here, reached only
-    // after the loops, had no type feedback and deoptimised the kernel on every call).
-    this.sink = touch;
     return hits;
   }
 
@@ -309,8 +310,8 @@ export class VersionData {
         found[i] = 1;
         hits++;
       }
+      this.sink = touch;
     }
-    this.sink = touch;
     return hits;
   }
 
