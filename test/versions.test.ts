@@ -238,10 +238,27 @@ describe('versions, deltas and real-time puts on 2 groups x 2 replica processes'
     await assertEveryReplica(cluster, m, probe);
   });
 
+  test('a new full version replaces real-time puts written before its load, also after a restart', async () => {
+    const v5 = makeModel(N, DIM, 5, 5); // the same keys as v1/v2, marker 5
+    await writeModelPart(join(dumps, 'v5'), v5, 0, N);
+    const r = await cluster.kvctl(['load', '--table', 'emb', '--version', '5', '--full', join(dumps, 'v5'), '--publish']);
+    assert.equal(r.code, 0, r.stderr);
+    // Keys that had puts now answer v5's rows; keys that only puts had are gone.
+    const probe = state.withPuts!.keys.slice(0, 4000);
+    await assertEveryReplica(cluster, v5, probe);
+    // The put log forgot the batches the new version holds (a bounded log, not just a filter).
+    assert.ok([...cluster.logs.values()].some((l) => l.includes('pruned real-time puts that the new version holds')), 'no replica pruned its put log');
+    await cluster.stopReplica(1, 0, 'SIGKILL');
+    cluster.startReplica(1, 0);
+    await cluster.waitReady();
+    await assertEveryReplica(cluster, v5, probe);
+    state.withPuts = v5;
+  });
+
   test('a replica killed during a load: the load fails clearly and the last published version serves', async () => {
-    const big = makeModel(200_000, DIM, 9, 4);
-    await writeModelPart(join(dumps, 'v4'), big, 0, big.keys.length);
-    const load = cluster.kvctl(['load', '--table', 'emb', '--version', '4', '--full', join(dumps, 'v4'), '--publish']);
+    const big = makeModel(200_000, DIM, 9, 6);
+    await writeModelPart(join(dumps, 'v6'), big, 0, big.keys.length);
+    const load = cluster.kvctl(['load', '--table', 'emb', '--version', '6', '--full', join(dumps, 'v6'), '--publish']);
     await new Promise((r) => setTimeout(r, 400));
     await cluster.stopReplica(1, 1, 'SIGKILL');
     const r = await load;
@@ -251,7 +268,7 @@ describe('versions, deltas and real-time puts on 2 groups x 2 replica processes'
     await cluster.waitReady();
     const st = await cluster.kvctl(['status', '--json']);
     for (const rep of JSON.parse(st.stdout) as { status: { tables: { currentVersion: number; versions: { state: string }[] }[] } }[]) {
-      assert.equal(rep.status.tables[0]!.currentVersion, 3);
+      assert.equal(rep.status.tables[0]!.currentVersion, 5);
       assert.ok(rep.status.tables[0]!.versions.every((v) => v.state === 'sealed'), 'no write version left behind');
     }
     await assertEveryReplica(cluster, state.withPuts!, state.withPuts!.keys.slice(0, 3000));

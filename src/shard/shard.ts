@@ -394,6 +394,12 @@ export class Shard {
       const dropped = this.prune(t);
       await this.store.putTable(this.metaOf(t), true);
       for (const v of dropped) await this.store.dropVersionRows(table, v);
+      if (!rollback && held.meta.base === 0) {
+        // Puts older than the new full version are never applied again: the log forgets them.
+        const gone = await this.store.prunePuts(table, t.putsFrom);
+        for (const id of gone) this.putsSeen.delete(id);
+        if (gone.length > 0) this.log.info({ table, batches: gone.length }, 'pruned real-time puts that the new version holds');
+      }
       this.log.info({ table, version, previous, dropped }, rollback ? 'rolled back' : 'published');
       return previous;
     });
@@ -455,6 +461,8 @@ export class Shard {
     if (bad >= 0) throw invalidArgument(`values[${bad}] (key ${keyAt(keys, Math.floor(bad / dim))}) is ${values[bad]}; vectors must be finite`);
     const id = `${order}:${writer}`;
     if (this.putsSeen.has(id)) return this.putSeq;
+    // Written before the current full version's load began: that version holds newer data.
+    if (order < t.putsFrom) return this.putSeq;
     if ((t.overlay?.bytesWith(n) ?? 0) > this.maxRealtimeBytes) {
       throw new KvError(KvErrorCode.RESOURCE_EXHAUSTED, `table ${table}: real-time updates hold ${t.overlay!.bytes} bytes, the limit is ${this.maxRealtimeBytes}; load a new version`);
     }

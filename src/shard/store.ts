@@ -123,9 +123,26 @@ export class ShardStore {
     return out;
   }
 
-  /** Deletes logged put batches with seq <= upTo. */
-  async dropPuts(upTo: number): Promise<void> {
-    await this.db.clear({ gte: 'p!', lte: `p!${pad(upTo, 16)}` });
+  /**
+   * Deletes the logged put batches of `table` written before `minOrder` (a newer full version holds
+   * them); returns their `${order}:${writer}` ids.
+   */
+  async prunePuts(table: string, minOrder: number): Promise<string[]> {
+    const removed: string[] = [];
+    let batch = this.db.batch();
+    for await (const [key, value] of this.db.iterator({ gte: 'p!', lt: 'p"' })) {
+      const rec = decodePut(value);
+      if (rec.table !== table || rec.order >= minOrder) continue;
+      batch.del(key);
+      removed.push(`${rec.order}:${rec.writer}`);
+      if (batch.length >= 1000) {
+        await batch.write();
+        batch = this.db.batch();
+      }
+    }
+    if (batch.length > 0) await batch.write();
+    else await batch.close();
+    return removed;
   }
 
   async dropVersionRows(table: string, version: number): Promise<void> {
