@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import protobuf from 'protobufjs';
 import {
   PROTO_PATH,
+  AnswerBufferPool,
   allocLookupResponse,
   decodeLookupRequest,
   decodeLookupResponse,
@@ -354,4 +355,26 @@ test('decodeLookupResponse refuses every truncation inside a field with KV_INVAL
       }
     }
   }
+});
+
+test('AnswerBufferPool: a buffer returns once serialized, and a reused answer reads zeros where keys are absent', async () => {
+  const pool = new AnswerBufferPool();
+  const a = allocLookupResponse(3, 4, 10, pool);
+  a.values.fill(7);
+  a.found.fill(1);
+  const abA = a.buf.buffer;
+  // Not serialized yet: the next answer gets another buffer.
+  const b = allocLookupResponse(3, 4, 10, pool);
+  assert.notEqual(b.buf.buffer, abA);
+  pool.onSerialize(a.buf);
+  // Released only after the current synchronous work (grpc-js's frame copy) is done.
+  const c = allocLookupResponse(3, 4, 10, pool);
+  assert.notEqual(c.buf.buffer, abA);
+  await Promise.resolve();
+  const d = allocLookupResponse(3, 4, 10, pool);
+  assert.equal(d.buf.buffer, abA);
+  assert.ok(d.values.every((v) => v === 0) && d.found.every((f) => f === 0));
+  // Buffers not from the pool pass through untouched.
+  const plain = allocLookupResponse(1, 2, 3);
+  assert.equal(pool.onSerialize(plain.buf), plain.buf);
 });

@@ -163,7 +163,7 @@ export interface LookupResponseBuffer {
  * aligned and are read as a Float32Array (or Float64 pairs) without a copy. Here the Buffer starts at byte 5 of its
  * ArrayBuffer, as a received one does, so the writer's view is aligned the same way.
  */
-export function allocLookupResponse(version: number, dim: number, n: number): LookupResponseBuffer {
+export function allocLookupResponse(version: number, dim: number, n: number, pool?: AnswerBufferPool): LookupResponseBuffer {
   const valuesLen = n * dim * 4;
   const head = (version > 0 ? 1 + varintSize(version) : 0) + (dim > 0 ? 1 + varintSize(dim) : 0) + 1 + varintSize(n) + n;
   // pad field: tag + 1-byte length + p bytes; choose p in 0..7 so values start at ≡ 3 (mod 8):
@@ -172,7 +172,7 @@ export function allocLookupResponse(version: number, dim: number, n: number): Lo
   let pad = 0;
   while ((head + 2 + pad + valuesHeader) % 8 !== 3) pad++;
   const size = head + 2 + pad + valuesHeader + valuesLen;
-  const ab = new ArrayBuffer(size + 5);
+  const ab = pool !== undefined ? pool.take(size + 5) : new ArrayBuffer(size + 5);
   const buf = Buffer.from(ab, 5, size);
   let pos = 0;
   if (version > 0) {
@@ -195,7 +195,50 @@ export function allocLookupResponse(version: number, dim: number, n: number): Lo
   buf[pos++] = 0x2a;
   pos = writeVarint(buf, pos, valuesLen);
   const values = new Float32Array(ab, 5 + pos, n * dim);
+  // A pooled buffer holds an earlier answer; absent keys must read as zeros.
+  if (pool !== undefined) values.fill(0);
   return { buf, found, values };
+}
+
+/**
+ * Answer buffers of a replica, reused: on this class of machine, writing into freshly mapped memory
+ * costs more than the lookup itself (page faults, ~10 us a page). A buffer goes back to the pool once
+ * grpc-js has framed it: grpc-js copies the serialized message into its own frame right after
+ * `responseSerialize` returns, so the release is queued from there and runs after that copy.
+ *
+ *   size classes: powers of two from 64 KiB; at most KEEP buffers per class
+ */
+export class AnswerBufferPool {
+  private static readonly KEEP = 4;
+  private readonly free = new Map<number, ArrayBuffer[]>();
+  private readonly owned = new WeakSet<ArrayBuffer>();
+
+  take(bytes: number): ArrayBuffer {
+    let size = 65536;
+    while (size < bytes) size *= 2;
+    const ab = this.free.get(size)?.pop() ?? new ArrayBuffer(size);
+    this.owned.add(ab);
+    return ab;
+  }
+
+  /** Called with every answer as it is serialized; pooled buffers return after the frame copy. */
+  readonly onSerialize = (b: Buffer): Buffer => {
+    const ab = b.buffer as ArrayBuffer;
+    if (this.owned.has(ab)) {
+      this.owned.delete(ab);
+      queueMicrotask(() => {
+        const list = this.free.get(ab.byteLength) ?? [];
+        if (list.length < AnswerBufferPool.KEEP) list.push(ab);
+        this.free.set(ab.byteLength, list);
+      });
+    }
+    return b;
+  };
+}
+
+/** The server side of Embkv with answers from `pool` returned to it once framed. */
+export function embkvServerService(pool: AnswerBufferPool): grpc.ServiceDefinition {
+  return { lookup: { ...EMBKV_SERVER_SERVICE.lookup, responseSerialize: pool.onSerialize } };
 }
 
 export function decodeLookupResponse(buf: Uint8Array): LookupResponse {

@@ -4,7 +4,7 @@ import type { Logger } from 'pino';
 import { KvError, KvErrorCode, invalidArgument, toGrpcError } from '../common/errors.js';
 import { bytesOf, floatsFromBytes, keysFromBytes } from '../common/keys.js';
 import type { Manifest } from '../common/manifest.js';
-import { EMBKV_SERVER_SERVICE, SERVER_OPTIONS, shardControlService, type LookupRequest } from '../common/wire.js';
+import { AnswerBufferPool, SERVER_OPTIONS, embkvServerService, shardControlService, type LookupRequest } from '../common/wire.js';
 import { checkTableName, checkVersion } from '../common/validate.js';
 import { Shard } from '../shard/shard.js';
 import { PeerSync } from './peer-sync.js';
@@ -37,6 +37,7 @@ export class ReplicaServer {
   private readonly startedMs = Date.now();
   private boundPort = 0;
   private readonly peerSync: PeerSync;
+  private readonly answers = new AnswerBufferPool();
 
   constructor(private readonly options: ReplicaOptions) {
     const { manifest, group, replica } = options;
@@ -61,7 +62,7 @@ export class ReplicaServer {
     this.state = 'opening';
     await this.store.open();
     await this.shard.restore();
-    this.server.addService(EMBKV_SERVER_SERVICE, { lookup: (TEST_FAULTS ? this.onLookupWithTestFaults : this.onLookup).bind(this) });
+    this.server.addService(embkvServerService(this.answers), { lookup: (TEST_FAULTS ? this.onLookupWithTestFaults : this.onLookup).bind(this) });
     this.server.addService(shardControlService(), this.controlHandlers());
     this.health.addToServer(this.server);
     this.boundPort = await new Promise<number>((resolve, reject) => {
@@ -104,7 +105,7 @@ export class ReplicaServer {
       if (this.state !== 'open') throw new KvError(KvErrorCode.UNAVAILABLE, `replica is ${this.state === 'opening' ? 'catching up' : this.state}`);
       checkTableName(req.table);
       const keys = keysFromBytes(req.keys);
-      callback(null, this.shard.lookup(req.table, req.version, keys));
+      callback(null, this.shard.lookup(req.table, req.version, keys, this.answers));
     } catch (err) {
       callback(toGrpcError(err));
     }

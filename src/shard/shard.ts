@@ -2,7 +2,7 @@ import type { Logger } from 'pino';
 import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
 import { firstNonFinite, keyAt } from '../common/keys.js';
 import { checkTableName, checkVersion } from '../common/validate.js';
-import { allocLookupResponse } from '../common/wire.js';
+import { allocLookupResponse, type AnswerBufferPool } from '../common/wire.js';
 import { Overlay } from './overlay.js';
 import { ShardStore, type PutRecord, type TableMeta, type VersionMeta } from './store.js';
 import { KeySet, VersionData } from './version-data.js';
@@ -192,7 +192,7 @@ export class Shard {
   // ---- lookups ------------------------------------------------------------------------------------
 
   /** Answers a lookup as an encoded LookupResponse, filled in place. */
-  lookup(table: string, version: number, keys: Uint32Array): Buffer {
+  lookup(table: string, version: number, keys: Uint32Array, pool?: AnswerBufferPool): Buffer {
     const n = keys.length / 2;
     if (n > MAX_LOOKUP_KEYS) throw invalidArgument(`a lookup holds ${n} keys; at most ${MAX_LOOKUP_KEYS} are accepted`);
     const t = this.tables.get(table);
@@ -201,7 +201,7 @@ export class Shard {
     if (want === 0) throw new KvError(KvErrorCode.VERSION_NOT_FOUND, `table ${table} has no published version`);
     const v = t.versions.get(want);
     if (v === undefined) throw new KvError(KvErrorCode.VERSION_NOT_FOUND, `table ${table} version ${want} is not held by this replica`);
-    const res = allocLookupResponse(v.meta.version, v.data.dim, n);
+    const res = allocLookupResponse(v.meta.version, v.data.dim, n, pool);
     v.data.lookup(keys, n, res.values, res.found);
     if (t.overlay !== undefined && t.overlay.dim === v.data.dim) t.overlay.lookupOver(keys, n, res.values, res.found);
     return res.buf;
