@@ -273,6 +273,22 @@ describe('versions, deltas and real-time puts on 2 groups x 2 replica processes'
     }
     await assertEveryReplica(cluster, state.withPuts!, state.withPuts!.keys.slice(0, 3000));
   });
+
+  test('a delta is not published over a newer version than the one it was built on', async () => {
+    const dir = join(dumps, 'd9');
+    mkdirSync(dir);
+    writeFileSync(join(dir, 'd.txt'), `${state.withPuts!.keys[0]}\t${Array(DIM).fill(9).join(',')}\n`);
+    const staged = await cluster.kvctl(['load', '--table', 'emb', '--version', '9', '--incremental', dir, '--no-publish']);
+    assert.equal(staged.code, 0, staged.stderr);
+    const v8 = makeModel(N, DIM, 5, 8);
+    await writeModelPart(join(dumps, 'v8'), v8, 0, N);
+    const full = await cluster.kvctl(['load', '--table', 'emb', '--version', '8', '--full', join(dumps, 'v8'), '--publish']);
+    assert.equal(full.code, 0, full.stderr);
+    const stale = await cluster.kvctl(['publish', '--table', 'emb', '--version', '9']);
+    assert.equal(stale.code, 1);
+    assert.match(stale.stderr, /version 9 is a delta on v5, but v8 is current/);
+    await assertEveryReplica(cluster, v8, v8.keys.slice(0, 2000));
+  });
 });
 
 function applyDelta(m: Model, upKeys: BigUint64Array, upVals: Float32Array, delKeys: BigUint64Array): Model {

@@ -139,7 +139,9 @@ async function load(
       conns.all().map(async (c) => {
         // Keys spread evenly over the groups; 5% over the mean leaves room for the spread.
         const expectedRows = plan.totalRows > 0 && !incremental ? Math.ceil((plan.totalRows / G) * 1.05) : 0;
-        const r = await call<{ baseVersion: number }>(c, 'LoadBegin', { table, version, dim: plan.dim, loadId, force: options.force ?? false, incremental, expectedRows });
+        const r = await call<{ baseVersion: number }>(c, 'LoadBegin', {
+          table, version, dim: plan.dim, loadId, force: options.force ?? false, incremental, expectedRows, startedAtMs: started,
+        });
         return { c, base: r.baseVersion };
       }),
     );

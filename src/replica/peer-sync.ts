@@ -1,11 +1,13 @@
 import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
-import { KvError } from '../common/errors.js';
+import { KvError, KvErrorCode } from '../common/errors.js';
 import { floatsFromBytes, keysFromBytes } from '../common/keys.js';
 import { CHANNEL_OPTIONS, shardControlClientConstructor } from '../common/wire.js';
 import { ORDER_SCALE, type Shard } from '../shard/shard.js';
 
 export const PULL_INTERVAL_MS = 250;
+/** Refusals that a retry would meet again: the batch is skipped. */
+const PERMANENT = new Set<string>([KvErrorCode.TABLE_NOT_FOUND, KvErrorCode.VERSION_NOT_FOUND, KvErrorCode.INVALID_ARGUMENT]);
 const PULL_BATCHES = 256;
 const CATCH_UP_DEADLINE_MS = 5000;
 
@@ -101,14 +103,18 @@ export class PeerSync {
             await this.shard.put(b.table, keysFromBytes(b.keys), floatsFromBytes(b.values), b.order, b.writer, lag);
             applied++;
           } catch (err) {
-            // A batch this replica cannot apply (a table it does not hold, a superseded dim) is skipped.
-            if (!(err instanceof KvError)) throw err;
+            if (!(err instanceof KvError) || !PERMANENT.has(err.code)) {
+              // A disk error or a full overlay may pass: keep the cursor here and try again next time.
+              this.log.warn({ peer: p.address, seq: b.seq, err: (err as Error).message }, 'could not apply a put batch from a peer; will retry');
+              return applied;
+            }
+            // A batch this replica can never apply (a table it does not hold, a superseded dim) is skipped.
             this.log.warn({ peer: p.address, seq: b.seq, table: b.table, err: err.message }, 'skipped a put batch from a peer');
           }
         }
         p.cursor = b.seq;
       }
-      if (res.batches.length < PULL_BATCHES) return applied;
+      if (res.batches.length === 0 || p.cursor >= res.lastSeq) return applied;
     }
   }
 }

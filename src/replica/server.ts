@@ -131,8 +131,8 @@ export class ReplicaServer {
           });
       };
     return {
-      LoadBegin: unary(async (r: { table: string; version: number; dim: number; loadId: string; force: boolean; incremental: boolean; expectedRows: number }) => {
-        const b = await this.shard.loadBegin(r.table, checkVersion(r.version), r.dim, r.loadId, r.force, r.incremental, r.expectedRows);
+      LoadBegin: unary(async (r: { table: string; version: number; dim: number; loadId: string; force: boolean; incremental: boolean; expectedRows: number; startedAtMs: number }) => {
+        const b = await this.shard.loadBegin(r.table, checkVersion(r.version), r.dim, r.loadId, r.force, r.incremental, r.expectedRows, r.startedAtMs);
         return { currentVersion: b.current, baseVersion: b.base };
       }),
       LoadRows: unary(async (r: { table: string; version: number; loadId: string; keys: Buffer; values: Buffer; deletes: Buffer }) => ({

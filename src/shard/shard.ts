@@ -10,12 +10,16 @@ import { KeySet, VersionData } from './version-data.js';
 /** Bounds on what a replica accepts. */
 export const MAX_DIM = 16384;
 export const MAX_LOOKUP_KEYS = 4_000_000;
+/** The largest answer a replica builds (the message limit of the wire is 512 MiB). */
+export const MAX_ANSWER_BYTES = 256 * 1024 * 1024;
 export const MAX_LOAD_BATCH_ROWS = 1 << 17;
 export const MAX_PUT_KEYS = 65_536;
 /** Memory that real-time updates of one table may hold on a replica before puts are refused. */
 export const DEFAULT_MAX_REALTIME_BYTES = 512 * 1024 * 1024;
 /** A write version that receives nothing for this long may be replaced by another load. */
 export const DEFAULT_LOAD_IDLE_MS = 60_000;
+/** A catch-up answer carries about this much at most (the wire's message limit is 512 MiB). */
+const MAX_PULL_BYTES = 64 * 1024 * 1024;
 /** Disk writes of one load in flight before a batch waits for the oldest. */
 const MAX_PENDING_WRITES = 8;
 /** Write orders are client milliseconds * ORDER_SCALE + a writer tag. */
@@ -98,6 +102,8 @@ export class Shard {
   private readonly log: Logger;
   /** Put batches in the log, by `${order}:${writer}`, so a batch arriving twice is applied once. */
   private readonly putsSeen = new Set<string>();
+  /** Seqs handed out whose log write has not finished. */
+  private readonly putsWriting = new Set<number>();
   private putSeq = 0;
 
   constructor(private readonly store: ShardStore, options: ShardOptions) {
@@ -156,8 +162,9 @@ export class Shard {
       if (byVersion.size !== meta.versions.length) await this.store.putTable(this.metaOf(t), true);
     }
     // Replay the put log over the restored versions.
+    this.putSeq = await this.store.putSeqHighWater();
     for (let after = 0; ;) {
-      const recs = await this.store.readPuts(after, 1024);
+      const recs = await this.store.readPuts(after, Number.MAX_SAFE_INTEGER, 1024);
       if (recs.length === 0) break;
       for (const rec of recs) {
         this.putSeq = Math.max(this.putSeq, rec.seq);
@@ -201,6 +208,9 @@ export class Shard {
     if (want === 0) throw new KvError(KvErrorCode.VERSION_NOT_FOUND, `table ${table} has no published version`);
     const v = t.versions.get(want);
     if (v === undefined) throw new KvError(KvErrorCode.VERSION_NOT_FOUND, `table ${table} version ${want} is not held by this replica`);
+    if (n * v.data.dim * 4 > MAX_ANSWER_BYTES) {
+      throw new KvError(KvErrorCode.RESOURCE_EXHAUSTED, `an answer of ${n} keys of dim ${v.data.dim} would exceed ${MAX_ANSWER_BYTES} bytes; split the request`);
+    }
     const res = allocLookupResponse(v.meta.version, v.data.dim, n, pool);
     v.data.lookup(keys, n, res.values, res.found);
     if (t.overlay !== undefined && t.overlay.dim === v.data.dim) t.overlay.lookupOver(keys, n, res.values, res.found);
@@ -210,7 +220,9 @@ export class Shard {
   // ---- loads --------------------------------------------------------------------------------------
 
   /** Opens the write version of a full load, or of a delta on top of the current version. */
-  async loadBegin(table: string, version: number, dim: number, loadId: string, force: boolean, incremental: boolean, expectedRows = 0): Promise<{ current: number; base: number }> {
+  async loadBegin(
+    table: string, version: number, dim: number, loadId: string, force: boolean, incremental: boolean, expectedRows = 0, startedAtMs = 0,
+  ): Promise<{ current: number; base: number }> {
     checkTableName(table);
     checkVersion(version);
     if (!Number.isInteger(dim) || dim < 1 || dim > MAX_DIM) throw invalidArgument(`dim must be in [1, ${MAX_DIM}], got ${dim}`);
@@ -240,13 +252,17 @@ export class Shard {
         this.log.warn({ table, version: w.version, loadId: w.loadId, idleMs: idle }, 'replacing an unfinished load');
         await this.dropWrite(t);
       }
+      // Rows left by a load of this version number that a crash cut short before they were dropped.
+      await this.store.dropVersionRows(table, version);
       const now = Date.now();
+      // The loader's clock, one value for every replica, so all drop the same older puts at publish.
+      const createdAtMs = Number.isSafeInteger(startedAtMs) && startedAtMs > 0 ? startedAtMs : now;
       const meta: VersionMeta = {
-        version, dim, rows: 0, state: 'loading', loadId, blocks: 0, base: base?.meta.version ?? 0, upserts: 0, deletes: 0, createdAtMs: now,
+        version, dim, rows: 0, state: 'loading', loadId, blocks: 0, base: base?.meta.version ?? 0, upserts: 0, deletes: 0, createdAtMs,
       };
       t.write = {
         // The index is sized from the loader's hint (bounded: a wrong hint must not exhaust memory).
-        version, loadId, meta, data: base ? base.data.derive() : new VersionData(dim, Math.min(Math.max(0, expectedRows), 1 << 26)), touched: base ? new KeySet() : undefined,
+        version, loadId, meta, data: base ? base.data.derive() : new VersionData(dim, Math.min(Math.max(0, expectedRows), 1 << 22)), touched: base ? new KeySet() : undefined,
         ops: 0, lastActivityMs: now, failed: undefined, pending: new Set(),
       };
       await this.store.putTable(this.metaOf(t), false);
@@ -384,6 +400,10 @@ export class Shard {
       if (version < previous && !rollback) {
         throw new KvError(KvErrorCode.VERSION_TOO_OLD, `table ${table}: version ${version} is older than the current ${previous}; use rollback`);
       }
+      if (!rollback && held.meta.base !== 0 && held.meta.base !== previous && version !== previous) {
+        // A delta applies to the version it was built on; over anything newer it would revert data.
+        throw new KvError(KvErrorCode.LOAD_CONFLICT, `table ${table}: version ${version} is a delta on v${held.meta.base}, but v${previous} is current; load the delta again on v${previous}`);
+      }
       if (version === previous) return previous;
       t.current = version;
       if (!rollback && held.meta.base === 0) {
@@ -469,11 +489,14 @@ export class Shard {
     this.putsSeen.add(id);
     const seq = ++this.putSeq;
     const rec: PutRecord = { seq, table, order, writer, keys, values };
+    this.putsWriting.add(seq);
     try {
       await this.store.appendPut(rec);
     } catch (err) {
       this.putsSeen.delete(id);
       throw new KvError(KvErrorCode.INTERNAL, `writing the put to disk failed: ${(err as Error).message}`, { cause: err });
+    } finally {
+      this.putsWriting.delete(seq);
     }
     // Re-read: a publish may have changed the current version while the log was written.
     this.applyPut(t, keys, values, order);
@@ -495,7 +518,12 @@ export class Shard {
 
   /** Logged put batches after `after`, for a peer catching up. */
   async putsSince(after: number, limit: number): Promise<{ batches: PutRecord[]; last: number }> {
-    return { batches: await this.store.readPuts(after, Math.min(Math.max(limit, 1), 1024)), last: this.putSeq };
+    // Only up to the durable watermark: a batch whose write is still under way may end below one
+    // already on disk, and a peer that moved its cursor past it would never pull it.
+    let durable = this.putSeq;
+    for (const s of this.putsWriting) durable = Math.min(durable, s - 1);
+    const batches = await this.store.readPuts(after, durable, Math.min(Math.max(limit, 1), 1024), MAX_PULL_BYTES);
+    return { batches, last: durable };
   }
 
   /** Whether this replica has logged the batch (order, writer). */

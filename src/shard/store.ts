@@ -113,13 +113,30 @@ export class ShardStore {
 
   /** Appends a put batch to the log, synced to disk before it resolves. */
   async appendPut(rec: PutRecord): Promise<void> {
-    await this.db.put(`p!${pad(rec.seq, 16)}`, encodePut(rec), { sync: true });
+    // The high-water seq is written with the batch, so a seq is never handed out twice, even after
+    // pruning emptied the tail of the log.
+    await this.db.batch([
+      { type: 'put', key: `p!${pad(rec.seq, 16)}`, value: encodePut(rec) },
+      { type: 'put', key: 'm!putseq', value: new TextEncoder().encode(String(rec.seq)) },
+    ], { sync: true });
+  }
+
+  /** The highest put seq ever handed out (0 for a new store). */
+  async putSeqHighWater(): Promise<number> {
+    const v = await this.db.get('m!putseq');
+    return v === undefined ? 0 : Number(new TextDecoder().decode(v));
   }
 
   /** Put batches with seq > after, oldest first, at most `limit`. */
-  async readPuts(after: number, limit: number): Promise<PutRecord[]> {
+  /** Put batches with after < seq <= upTo, oldest first, at most `limit` batches and about `maxBytes` (at least one). */
+  async readPuts(after: number, upTo: number, limit: number, maxBytes = Infinity): Promise<PutRecord[]> {
     const out: PutRecord[] = [];
-    for await (const value of this.db.values({ gt: `p!${pad(after, 16)}`, lt: 'p"', limit })) out.push(decodePut(value));
+    let bytes = 0;
+    for await (const value of this.db.values({ gt: `p!${pad(after, 16)}`, lte: `p!${pad(upTo, 16)}`, limit })) {
+      if (out.length > 0 && bytes + value.byteLength > maxBytes) break;
+      out.push(decodePut(value));
+      bytes += value.byteLength;
+    }
     return out;
   }
 
