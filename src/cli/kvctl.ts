@@ -15,9 +15,11 @@ import { runDemo } from './demo.js';
 import { Progress, formatStatus } from './output.js';
 import { Supervisor } from './supervisor.js';
 
-const intArg = (name: string, min: number) => (value: string): number => {
+const intArg = (name: string, min: number, max = Number.MAX_SAFE_INTEGER) => (value: string): number => {
   const n = Number(value);
-  if (!/^\d+$/.test(value) || !Number.isSafeInteger(n) || n < min) throw new InvalidArgumentError(`${name} must be an integer ≥ ${min}`);
+  if (!/^\d+$/.test(value) || !Number.isSafeInteger(n) || n < min || n > max) {
+    throw new InvalidArgumentError(max === Number.MAX_SAFE_INTEGER ? `${name} must be an integer ≥ ${min}` : `${name} must be an integer in [${min}, ${max}]`);
+  }
   return n;
 };
 
@@ -51,8 +53,8 @@ program
   .command('serve')
   .description('run one shard replica')
   .option('--config <file>', 'cluster manifest', DEFAULT_CONFIG_PATH)
-  .requiredOption('--group <g>', 'shard group index', intArg('--group', 0))
-  .requiredOption('--replica <r>', 'replica index within the group', intArg('--replica', 0))
+  .requiredOption('--group <g>', 'shard group index', intArg('--group', 0, 4095))
+  .requiredOption('--replica <r>', 'replica index within the group', intArg('--replica', 0, 63))
   .option('--data <dir>', 'data directory (default ./data/gGrR)')
   .action(async (o: { config: string; group: number; replica: number; data?: string }) => {
     const manifest = loadManifest(o.config);
@@ -92,7 +94,7 @@ program
   .option('--publish', 'publish the version once every replica holds it (default for --incremental)')
   .option('--no-publish', 'only load; publish later with kvctl publish')
   .option('--force', 'accept a version number lower than the current one, and take over a stalled load', false)
-  .option('--dim <n>', 'the dimension of a full load that changes the table\'s dimension (default: the current version\'s)', intArg('--dim', 1))
+  .option('--dim <n>', 'the dimension of a full load that changes the table\'s dimension (default: the current version\'s)', intArg('--dim', 1, 16384))
   .action(async (o: { config: string; table: string; version: number; full?: string; incremental?: string; publish?: boolean; force: boolean; dim?: number }) => {
     if ((o.full === undefined) === (o.incremental === undefined)) {
       throw new KvError(KvErrorCode.INVALID_ARGUMENT, 'give the dump to load with exactly one of --full PATH or --incremental PATH');
@@ -205,9 +207,9 @@ program
   .command('router')
   .description('run the gRPC router endpoint (Embkv.Lookup for any keys)')
   .option('--config <file>', 'cluster manifest', DEFAULT_CONFIG_PATH)
-  .requiredOption('--port <p>', 'port to listen on', intArg('--port', 0))
+  .requiredOption('--port <p>', 'port to listen on', intArg('--port', 0, 65535))
   .option('--host <h>', 'address to listen on', '127.0.0.1')
-  .option('--stats-interval-ms <ms>', 'log per-group stats this often (0: never; kvctl status --router shows them any time)', intArg('--stats-interval-ms', 0), 60_000)
+  .option('--stats-interval-ms <ms>', 'log per-group stats this often (0: never; kvctl status --router shows them any time)', intArg('--stats-interval-ms', 0, 86_400_000), 60_000)
   .action(async (o: { config: string; port: number; host: string; statsIntervalMs: number }) => {
     const router = new RouterServer({
       manifest: loadManifest(o.config), host: o.host, port: o.port, logger: rootLogger('embkv'), statsIntervalMs: o.statsIntervalMs,
@@ -224,7 +226,7 @@ program
   .option('--config <file>', 'cluster manifest (written with the default if missing)', DEFAULT_CONFIG_PATH)
   .option('--data <dir>', 'data directory', 'data')
   .option('--keys <n>', 'keys in the demo model', intArg('--keys', 1000), 1_000_000)
-  .option('--dim <n>', 'dimension', intArg('--dim', 1), 32)
+  .option('--dim <n>', 'dimension', intArg('--dim', 1, 16384), 32)
   .option('--requests <n>', 'timed 150k-key requests', intArg('--requests', 1), 20)
   .option('--no-serve', 'stop after measuring instead of serving until Ctrl-C')
   .action(async (o: { config: string; data: string; keys: number; dim: number; requests: number; serve: boolean }) => {

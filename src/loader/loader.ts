@@ -82,6 +82,7 @@ export async function runLoad(options: LoadOptions): Promise<LoadResult> {
   const batchRows = options.batchRows ?? DEFAULT_BATCH_ROWS;
   const inflight = options.inflightPerGroup ?? DEFAULT_INFLIGHT_PER_GROUP;
   if (!Number.isInteger(batchRows) || batchRows < 1) throw invalidArgument('batchRows must be a positive integer');
+  if (!Number.isInteger(inflight) || inflight < 1 || inflight > 64) throw invalidArgument('inflightPerGroup must be an integer in [1, 64]');
   const mode = options.mode ?? 'full';
   const { manifest } = options;
   const conns = new ClusterConnections(manifest);

@@ -9,7 +9,8 @@ export const PULL_INTERVAL_MS = 250;
 /** Refusals that a retry would meet again: the batch is skipped. */
 const PERMANENT = new Set<string>([KvErrorCode.TABLE_NOT_FOUND, KvErrorCode.VERSION_NOT_FOUND, KvErrorCode.INVALID_ARGUMENT]);
 const PULL_BATCHES = 256;
-const CATCH_UP_DEADLINE_MS = 5000;
+/** One catch-up call may take this long; a peer that does not answer in time is skipped. */
+const CATCH_UP_CALL_MS = 5000;
 
 interface PulledBatch {
   seq: number;
@@ -48,7 +49,7 @@ export class PeerSync {
     await Promise.all(
       this.peers.map(async (p) => {
         try {
-          const pulled = await this.pullAll(p, Date.now() + CATCH_UP_DEADLINE_MS);
+          const pulled = await this.pullAll(p, CATCH_UP_CALL_MS);
           if (pulled > 0) this.log.info({ peer: p.address, batches: pulled }, 'caught up on real-time puts');
         } catch (err) {
           this.log.warn({ peer: p.address, err: (err as Error).message }, 'peer not reachable to catch up from');
@@ -63,7 +64,7 @@ export class PeerSync {
       this.timer = setTimeout(() => {
         if (this.running) return tick();
         this.running = true;
-        Promise.allSettled(this.peers.map((p) => this.pullAll(p, Date.now() + 2000)))
+        Promise.allSettled(this.peers.map((p) => this.pullAll(p, 2000)))
           .finally(() => {
             this.running = false;
             if (this.timer !== undefined) tick();
@@ -80,9 +81,11 @@ export class PeerSync {
     for (const p of this.peers) p.client.close();
   }
 
-  private async pullAll(p: Peer, deadline: number): Promise<number> {
+  /** Pulls until the peer has nothing newer; each call may take `callMs` (a large backlog takes many). */
+  private async pullAll(p: Peer, callMs: number): Promise<number> {
     let applied = 0;
     for (;;) {
+      const deadline = Date.now() + callMs;
       const res = await new Promise<{ batches: PulledBatch[]; lastSeq: number }>((resolve, reject) => {
         (p.client as unknown as Record<string, Function>)['PutsSince']!.call(
           p.client,

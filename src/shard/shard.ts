@@ -187,12 +187,12 @@ export class Shard {
     }
   }
 
-  private newTable(name: string): TableState {
+  private newTable(name: string, register = true): TableState {
     const t: TableState = {
       name, current: 0, versions: new Map(), retained: new Map(), write: undefined, overlay: undefined,
       putsFrom: 0, realtimeBatches: 0, lastPutOrder: 0, realtimeLagMs: 0,
     };
-    this.tables.set(name, t);
+    if (register) this.tables.set(name, t);
     return t;
   }
 
@@ -228,7 +228,9 @@ export class Shard {
     if (!Number.isInteger(dim) || dim < 1 || dim > MAX_DIM) throw invalidArgument(`dim must be in [1, ${MAX_DIM}], got ${dim}`);
     if (typeof loadId !== 'string' || loadId.length === 0 || loadId.length > 128) throw invalidArgument('load_id must be a non-empty string');
     return this.withTable(table, async () => {
-      const t = this.tables.get(table) ?? this.newTable(table);
+      // A new table is registered only once its first load has begun.
+      const known = this.tables.get(table);
+      const t = known ?? this.newTable(table, false);
       if (t.versions.has(version) || t.retained.has(version)) {
         throw new KvError(KvErrorCode.VERSION_EXISTS, `table ${table} version ${version} exists already`);
       }
@@ -260,6 +262,7 @@ export class Shard {
       const meta: VersionMeta = {
         version, dim, rows: 0, state: 'loading', loadId, blocks: 0, base: base?.meta.version ?? 0, upserts: 0, deletes: 0, createdAtMs,
       };
+      if (known === undefined) this.tables.set(table, t);
       t.write = {
         // The index is sized from the loader's hint (bounded: a wrong hint must not exhaust memory).
         version, loadId, meta, data: base ? base.data.derive() : new VersionData(dim, Math.min(Math.max(0, expectedRows), 1 << 22)), touched: base ? new KeySet() : undefined,
