@@ -1,6 +1,7 @@
 import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
 import { randomInt, randomUUID } from 'node:crypto';
 import { firstNonFinite, packKeys, type KeyInput } from '../common/keys.js';
+import { MAX_PUT_KEYS, ORDER_SCALE } from '../common/limits.js';
 import { resolveManifest, type Manifest } from '../common/manifest.js';
 import { Fanout } from '../router/fanout.js';
 import type { FanoutStats } from '../router/stats.js';
@@ -31,8 +32,6 @@ export interface PutEmbeddingsOptions {
   deadlineMs?: number;
 }
 
-/** Keys in one putEmbeddings call; larger updates are split by the caller. */
-export const MAX_PUT_KEYS = 65_536;
 
 /** The SDK: batched lookups fanned out to every shard group at once, and real-time updates. */
 export interface EmbeddingClient {
@@ -46,8 +45,6 @@ export interface EmbeddingClient {
 /** What `client.stats()` returns (see src/router/stats.ts for the fields). */
 export type ClientStats = FanoutStats;
 
-/** Write orders are client milliseconds * ORDER_SCALE + the writer's tag (as replicas expect). */
-const ORDER_SCALE = 4096;
 
 const GET_OPTIONS = new Set(['table', 'version', 'deadlineMs', 'signal']);
 

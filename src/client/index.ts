@@ -2,7 +2,7 @@ import { EmbeddingClientImpl } from './client.js';
 
 export { EmbeddingClientImpl };
 export type { EmbeddingClient as EmbeddingClientInterface, EmbeddingsResult, GetEmbeddingsOptions, PutEmbeddingsOptions } from './client.js';
-export { MAX_PUT_KEYS } from './client.js';
+export { MAX_PUT_KEYS } from '../common/limits.js';
 export {
   DEFAULT_DEADLINE_MS, DEFAULT_MAX_KEYS_PER_REQUEST, DEFAULT_HEDGING, DEFAULT_HEDGE_PERCENTILE, DEFAULT_HEDGE_MIN_DELAY_MS,
   DEFAULT_HEDGE_MAX_DELAY_MS, DEFAULT_HEDGE_MAX_TOKENS, DEFAULT_HEDGE_TOKEN_RATIO, DEFAULT_HEALTH_PROBE_INTERVAL_MS,

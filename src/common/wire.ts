@@ -206,17 +206,21 @@ export function allocLookupResponse(version: number, dim: number, n: number, poo
  * grpc-js has framed it: grpc-js copies the serialized message into its own frame right after
  * `responseSerialize` returns, so the release is queued from there and runs after that copy.
  *
- *   size classes: powers of two from 64 KiB; at most KEEP buffers per class
+ *   size classes: powers of two from 64 KiB; at most KEEP buffers per class, MAX_BYTES in all
  */
 export class AnswerBufferPool {
   private static readonly KEEP = 4;
+  private static readonly MAX_BYTES = 128 * 1024 * 1024;
+  private pooledBytes = 0;
   private readonly free = new Map<number, ArrayBuffer[]>();
   private readonly owned = new WeakSet<ArrayBuffer>();
 
   take(bytes: number): ArrayBuffer {
     let size = 65536;
     while (size < bytes) size *= 2;
-    const ab = this.free.get(size)?.pop() ?? new ArrayBuffer(size);
+    const reused = this.free.get(size)?.pop();
+    if (reused !== undefined) this.pooledBytes -= size;
+    const ab = reused ?? new ArrayBuffer(size);
     this.owned.add(ab);
     return ab;
   }
@@ -228,7 +232,10 @@ export class AnswerBufferPool {
       this.owned.delete(ab);
       queueMicrotask(() => {
         const list = this.free.get(ab.byteLength) ?? [];
-        if (list.length < AnswerBufferPool.KEEP) list.push(ab);
+        if (list.length < AnswerBufferPool.KEEP && this.pooledBytes + ab.byteLength <= AnswerBufferPool.MAX_BYTES) {
+          list.push(ab);
+          this.pooledBytes += ab.byteLength;
+        }
         this.free.set(ab.byteLength, list);
       });
     }

@@ -9,6 +9,7 @@
 import { open, readdir, stat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
+import { MAX_DIM } from '../common/limits.js';
 
 export type LoadMode = 'full' | 'incremental';
 
@@ -70,7 +71,8 @@ export const DEFAULT_CHUNK_ROWS = 65536;
 /** Chunks are also cut so their values stay under this many bytes, which bounds memory at large dims. */
 export const MAX_CHUNK_BYTES = 64 * 1024 * 1024;
 /** Largest dim a dump may have. */
-export const MAX_LOAD_DIM = 65536;
+/** A replica accepts no larger dim; the loader refuses it before sending a row. */
+export const MAX_LOAD_DIM = MAX_DIM;
 const MAX_CHUNK_ROWS = 1 << 24;
 /** numpy itself refuses headers over 10,000 bytes by default; anything near this is not a real header. */
 const MAX_NPY_HEADER_BYTES = 1 << 20;

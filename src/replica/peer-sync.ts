@@ -3,7 +3,8 @@ import type { Logger } from 'pino';
 import { KvError, KvErrorCode } from '../common/errors.js';
 import { floatsFromBytes, keysFromBytes } from '../common/keys.js';
 import { CHANNEL_OPTIONS, shardControlClientConstructor } from '../common/wire.js';
-import { ORDER_SCALE, type Shard } from '../shard/shard.js';
+import { ORDER_SCALE } from '../common/limits.js';
+import type { Shard } from '../shard/shard.js';
 
 export const PULL_INTERVAL_MS = 250;
 /** Refusals that a retry would meet again: the batch is skipped. */

@@ -1,6 +1,7 @@
 import type { Logger } from 'pino';
 import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
 import { firstNonFinite, keyAt } from '../common/keys.js';
+import { MAX_DIM, MAX_PUT_KEYS, ORDER_SCALE } from '../common/limits.js';
 import { checkTableName, checkVersion } from '../common/validate.js';
 import { allocLookupResponse, type AnswerBufferPool } from '../common/wire.js';
 import { Overlay } from './overlay.js';
@@ -8,12 +9,10 @@ import { ShardStore, type PutRecord, type TableMeta, type VersionMeta } from './
 import { KeySet, VersionData } from './version-data.js';
 
 /** Bounds on what a replica accepts. */
-export const MAX_DIM = 16384;
 export const MAX_LOOKUP_KEYS = 4_000_000;
 /** The largest answer a replica builds (the message limit of the wire is 512 MiB). */
 export const MAX_ANSWER_BYTES = 256 * 1024 * 1024;
 export const MAX_LOAD_BATCH_ROWS = 1 << 17;
-export const MAX_PUT_KEYS = 65_536;
 /** Memory that real-time updates of one table may hold on a replica before puts are refused. */
 export const DEFAULT_MAX_REALTIME_BYTES = 512 * 1024 * 1024;
 /** A write version that receives nothing for this long may be replaced by another load. */
@@ -22,8 +21,6 @@ export const DEFAULT_LOAD_IDLE_MS = 60_000;
 const MAX_PULL_BYTES = 64 * 1024 * 1024;
 /** Disk writes of one load in flight before a batch waits for the oldest. */
 const MAX_PENDING_WRITES = 8;
-/** Write orders are client milliseconds * ORDER_SCALE + a writer tag. */
-export const ORDER_SCALE = 4096;
 
 interface Held {
   data: VersionData;
@@ -104,6 +101,8 @@ export class Shard {
   private readonly putsSeen = new Set<string>();
   /** Seqs handed out whose log write has not finished. */
   private readonly putsWriting = new Set<number>();
+  /** Batches being written, by id, so a second copy waits for the first. */
+  private readonly putsInFlight = new Map<string, Promise<number>>();
   private putSeq = 0;
 
   constructor(private readonly store: ShardStore, options: ShardOptions) {
@@ -483,6 +482,9 @@ export class Shard {
     const bad = firstNonFinite(values);
     if (bad >= 0) throw invalidArgument(`values[${bad}] (key ${keyAt(keys, Math.floor(bad / dim))}) is ${values[bad]}; vectors must be finite`);
     const id = `${order}:${writer}`;
+    // The same batch again (a retry, or from a peer): answer when the first copy is on disk.
+    const writing = this.putsInFlight.get(id);
+    if (writing !== undefined) return writing;
     if (this.putsSeen.has(id)) return this.putSeq;
     // Written before the current full version's load began: that version holds newer data.
     if (order < t.putsFrom) return this.putSeq;
@@ -493,13 +495,16 @@ export class Shard {
     const seq = ++this.putSeq;
     const rec: PutRecord = { seq, table, order, writer, keys, values };
     this.putsWriting.add(seq);
+    const write = this.store.appendPut(rec).then(() => seq);
+    this.putsInFlight.set(id, write);
     try {
-      await this.store.appendPut(rec);
+      await write;
     } catch (err) {
       this.putsSeen.delete(id);
       throw new KvError(KvErrorCode.INTERNAL, `writing the put to disk failed: ${(err as Error).message}`, { cause: err });
     } finally {
       this.putsWriting.delete(seq);
+      this.putsInFlight.delete(id);
     }
     // Re-read: a publish may have changed the current version while the log was written.
     this.applyPut(t, keys, values, order);
@@ -529,9 +534,10 @@ export class Shard {
     return { batches, last: durable };
   }
 
-  /** Whether this replica has logged the batch (order, writer). */
+  /** Whether this replica has the batch (order, writer) on disk. */
   hasPut(order: number, writer: string): boolean {
-    return this.putsSeen.has(`${order}:${writer}`);
+    const id = `${order}:${writer}`;
+    return this.putsSeen.has(id) && !this.putsInFlight.has(id);
   }
 
   // ---- status -------------------------------------------------------------------------------------
