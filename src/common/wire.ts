@@ -103,6 +103,19 @@ class Reader {
   }
 }
 
+/** The first occurrence of `field` in a protobuf message: a varint's value, or a length-delimited field's bytes. */
+export function readField(buf: Uint8Array, field: number): number | Uint8Array | undefined {
+  const r = new Reader(buf);
+  while (r.pos < buf.length) {
+    const tag = r.varint();
+    const wt = tag & 7;
+    if (Math.floor(tag / 8) === field && wt === 0) return r.varint();
+    if (Math.floor(tag / 8) === field && wt === 2) return r.bytes();
+    r.skip(wt);
+  }
+  return undefined;
+}
+
 // ---- LookupRequest -------------------------------------------------------------------------------
 
 export function encodeLookupRequest(req: LookupRequest): Buffer {

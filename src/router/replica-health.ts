@@ -2,6 +2,7 @@ import * as grpc from '@grpc/grpc-js';
 import type { ReplicaConn } from './connections.js';
 import { HEALTH_PROBE_DEADLINE_MS, HEALTH_PROBE_MAX_INTERVAL_MS } from './policy.js';
 import type { ReplicaStats } from './stats.js';
+import { readField } from '../common/wire.js';
 
 const HEALTH_CHECK_PATH = '/grpc.health.v1.Health/Check';
 // HealthCheckRequest { string service = 1; } with service "" (the whole server) encodes as no bytes.
@@ -12,25 +13,14 @@ const EWMA_WEIGHT = 0.2;
 const AVOID_MIN_MS = 20;
 const AVOID_MAX_MS = 2000;
 
-/** HealthCheckResponse { ServingStatus status = 1; }: reads field 1. */
+/** HealthCheckResponse { ServingStatus status = 1; }: reads field 1 (0, UNKNOWN, when absent or malformed). */
 function servingStatus(buf: Buffer): number {
-  let pos = 0;
-  while (pos < buf.length) {
-    const tag = buf[pos++]!;
-    let v = 0;
-    let mul = 1;
-    for (;;) {
-      const b = buf[pos++];
-      if (b === undefined) return 0;
-      v += (b & 127) * mul;
-      if (b < 128) break;
-      mul *= 128;
-    }
-    if (tag === 0x08) return v;
-    if ((tag & 7) === 2) pos += v;
-    else if ((tag & 7) !== 0) return 0;
+  try {
+    const v = readField(buf, 1);
+    return typeof v === 'number' ? v : 0;
+  } catch {
+    return 0;
   }
-  return 0; // proto3 default: UNKNOWN
 }
 
 /**

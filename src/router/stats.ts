@@ -1,4 +1,5 @@
 import * as grpc from '@grpc/grpc-js';
+import { readField } from '../common/wire.js';
 
 /**
  * Latency windows and the counters that the SDK (`client.stats()`) and the router (`kvctl status
@@ -128,22 +129,9 @@ export function encodeStatsResponse(stats: FanoutStats): Buffer {
 }
 
 export function decodeStatsResponse(buf: Buffer): FanoutStats {
-  let pos = 0;
-  while (pos < buf.length) {
-    const tag = buf[pos++]!;
-    let len = 0;
-    let mul = 1;
-    for (;;) {
-      const b = buf[pos++];
-      if (b === undefined) throw new Error('stats answer truncated');
-      len += (b & 127) * mul;
-      if (b < 128) break;
-      mul *= 128;
-    }
-    if (tag === 0x0a) return JSON.parse(buf.subarray(pos, pos + len).toString('utf8')) as FanoutStats;
-    pos += len;
-  }
-  throw new Error('stats answer holds no json field');
+  const json = readField(buf, 1);
+  if (!(json instanceof Uint8Array)) throw new Error('stats answer without its json field');
+  return JSON.parse(Buffer.from(json.buffer, json.byteOffset, json.byteLength).toString('utf8')) as FanoutStats;
 }
 
 export const ROUTER_STATS_SERVICE = {
