@@ -124,7 +124,11 @@ export class ReplicaServer {
     const unary = <Req, Res>(fn: (req: Req) => Promise<Res> | Res) =>
       (call: grpc.ServerUnaryCall<Req, Res>, callback: grpc.sendUnaryData<Res>): void => {
         Promise.resolve()
-          .then(() => fn(call.request))
+          .then(() => {
+            // The store closes during shutdown: a call then gets a clear answer, not a closed database.
+            if (this.state === 'closing' || this.state === 'closed') throw new KvError(KvErrorCode.UNAVAILABLE, `replica is ${this.state}`);
+            return fn(call.request);
+          })
           .then((res) => callback(null, res), (err: unknown) => {
             if (!(err instanceof KvError)) this.log.error({ err }, 'control call failed');
             callback(toGrpcError(err));
