@@ -357,13 +357,27 @@ export class Shard {
     });
   }
 
+  /**
+   * Drops the write version of this load; or, when the loader gives up after this replica already
+   * sealed it (another replica failed to), the sealed but never published version, so the same
+   * version number can be loaded again.
+   */
   async loadAbort(table: string, version: number, loadId: string): Promise<void> {
     return this.withTable(table, async () => {
       const t = this.tables.get(table);
-      const w = t?.write;
-      if (t === undefined || w === undefined || w.version !== version || w.loadId !== loadId) return;
-      await this.dropWrite(t);
-      this.log.info({ table, version, loadId }, 'load aborted');
+      if (t === undefined) return;
+      const w = t.write;
+      if (w !== undefined && w.version === version && w.loadId === loadId) {
+        await this.dropWrite(t);
+        this.log.info({ table, version, loadId }, 'load aborted');
+        return;
+      }
+      const sealed = t.versions.get(version);
+      if (sealed === undefined || sealed.meta.loadId !== loadId || version === t.current) return;
+      t.versions.delete(version);
+      await this.store.putTable(this.metaOf(t), true);
+      await this.store.dropVersionRows(table, version);
+      this.log.info({ table, version, loadId }, 'sealed but unpublished version dropped: its load was aborted');
     });
   }
 
