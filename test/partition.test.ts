@@ -6,6 +6,7 @@ import {
   partitionOf,
   partitionOfHalves,
   partitionOfReference,
+  sortByGroup,
 } from '../src/router/partition.js';
 import { stringKey } from '../src/common/keys.js';
 import { mulberry32 } from './helpers/util.js';
@@ -237,5 +238,36 @@ test('pinned reference table for 64 partitions', async () => {
       partition,
       `partitionOfHalves(${name}, 64)`,
     );
+  }
+});
+
+test('sortByGroup keeps request order within each group and moves value rows with their keys', () => {
+  const n = 1000;
+  const dim = 3;
+  const keys = new Uint32Array(2 * n);
+  const values = new Float32Array(n * dim);
+  for (let i = 0; i < n; i++) {
+    keys[2 * i] = i * 7919;
+    keys[2 * i + 1] = i;
+    values.fill(i, i * dim, (i + 1) * dim);
+  }
+  const G = 5;
+  const groupOf = new Uint16Array(n);
+  const counts = new Uint32Array(G);
+  assignGroups(keys, n, 64, groupTable(64, G), groupOf, counts);
+  const outKeys = new Uint32Array(2 * n);
+  const outValues = new Float32Array(n * dim);
+  const start = sortByGroup(keys, n, groupOf, counts, outKeys, values, dim, outValues);
+  assert.equal(start[G], n);
+  for (let g = 0; g < G; g++) {
+    let last = -1;
+    for (let at = start[g]!; at < start[g + 1]!; at++) {
+      const i = outKeys[2 * at + 1]!; // the high word is the request position
+      assert.equal(groupOf[i], g);
+      assert.ok(i > last, 'request order kept within the group');
+      last = i;
+      assert.equal(outKeys[2 * at], i * 7919);
+      assert.deepEqual(Array.from(outValues.subarray(at * dim, (at + 1) * dim)), [i, i, i]);
+    }
   }
 });

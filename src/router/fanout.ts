@@ -6,7 +6,7 @@ import type { Manifest } from '../common/manifest.js';
 import type { LookupResponse } from '../common/wire.js';
 import { ClusterConnections } from './connections.js';
 import { GroupCaller } from './group-caller.js';
-import { assignGroups, groupTable } from './partition.js';
+import { assignGroups, groupTable, sortByGroup } from './partition.js';
 import { parseReplicaPolicy, type ResolvedReplicaPolicy } from './policy.js';
 import { LatencyWindow, latencyOf, type FanoutStats } from './stats.js';
 
@@ -98,15 +98,7 @@ export class Fanout {
     const { groupOf, groupKeys } = scratch;
     const counts = new Uint32Array(G);
     assignGroups(req.keys, n, this.manifest.partitions, this.groupOfPartition, groupOf, counts);
-    const start = new Uint32Array(G + 1);
-    for (let g = 0; g < G; g++) start[g + 1] = start[g]! + counts[g]!;
-    const fill = start.slice(0, G);
-    const src = req.keys;
-    for (let i = 0; i < n; i++) {
-      const at = fill[groupOf[i]!]!++;
-      groupKeys[2 * at] = src[2 * i]!;
-      groupKeys[2 * at + 1] = src[2 * i + 1]!;
-    }
+    const start = sortByGroup(req.keys, n, groupOf, counts, groupKeys);
 
     const groups: number[] = [];
     for (let g = 0; g < G; g++) if (counts[g]! > 0) groups.push(g);

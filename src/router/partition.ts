@@ -108,3 +108,36 @@ export function assignGroups(
     counts[g]!++;
   }
 }
+
+/**
+ * A stable counting sort of packed keys by group (after assignGroups): the keys of group g, in
+ * request order, go to `outKeys` from key index start[g]; with `values`, their rows of `dim` floats go
+ * to `outValues` the same way. Returns start (G + 1 entries).
+ */
+export function sortByGroup(
+  keys: PackedKeys,
+  n: number,
+  groupOf: Uint16Array,
+  counts: Uint32Array,
+  outKeys: Uint32Array,
+  values?: Float32Array,
+  dim = 0,
+  outValues?: Float32Array,
+): Uint32Array {
+  const G = counts.length;
+  const start = new Uint32Array(G + 1);
+  for (let g = 0; g < G; g++) start[g + 1] = start[g]! + counts[g]!;
+  const fill = start.slice(0, G);
+  for (let i = 0; i < n; i++) {
+    const at = fill[groupOf[i]!]!++;
+    outKeys[2 * at] = keys[2 * i]!;
+    outKeys[2 * at + 1] = keys[2 * i + 1]!;
+    if (values !== undefined) {
+      let s = i * dim;
+      let d = at * dim;
+      const stop = s + dim;
+      while (s < stop) outValues![d++] = values[s++]!;
+    }
+  }
+  return start;
+}

@@ -2,7 +2,7 @@ import * as grpc from '@grpc/grpc-js';
 import { KvError, KvErrorCode, fromGrpcError } from '../common/errors.js';
 import type { PackedKeys } from '../common/keys.js';
 import { controlCall, type ClusterConnections } from './connections.js';
-import { assignGroups, groupTable } from './partition.js';
+import { assignGroups, groupTable, sortByGroup } from './partition.js';
 
 export interface PutRequest {
   table: string;
@@ -31,17 +31,9 @@ export async function putToGroups(conns: ClusterConnections, req: PutRequest): P
   const groupOf = new Uint16Array(n);
   const counts = new Uint32Array(G);
   assignGroups(req.keys, n, manifest.partitions, groupTable(manifest.partitions, G), groupOf, counts);
-  const start = new Uint32Array(G + 1);
-  for (let g = 0; g < G; g++) start[g + 1] = start[g]! + counts[g]!;
-  const fill = start.slice(0, G);
   const keys = new Uint32Array(2 * n);
   const values = new Float32Array(n * req.dim);
-  for (let i = 0; i < n; i++) {
-    const at = fill[groupOf[i]!]!++;
-    keys[2 * at] = req.keys[2 * i]!;
-    keys[2 * at + 1] = req.keys[2 * i + 1]!;
-    values.set(req.values.subarray(i * req.dim, (i + 1) * req.dim), at * req.dim);
-  }
+  const start = sortByGroup(req.keys, n, groupOf, counts, keys, req.values, req.dim, values);
   const groups: number[] = [];
   for (let g = 0; g < G; g++) if (counts[g]! > 0) groups.push(g);
   await Promise.all(
