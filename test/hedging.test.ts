@@ -180,8 +180,8 @@ describe('hedging, health and failing well on real replica processes (2 groups x
     assert.equal(await codeOf(c.getEmbeddings(makeRequest(model, 20_000), { table: 'emb', deadlineMs: 1 })), 'KV_DEADLINE_EXCEEDED');
   });
 
-  test('a replica frozen with SIGSTOP while requests run: no errors, hedges win', async () => {
-    const c = newClient();
+  /** 40 requests of 3000 keys; replica 0 of group 0 is frozen from the 5th to the 30th. */
+  const runFrozen = async (c: EmbeddingClient): Promise<number[]> => {
     await warm(c, 3000);
     const latencies: number[] = [];
     try {
@@ -196,11 +196,30 @@ describe('hedging, health and failing well on real replica processes (2 groups x
     } finally {
       cluster.signalReplica(0, 0, 'SIGCONT');
     }
+    return latencies;
+  };
+
+  test('a replica frozen with SIGSTOP while requests run: no errors, hedges win', async () => {
+    const c = newClient();
+    const latencies = await runFrozen(c);
     const s = c.stats();
     assert.equal(s.failures, 0);
     const g0 = s.groups[0]!;
     assert.ok(g0.hedgesWon >= 1, `group 0: ${JSON.stringify(g0)}`);
     // Generous: nothing waited for the frozen process or anywhere near the 5 s deadline.
+    assert.ok(Math.max(...latencies) < 2500, `latencies ${latencies.join(',')}`);
+    // Losing again and again, it is passed over for longer each time.
+    assert.ok(g0.hedgesSent <= 12, `hedges ${g0.hedgesSent}`);
+  });
+
+  test('a frozen replica is hedged away from even when the hedge budget is spent', async () => {
+    // One hedge's worth of budget, refilled by one token per 100 answers: every later rescue is the stall rule's.
+    const c = newClient({ hedgeMaxTokens: 2, hedgeTokenRatio: 0.01 });
+    const latencies = await runFrozen(c);
+    const s = c.stats();
+    assert.equal(s.failures, 0);
+    const g0 = s.groups[0]!;
+    assert.ok(g0.hedgesSent >= 2, `group 0 went back to the frozen replica and was rescued again: ${JSON.stringify(g0)}`);
     assert.ok(Math.max(...latencies) < 2500, `latencies ${latencies.join(',')}`);
   });
 

@@ -18,6 +18,13 @@ const DELAY_WINDOW = 128;
 const DELAY_MIN_SAMPLES = 16;
 const DELAY_REFRESH_EVERY = 8;
 const SIZE_CLASSES = 33;
+/**
+ * An attempt held this many times longer than the hedge target's recent answer time (and at least the
+ * hedge delay) is stalled: it is hedged even when the budget is spent. The budget exists for a group
+ * that is slow as a whole, where a hedge would only add load; a frozen replica next to one answering in
+ * a few ms is not that.
+ */
+const STALL_FACTOR = 4;
 
 const LOOKUP = EMBKV_CLIENT_SERVICE.lookup;
 
@@ -175,6 +182,8 @@ class GroupCall {
   private readonly started = Date.now();
   private hedgeTimer: NodeJS.Timeout | undefined;
   private hedgeCheck: NodeJS.Immediate | undefined;
+  /** After the budget refused a hedge: the wait before looking again (doubling), 0 before any refusal. */
+  private recheckMs = 0;
   private readonly errors: string[] = [];
   private resolve!: (r: LookupResponse) => void;
   private reject!: (e: KvError) => void;
@@ -257,16 +266,36 @@ class GroupCall {
     this.hedgeCheck = undefined;
     if (this.state !== 'waiting' && this.state !== 'hedged') return;
     const c = this.caller;
-    const next = c.pick(this.tried, false, false, Date.now());
+    const now = Date.now();
+    const next = c.pick(this.tried, false, false, now);
     if (next < 0) return;
-    if (!c.throttle.canHedge()) {
-      c.hedgesThrottled++;
+    if (!c.throttle.canHedge() && !this.stalled(next, now)) {
+      const delay = c.hedgeDelay(this.keys);
+      if (this.recheckMs === 0) c.hedgesThrottled++;
+      // Look again later, less and less often: the attempt may turn out to be stalled.
+      this.recheckMs = this.recheckMs === 0 ? delay : 2 * this.recheckMs;
+      if (now + this.recheckMs < this.deadline) {
+        this.hedgeTimer = setTimeout(this.onHedgeTimer, Math.max(1, this.recheckMs));
+        this.hedgeTimer.unref();
+      }
       return;
     }
     c.throttle.onCost();
     c.hedgesSent++;
     this.state = 'hedged';
     this.startAttempt(next, true);
+  }
+
+  /**
+   * Whether every attempt in flight has been held STALL_FACTOR times longer than replica `next` takes to
+   * answer (its moving average), and longer than the hedge delay.
+   */
+  private stalled(next: number, now: number): boolean {
+    const ewma = this.caller.replicas[next]!.ewmaMs;
+    if (Number.isNaN(ewma)) return false;
+    const limit = Math.max(STALL_FACTOR * ewma, this.caller.hedgeDelay(this.keys));
+    for (const a of this.attempts) if (!a.done && now - a.started < limit) return false;
+    return true;
   }
 
   private onAttemptDone(a: Attempt, err: grpc.ServiceError | null, res: LookupResponse | undefined): void {

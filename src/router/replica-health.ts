@@ -9,9 +9,15 @@ const HEALTH_CHECK_PATH = '/grpc.health.v1.Health/Check';
 const EMPTY = Buffer.alloc(0);
 const SERVING = 1;
 const EWMA_WEIGHT = 0.2;
-/** A replica that lost to a hedge is passed over for twice as long as it had kept the request, within these bounds. */
+/**
+ * A replica that lost to a hedge is passed over for twice as long as it had kept the request, doubled for
+ * every further loss in a row (outlier ejection, as Envoy's base_ejection_time x ejections), within these
+ * bounds. A replica that keeps stalling is tried again less and less often, so it stops draining the
+ * group's hedge budget; one answer that wins resets the streak.
+ */
 const AVOID_MIN_MS = 20;
-const AVOID_MAX_MS = 2000;
+const AVOID_MAX_MS = 5000;
+const AVOID_MAX_DOUBLINGS = 8;
 
 /** HealthCheckResponse { ServingStatus status = 1; }: reads field 1 (0, UNKNOWN, when absent or malformed). */
 function servingStatus(buf: Buffer): number {
@@ -33,6 +39,8 @@ export class ReplicaTracker {
   health: 'up' | 'down' = 'up';
   /** Passed over (when another replica can take the attempt) until this time, ms since the epoch. */
   avoidUntil = 0;
+  /** Losses to a hedge since this replica last answered first. */
+  lossStreak = 0;
   outstanding = 0;
   attempts = 0;
   answers = 0;
@@ -51,6 +59,7 @@ export class ReplicaTracker {
 
   onAnswer(ms: number): void {
     this.answers++;
+    this.lossStreak = 0;
     this.ewmaMs = Number.isNaN(this.ewmaMs) ? ms : this.ewmaMs + EWMA_WEIGHT * (ms - this.ewmaMs);
     // It answered a lookup: whatever a probe would say, it serves.
     if (this.health === 'down') this.markUp();
@@ -58,7 +67,10 @@ export class ReplicaTracker {
 
   /** The replica kept an attempt for `heldMs` and lost to a hedge: pass over it for a while. */
   avoid(now: number, heldMs: number): void {
-    this.avoidUntil = Math.max(this.avoidUntil, now + Math.min(AVOID_MAX_MS, Math.max(AVOID_MIN_MS, 2 * heldMs)));
+    const base = Math.max(AVOID_MIN_MS, 2 * heldMs);
+    const ms = Math.min(AVOID_MAX_MS, base * 2 ** Math.min(this.lossStreak, AVOID_MAX_DOUBLINGS));
+    this.lossStreak++;
+    this.avoidUntil = Math.max(this.avoidUntil, now + ms);
   }
 
   onFailure(message: string): void {
