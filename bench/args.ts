@@ -26,6 +26,8 @@ export interface BenchOptions {
   stall: boolean;
   /** --during-load: time requests again while a second version loads into a write version. */
   duringLoad: boolean;
+  /** --default-malloc: every process with glibc's default malloc settings instead of MALLOC_ENV. */
+  defaultMalloc: boolean;
   help: boolean;
 }
 
@@ -69,6 +71,8 @@ export const USAGE = `usage: npm run bench -- [flags]
   --during-load        then time requests again while version 2 of the model loads (reads stay on v1)
   --stall              then time the same requests again while replica 0 of every group is frozen
                        (SIGSTOP) for 60 ms at random moments, a fifth of the time; needs --replicas 2+
+  --default-malloc     run the bench and the replicas with glibc's default malloc settings instead
+                       of the MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ that cluster up sets
   --append-results     append the table to bench/RESULTS.md under a dated heading
   --note TEXT          a line to put under that heading (what else ran on the machine, say)
   --help               this text`;
@@ -103,6 +107,7 @@ export function parseBenchArgs(argv: string[]): BenchOptions {
       'append-results': { type: 'boolean', default: false },
       stall: { type: 'boolean', default: false },
       'during-load': { type: 'boolean', default: false },
+      'default-malloc': { type: 'boolean', default: false },
       note: { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -133,6 +138,7 @@ export function parseBenchArgs(argv: string[]): BenchOptions {
     big: v['big'] === true,
     appendResults: v['append-results'] === true,
     stall: v['stall'] === true,
+    defaultMalloc: v['default-malloc'] === true,
     duringLoad: v['during-load'] === true,
     note: typeof v['note'] === 'string' ? v['note'] : undefined,
     help: v['help'] === true,

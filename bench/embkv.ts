@@ -26,6 +26,8 @@ export interface EmbkvConfig {
   stall?: boolean;
   /** --during-load: time requests while a second version loads into the write version. */
   duringLoad?: boolean;
+  /** Start the replicas with glibc's default malloc settings instead of MALLOC_ENV. */
+  defaultMalloc?: boolean;
 }
 
 /** The same requests, timed while replica 0 of every group is frozen now and then (--stall). */
@@ -73,7 +75,7 @@ export async function runEmbkv(cfg: EmbkvConfig, model: Model, modelDir: string,
   const dataDir = join(dir, 'data');
   // Any replica exit during a run spoils its figures: remember it and fail the run.
   const exits: string[] = [];
-  const sup = new Supervisor({ manifest, configPath, dataDir, logs: 'files', report: (l) => exits.push(l) });
+  const sup = new Supervisor({ manifest, configPath, dataDir, logs: 'files', report: (l) => exits.push(l), mallocEnv: cfg.defaultMalloc !== true });
   res.addSupervisor(sup);
   const checkReplicas = (): void => {
     if (exits.length === 0) return;

@@ -3,9 +3,11 @@
  * times 150k-key lookups through the SDK (and, with --redis, the same against redis-server), and
  * prints one markdown table row per configuration. See bench/README.md.
  */
+import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { DEFAULTS, SWEEP_BIG_KEYS, SWEEP_GROUPS, SWEEP_KEYS, USAGE, parseBenchArgs, type BenchOptions } from './args.js';
+import { MALLOC_ENV, mallocEnvSet, withMallocEnv } from '../src/common/malloc.js';
 import { runEmbkv } from './embkv.js';
 import { makeModel, writeModel, type Model } from './model.js';
 import { REDIS_INSTALL_HINT, findRedisServer, runRedis, type RedisFigures } from './redis.js';
@@ -37,6 +39,9 @@ async function main(o: BenchOptions, argv: string[], res: Resources): Promise<vo
   const all = configs(o);
   const loadAtStart = loadLine();
   say(`embkv bench on ${machineLine()}; load average ${loadAtStart}`);
+  const malloc = o.defaultMalloc ? 'glibc defaults in every process' :
+    `${Object.entries(MALLOC_ENV).map(([k, v]) => `${k}=${process.env[k] ?? v}`).join(' ')} in the bench (the client) and the replicas, as cluster up sets them`;
+  say(`malloc: ${malloc}`);
   say(`${all.length} configuration(s); requests: ${o.requests} timed (+${o.warmup} warm-up) of ${o.batch.toLocaleString('en-US')} keys, ${(o.absent * 100).toFixed(1)}% absent, dim ${o.dim}`);
   if (o.sweep && runRedisToo) say('redis runs once per key count; its figures repeat on every row of that key count');
 
@@ -60,7 +65,7 @@ async function main(o: BenchOptions, argv: string[], res: Resources): Promise<vo
       if (runEmbkvToo) {
         say(`\nembkv: ${keys.toLocaleString('en-US')} keys, ${c.groups} groups x ${o.replicas} replicas`);
         const e = await runEmbkv(
-          { groups: c.groups, replicas: o.replicas, requests: o.requests, warmup: o.warmup, batch: o.batch, absent: o.absent, stall: o.stall, duringLoad: o.duringLoad },
+          { groups: c.groups, replicas: o.replicas, requests: o.requests, warmup: o.warmup, batch: o.batch, absent: o.absent, stall: o.stall, duringLoad: o.duringLoad, defaultMalloc: o.defaultMalloc },
           model,
           modelDir,
           res,
@@ -119,7 +124,7 @@ async function main(o: BenchOptions, argv: string[], res: Resources): Promise<vo
   process.stdout.write(`\n${table(rows)}\n`);
   if (o.appendResults) {
     extra.unshift(`${o.requests} timed requests (+${o.warmup} warm-up) of ${o.batch.toLocaleString('en-US')} keys, ` +
-      `${(o.absent * 100).toFixed(1)}% absent, seed ${o.seed}; model written as ${o.parts} NumPy parts`);
+      `${(o.absent * 100).toFixed(1)}% absent, seed ${o.seed}; model written as ${o.parts} NumPy parts`, `malloc: ${malloc}`);
     appendResults(RESULTS_PATH, rows, argv, o.note, extra, loadAtStart);
     say(`appended to ${RESULTS_PATH}`);
   }
@@ -136,6 +141,13 @@ try {
 if (options.help) {
   process.stdout.write(`${USAGE}\n\ndefaults: ${JSON.stringify(DEFAULTS)}\n`);
   process.exit(0);
+}
+// The client runs with the malloc settings the README recommends for SDK users (and that cluster up
+// gives the replicas); they are read at process start, so the bench starts itself again with them.
+// Redis's client runs in this same process.
+if (!options.defaultMalloc && !mallocEnvSet()) {
+  const r = spawnSync(process.execPath, [...process.execArgv, process.argv[1]!, ...argv], { stdio: 'inherit', env: withMallocEnv() });
+  process.exit(r.status ?? (r.signal === 'SIGINT' ? 130 : 1));
 }
 
 const resources = new Resources();

@@ -3,6 +3,7 @@ import { createWriteStream, mkdirSync, type WriteStream } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
+import { withMallocEnv } from '../common/malloc.js';
 import type { Manifest } from '../common/manifest.js';
 
 const KVCTL = fileURLToPath(new URL('./kvctl.js', import.meta.url));
@@ -17,6 +18,8 @@ export interface SupervisorOptions {
   logs: 'inherit' | 'files';
   /** One line per lifecycle event (started, exited, restarting). */
   report: (line: string) => void;
+  /** Start the replicas with MALLOC_ENV (default true; the bench turns it off to measure without). */
+  mallocEnv?: boolean;
 }
 
 interface Child {
@@ -62,7 +65,7 @@ export class Supervisor {
     const dataDir = join(this.options.dataDir, c.name);
     const args = [KVCTL, 'serve', '--config', this.options.configPath, '--group', String(c.group), '--replica', String(c.replica), '--data', dataDir];
     // The IPC channel ties the child to this process: when it closes, the replica shuts down.
-    const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe', 'ipc'] });
+    const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe', 'ipc'], env: this.options.mallocEnv === false ? process.env : withMallocEnv() });
     c.proc = proc;
     c.startedMs = Date.now();
     if (this.options.logs === 'files') {
