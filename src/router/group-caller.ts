@@ -19,9 +19,10 @@ const DELAY_MIN_SAMPLES = 16;
 const DELAY_REFRESH_EVERY = 8;
 const SIZE_CLASSES = 33;
 /**
- * An attempt held this many times longer than the hedge target's recent answer time (and at least the
- * hedge delay) is stalled: it is hedged even when the budget is spent. The budget exists for a group
- * that is slow as a whole, where a hedge would only add load; a frozen replica next to one answering in
+ * An attempt held this many times longer than both the hedge delay for its size (the group's recent
+ * p95) and the hedge target's recent answer time is stalled: it is hedged even when the budget is
+ * spent. The budget exists for a group that is slow as a whole, where a hedge would only add load (and
+ * where the p95 and the target's answer times rise with it); a frozen replica next to one answering in
  * a few ms is not that.
  */
 const STALL_FACTOR = 4;
@@ -287,13 +288,13 @@ class GroupCall {
   }
 
   /**
-   * Whether every attempt in flight has been held STALL_FACTOR times longer than replica `next` takes to
-   * answer (its moving average), and longer than the hedge delay.
+   * Whether every attempt in flight has been held STALL_FACTOR times longer than both the hedge delay
+   * for this size and replica `next`'s moving average answer time.
    */
   private stalled(next: number, now: number): boolean {
     const ewma = this.caller.replicas[next]!.ewmaMs;
     if (Number.isNaN(ewma)) return false;
-    const limit = Math.max(STALL_FACTOR * ewma, this.caller.hedgeDelay(this.keys));
+    const limit = STALL_FACTOR * Math.max(ewma, this.caller.hedgeDelay(this.keys));
     for (const a of this.attempts) if (!a.done && now - a.started < limit) return false;
     return true;
   }
