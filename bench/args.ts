@@ -26,7 +26,7 @@ export interface BenchOptions {
   stall: boolean;
   /** --during-load: time requests again while a second version loads into a write version. */
   duringLoad: boolean;
-  /** --default-malloc: every process with glibc's default malloc settings instead of MALLOC_ENV. */
+  /** --default-malloc: every process with glibc's default malloc settings instead of CLIENT_MALLOC_ENV and REPLICA_MALLOC_ENV. */
   defaultMalloc: boolean;
   help: boolean;
 }
@@ -72,7 +72,7 @@ export const USAGE = `usage: npm run bench -- [flags]
   --stall              then time the same requests again while replica 0 of every group is frozen
                        (SIGSTOP) for 60 ms at random moments, a fifth of the time; needs --replicas 2+
   --default-malloc     run the bench and the replicas with glibc's default malloc settings instead
-                       of the MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ that cluster up sets
+                       of the ones cluster up sets (and the README recommends for SDK processes)
   --append-results     append the table to bench/RESULTS.md under a dated heading
   --note TEXT          a line to put under that heading (what else ran on the machine, say)
   --help               this text`;

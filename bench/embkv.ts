@@ -26,7 +26,7 @@ export interface EmbkvConfig {
   stall?: boolean;
   /** --during-load: time requests while a second version loads into the write version. */
   duringLoad?: boolean;
-  /** Start the replicas with glibc's default malloc settings instead of MALLOC_ENV. */
+  /** Start the replicas with glibc's default malloc settings instead of REPLICA_MALLOC_ENV. */
   defaultMalloc?: boolean;
 }
 
@@ -60,6 +60,17 @@ const say = (line: string): void => void process.stderr.write(`${line}\n`);
  * One configuration against a fresh local cluster of `kvctl serve` processes: start, load and
  * publish the model from its NumPy files, time the requests, read memory from Status, stop.
  */
+/** Set by the bench when it starts itself again with CLIENT_MALLOC_ENV: the variables it added. */
+export const ADDED_MALLOC_VARS = 'EMBKV_BENCH_ADDED_MALLOC';
+
+/** The bench's environment without the client malloc settings it added for itself. */
+export function replicaBaseEnv(): NodeJS.ProcessEnv {
+  const env = { ...process.env };
+  for (const k of (env[ADDED_MALLOC_VARS] ?? '').split(',')) if (k !== '') delete env[k];
+  delete env[ADDED_MALLOC_VARS];
+  return env;
+}
+
 export async function runEmbkv(cfg: EmbkvConfig, model: Model, modelDir: string, res: Resources): Promise<EmbkvFigures> {
   const dir = res.tempDir(`g${cfg.groups}r${cfg.replicas}`);
   const ports = await freePorts(cfg.groups * cfg.replicas);
@@ -75,7 +86,7 @@ export async function runEmbkv(cfg: EmbkvConfig, model: Model, modelDir: string,
   const dataDir = join(dir, 'data');
   // Any replica exit during a run spoils its figures: remember it and fail the run.
   const exits: string[] = [];
-  const sup = new Supervisor({ manifest, configPath, dataDir, logs: 'files', report: (l) => exits.push(l), mallocEnv: cfg.defaultMalloc !== true });
+  const sup = new Supervisor({ manifest, configPath, dataDir, logs: 'files', report: (l) => exits.push(l), mallocEnv: cfg.defaultMalloc !== true, env: replicaBaseEnv() });
   res.addSupervisor(sup);
   const checkReplicas = (): void => {
     if (exits.length === 0) return;

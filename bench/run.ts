@@ -7,8 +7,8 @@ import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { DEFAULTS, SWEEP_BIG_KEYS, SWEEP_GROUPS, SWEEP_KEYS, USAGE, parseBenchArgs, type BenchOptions } from './args.js';
-import { MALLOC_ENV, mallocEnvSet, withMallocEnv } from '../src/common/malloc.js';
-import { runEmbkv } from './embkv.js';
+import { CLIENT_MALLOC_ENV, REPLICA_MALLOC_ENV, describeMallocEnv, mallocEnvSet, withMallocEnv } from '../src/common/malloc.js';
+import { ADDED_MALLOC_VARS, replicaBaseEnv, runEmbkv } from './embkv.js';
 import { makeModel, writeModel, type Model } from './model.js';
 import { REDIS_INSTALL_HINT, findRedisServer, runRedis, type RedisFigures } from './redis.js';
 import { appendResults, loadLine, machineLine, rowLine, table, type Row } from './report.js';
@@ -40,7 +40,7 @@ async function main(o: BenchOptions, argv: string[], res: Resources): Promise<vo
   const loadAtStart = loadLine();
   say(`embkv bench on ${machineLine()}; load average ${loadAtStart}`);
   const malloc = o.defaultMalloc ? 'glibc defaults in every process' :
-    `${Object.entries(MALLOC_ENV).map(([k, v]) => `${k}=${process.env[k] ?? v}`).join(' ')} in the bench (the client) and the replicas, as cluster up sets them`;
+    `${describeMallocEnv(CLIENT_MALLOC_ENV)} in the bench (the client), ${describeMallocEnv(REPLICA_MALLOC_ENV, replicaBaseEnv())} in the replicas`;
   say(`malloc: ${malloc}`);
   say(`${all.length} configuration(s); requests: ${o.requests} timed (+${o.warmup} warm-up) of ${o.batch.toLocaleString('en-US')} keys, ${(o.absent * 100).toFixed(1)}% absent, dim ${o.dim}`);
   if (o.sweep && runRedisToo) say('redis runs once per key count; its figures repeat on every row of that key count');
@@ -145,8 +145,11 @@ if (options.help) {
 // The client runs with the malloc settings the README recommends for SDK users (and that cluster up
 // gives the replicas); they are read at process start, so the bench starts itself again with them.
 // Redis's client runs in this same process.
-if (!options.defaultMalloc && !mallocEnvSet()) {
-  const r = spawnSync(process.execPath, [...process.execArgv, process.argv[1]!, ...argv], { stdio: 'inherit', env: withMallocEnv() });
+if (!options.defaultMalloc && !mallocEnvSet(CLIENT_MALLOC_ENV)) {
+  // The replicas get their own settings: the ones added here are named so that they are not passed on.
+  const added = Object.keys(CLIENT_MALLOC_ENV).filter((k) => process.env[k] === undefined);
+  const env = { ...withMallocEnv(CLIENT_MALLOC_ENV), [ADDED_MALLOC_VARS]: added.join(',') };
+  const r = spawnSync(process.execPath, [...process.execArgv, process.argv[1]!, ...argv], { stdio: 'inherit', env });
   process.exit(r.status ?? (r.signal === 'SIGINT' ? 130 : 1));
 }
 

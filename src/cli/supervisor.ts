@@ -3,7 +3,7 @@ import { createWriteStream, mkdirSync, type WriteStream } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
-import { withMallocEnv } from '../common/malloc.js';
+import { REPLICA_MALLOC_ENV, withMallocEnv } from '../common/malloc.js';
 import type { Manifest } from '../common/manifest.js';
 
 const KVCTL = fileURLToPath(new URL('./kvctl.js', import.meta.url));
@@ -18,8 +18,10 @@ export interface SupervisorOptions {
   logs: 'inherit' | 'files';
   /** One line per lifecycle event (started, exited, restarting). */
   report: (line: string) => void;
-  /** Start the replicas with MALLOC_ENV (default true; the bench turns it off to measure without). */
+  /** Start the replicas with REPLICA_MALLOC_ENV (default true; the bench turns it off to measure without). */
   mallocEnv?: boolean;
+  /** The environment the replicas start from (default process.env); variables set here win over REPLICA_MALLOC_ENV. */
+  env?: NodeJS.ProcessEnv;
 }
 
 interface Child {
@@ -61,11 +63,16 @@ export class Supervisor {
     return Object.fromEntries(this.children.map((c) => [c.name, c.proc?.pid]));
   }
 
+  private childEnv(): NodeJS.ProcessEnv {
+    const base = this.options.env ?? process.env;
+    return this.options.mallocEnv === false ? base : withMallocEnv(REPLICA_MALLOC_ENV, base);
+  }
+
   private spawnChild(c: Child): void {
     const dataDir = join(this.options.dataDir, c.name);
     const args = [KVCTL, 'serve', '--config', this.options.configPath, '--group', String(c.group), '--replica', String(c.replica), '--data', dataDir];
     // The IPC channel ties the child to this process: when it closes, the replica shuts down.
-    const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe', 'ipc'], env: this.options.mallocEnv === false ? process.env : withMallocEnv() });
+    const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe', 'ipc'], env: this.childEnv() });
     c.proc = proc;
     c.startedMs = Date.now();
     if (this.options.logs === 'files') {

@@ -1,29 +1,51 @@
 /**
- * glibc malloc settings for processes that move tens of megabytes per request (replicas, the router,
- * a ranking service using the SDK).
+ * glibc malloc settings for processes that move tens of megabytes per request: replicas, the router,
+ * and a ranking service using the SDK.
  *
  * Every lookup allocates megabyte-sized buffers (grpc-js frames each answer in a fresh buffer, and
  * reassembles each received message into another). glibc's defaults serve these from mmap at first,
  * then from the heap with a dynamic threshold that trims the heap top once 2x the largest freed chunk
- * is free: with a 19 MB answer the heap is trimmed and grown again most requests, and every page
- * grown back is a fresh page fault. On the VMs measured a fresh page costs ~10-15 us, more than the
- * lookup that fills it (see bench/RESULTS.md). These two settings keep up to 64 MiB of freed heap per
- * process for reuse instead.
+ * is free. With a 19 MB answer, the heap is trimmed and grown again most requests, and every page
+ * grown back is a fresh page fault. On the VMs measured, a fresh page costs ~10-15 us, more than the
+ * lookup that fills it (see bench/RESULTS.md). A fixed mmap threshold of 32 MiB serves these buffers
+ * from the heap; the trim threshold says how much freed heap a process keeps for reuse.
  *
- * They only take effect at process start, from the environment. `kvctl cluster up` sets them for
- * the processes it starts, unless the environment sets them already.
+ * These settings take effect only at process start, from the environment.
  */
-export const MALLOC_ENV: Readonly<Record<string, string>> = {
+
+/**
+ * For replicas, which `kvctl cluster up` starts with these unless the environment sets them already.
+ * Measured at 2M keys x 8 groups (2.4 MB answers): a 64 MiB trim threshold left 27 page faults per
+ * request across the replicas, 32 MiB 162, 16 MiB ~1,900 (glibc's defaults ~3,000), at the same rss
+ * for 32 and 64. Two arenas instead of one per thread (LevelDB's and libuv's threads each got their
+ * own) keep the load's freed buffers from staying resident in arenas that lookups never reuse.
+ */
+export const REPLICA_MALLOC_ENV: Readonly<Record<string, string>> = {
+  MALLOC_MMAP_THRESHOLD_: String(32 * 2 ** 20),
+  MALLOC_TRIM_THRESHOLD_: String(32 * 2 ** 20),
+  MALLOC_ARENA_MAX: '2',
+};
+
+/**
+ * For a process that runs the SDK (recommended in the README; the bench runs with it): a 150k-key
+ * request at dim 32 allocates ~40 MB (the answers and the result), so 64 MiB of kept heap recycles it.
+ */
+export const CLIENT_MALLOC_ENV: Readonly<Record<string, string>> = {
   MALLOC_MMAP_THRESHOLD_: String(32 * 2 ** 20),
   MALLOC_TRIM_THRESHOLD_: String(64 * 2 ** 20),
 };
 
-/** `env` with MALLOC_ENV added where `env` does not set those variables itself. */
-export function withMallocEnv(env: NodeJS.ProcessEnv = process.env): NodeJS.ProcessEnv {
-  return { ...MALLOC_ENV, ...env };
+/** `env` with `settings` added where `env` does not set those variables itself. */
+export function withMallocEnv(settings: Readonly<Record<string, string>>, env: NodeJS.ProcessEnv = process.env): NodeJS.ProcessEnv {
+  return { ...settings, ...env };
 }
 
-/** Whether this process started with every MALLOC_ENV variable set (to any value). */
-export function mallocEnvSet(env: NodeJS.ProcessEnv = process.env): boolean {
-  return Object.keys(MALLOC_ENV).every((k) => env[k] !== undefined);
+/** Whether `env` sets every variable of `settings` (to any value). */
+export function mallocEnvSet(settings: Readonly<Record<string, string>>, env: NodeJS.ProcessEnv = process.env): boolean {
+  return Object.keys(settings).every((k) => env[k] !== undefined);
+}
+
+/** `settings` as the shell would set them, with the values `env` overrides. */
+export function describeMallocEnv(settings: Readonly<Record<string, string>>, env: NodeJS.ProcessEnv = process.env): string {
+  return Object.entries(settings).map(([k, v]) => `${k}=${env[k] ?? v}`).join(' ');
 }
