@@ -218,10 +218,11 @@ describe('a cluster of 2 groups x 2 replica processes', () => {
     assert.equal(back.code, 0, back.stderr);
     await assertServes(client, v1, makeRequest(v1, 2000));
 
-    // A retrain that changes the dimension says so with --dim.
-    const wide = makeModel(500, 48, 13, 9);
+    // A retrain that changes the dimension says so with --dim. (50: rows of 25 float pairs, so the
+    // SDK's placement runs both its four-pair steps and its one-pair tail.)
+    const wide = makeModel(500, 50, 13, 9);
     await writeModelPart(join(dumps, 'v9'), wide, 0, 500);
-    const v9 = await cluster.kvctl(['load', '--table', 'emb', '--version', '9', '--full', join(dumps, 'v9'), '--dim', '48']);
+    const v9 = await cluster.kvctl(['load', '--table', 'emb', '--version', '9', '--full', join(dumps, 'v9'), '--dim', '50']);
     assert.equal(v9.code, 0, v9.stderr);
     await assertServes(client, wide, makeRequest(wide, 300), 9);
     await assertServes(client, v1, makeRequest(v1, 2000));
