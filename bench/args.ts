@@ -26,6 +26,8 @@ export interface BenchOptions {
   stall: boolean;
   /** --during-load: time requests again while a second version loads into a write version. */
   duringLoad: boolean;
+  /** --reuse-output: embkv's requests write into one reused pair of result arrays (the SDK's `out`). */
+  reuseOutput: boolean;
   /** --default-malloc: every process with glibc's default malloc settings instead of CLIENT_MALLOC_ENV and REPLICA_MALLOC_ENV. */
   defaultMalloc: boolean;
   help: boolean;
@@ -71,6 +73,8 @@ export const USAGE = `usage: npm run bench -- [flags]
   --during-load        then time requests again while version 2 of the model loads (reads stay on v1)
   --stall              then time the same requests again while replica 0 of every group is frozen
                        (SIGSTOP) for 60 ms at random moments, a fifth of the time; needs --replicas 2+
+  --reuse-output       embkv's requests write into one reused pair of result arrays (getEmbeddings'
+                       out option) instead of new ones
   --default-malloc     run the bench and the replicas with glibc's default malloc settings instead
                        of the ones cluster up sets (and the README recommends for SDK processes)
   --append-results     append the table to bench/RESULTS.md under a dated heading
@@ -108,6 +112,7 @@ export function parseBenchArgs(argv: string[]): BenchOptions {
       stall: { type: 'boolean', default: false },
       'during-load': { type: 'boolean', default: false },
       'default-malloc': { type: 'boolean', default: false },
+      'reuse-output': { type: 'boolean', default: false },
       note: { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -139,6 +144,7 @@ export function parseBenchArgs(argv: string[]): BenchOptions {
     appendResults: v['append-results'] === true,
     stall: v['stall'] === true,
     defaultMalloc: v['default-malloc'] === true,
+    reuseOutput: v['reuse-output'] === true,
     duringLoad: v['during-load'] === true,
     note: typeof v['note'] === 'string' ? v['note'] : undefined,
     help: v['help'] === true,

@@ -28,6 +28,8 @@ export interface EmbkvConfig {
   duringLoad?: boolean;
   /** Start the replicas with glibc's default malloc settings instead of REPLICA_MALLOC_ENV. */
   defaultMalloc?: boolean;
+  /** --reuse-output: every request writes into the same `out` arrays (checked before the next one). */
+  reuseOutput?: boolean;
 }
 
 /** The same requests, timed while replica 0 of every group is frozen now and then (--stall). */
@@ -121,11 +123,15 @@ export async function runEmbkv(cfg: EmbkvConfig, model: Model, modelDir: string,
     client = new EmbeddingClientImpl({ config: manifest, deadlineMs: 60_000 });
     const req = requestBuffer(cfg.batch);
     const c = client;
+    const opts = {
+      table: TABLE,
+      ...(cfg.reuseOutput === true ? { out: { values: new Float32Array(cfg.batch * model.dim), found: new Uint8Array(cfg.batch) } } : {}),
+    };
     const figures = await timeRequests<EmbeddingsResult>({
       warmup: cfg.warmup,
       requests: cfg.requests,
       prepare: (r) => fillRequest(req, model, r, cfg.absent),
-      call: () => c.getEmbeddings(req.keys, { table: TABLE }),
+      call: () => c.getEmbeddings(req.keys, opts),
       check: (a, r) => {
         if (a.version !== 1) throw new Error(`embkv request ${r}: answered version ${a.version}, expected 1`);
         return verifyAnswer(`embkv request ${r}`, a, req, model, r);
@@ -147,7 +153,7 @@ export async function runEmbkv(cfg: EmbkvConfig, model: Model, modelDir: string,
           warmup: cfg.warmup,
           requests: cfg.requests,
           prepare: (r) => fillRequest(req, model, r, cfg.absent),
-          call: () => c.getEmbeddings(req.keys, { table: TABLE }),
+          call: () => c.getEmbeddings(req.keys, opts),
           check: (a, r) => verifyAnswer(`embkv stalled request ${r}`, a, req, model, r),
         });
       } finally {
@@ -189,7 +195,7 @@ export async function runEmbkv(cfg: EmbkvConfig, model: Model, modelDir: string,
       for (let r = 0; !done || latencies.length < 5; r++) {
         fillRequest(req, model, r, cfg.absent);
         const t0 = performance.now();
-        const a = await c.getEmbeddings(req.keys, { table: TABLE });
+        const a = await c.getEmbeddings(req.keys, opts);
         latencies.push(performance.now() - t0);
         if (a.version !== 1) throw new Error(`request during the load answered version ${a.version}, expected 1`);
         verifyAnswer(`embkv request during load ${r}`, a, req, model, r);

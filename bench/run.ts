@@ -65,7 +65,7 @@ async function main(o: BenchOptions, argv: string[], res: Resources): Promise<vo
       if (runEmbkvToo) {
         say(`\nembkv: ${keys.toLocaleString('en-US')} keys, ${c.groups} groups x ${o.replicas} replicas`);
         const e = await runEmbkv(
-          { groups: c.groups, replicas: o.replicas, requests: o.requests, warmup: o.warmup, batch: o.batch, absent: o.absent, stall: o.stall, duringLoad: o.duringLoad, defaultMalloc: o.defaultMalloc },
+          { groups: c.groups, replicas: o.replicas, requests: o.requests, warmup: o.warmup, batch: o.batch, absent: o.absent, stall: o.stall, duringLoad: o.duringLoad, defaultMalloc: o.defaultMalloc, reuseOutput: o.reuseOutput },
           model,
           modelDir,
           res,

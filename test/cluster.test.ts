@@ -79,6 +79,32 @@ describe('a cluster of 2 groups x 2 replica processes', () => {
     assert.equal(empty.dim, DIM);
   });
 
+  test('getEmbeddings into reused out arrays: exact answers, absent rows zeroed, sizes checked', async () => {
+    const n = 3000;
+    const out = { values: new Float32Array((n + 50) * DIM), found: new Uint8Array(n + 50) };
+    // Fill with an answer that has every key present, then read one with absent keys into the same arrays.
+    const full = new BigUint64Array(n).map(() => v1.keys[Math.floor(Math.random() * v1.keys.length)]!);
+    const first = await client.getEmbeddings(full, { table: 'emb', out });
+    assert.equal(first.values.buffer, out.values.buffer, 'written in place');
+    out.values.fill(7, n * DIM); // past the answer: must stay untouched
+    for (const req of [makeRequest(v1, n, 3), makeRequest(v1, 100, 2)]) {
+      const r = await client.getEmbeddings(req, { table: 'emb', out });
+      const want = expected(v1, req);
+      assert.equal(r.values.length, req.length * DIM);
+      assert.equal(r.found.length, req.length);
+      assert.deepEqual(r.found, want.found);
+      assert.ok(sameBits(r.values, want.values), 'vectors differ (absent rows must read zeros)');
+    }
+    assert.equal(out.values[n * DIM + 1], 7);
+    const code = codeOf;
+    const req = makeRequest(v1, 10);
+    assert.equal(await code(client.getEmbeddings(req, { table: 'emb', out: { values: new Float32Array(10 * DIM - 1), found: new Uint8Array(10) } })), 'KV_INVALID_ARGUMENT');
+    assert.equal(await code(client.getEmbeddings(req, { table: 'emb', out: { values: new Float32Array(10 * DIM), found: new Uint8Array(9) } })), 'KV_INVALID_ARGUMENT');
+    assert.equal(await code(client.getEmbeddings(req, { table: 'emb', out: { values: new Float64Array(10 * DIM), found: new Uint8Array(10) } as never })), 'KV_INVALID_ARGUMENT');
+    const shared = new ArrayBuffer(10 * DIM * 4);
+    assert.equal(await code(client.getEmbeddings(req, { table: 'emb', out: { values: new Float32Array(shared), found: new Uint8Array(shared, 0, 10) } })), 'KV_INVALID_ARGUMENT');
+  });
+
   test('the SDK rejects with stable codes', async () => {
     const code = codeOf;
     assert.equal(await code(client.getEmbeddings([1], { table: 'nope' })), 'KV_TABLE_NOT_FOUND');

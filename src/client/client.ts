@@ -3,7 +3,7 @@ import { randomInt, randomUUID } from 'node:crypto';
 import { firstNonFinite, packKeys, type KeyInput } from '../common/keys.js';
 import { MAX_PUT_KEYS, ORDER_SCALE } from '../common/limits.js';
 import { resolveManifest, type Manifest } from '../common/manifest.js';
-import { Fanout } from '../router/fanout.js';
+import { Fanout, type AnswerAllocator } from '../router/fanout.js';
 import type { FanoutStats } from '../router/stats.js';
 import { putToGroups } from '../router/put.js';
 import { checkTableName, checkVersion } from '../common/validate.js';
@@ -15,6 +15,15 @@ export interface GetEmbeddingsOptions {
   version?: number;
   deadlineMs?: number;
   signal?: AbortSignal;
+  /**
+   * Write the answer into these arrays instead of new ones: a service that keeps one result buffer
+   * per worker saves allocating (and the GC of) keys.length * dim * 4 bytes per request. `values`
+   * must hold at least keys.length * dim floats and `found` at least keys.length bytes; the result's
+   * `values` and `found` are views of them of exactly that length, with absent rows zeroed. Checked
+   * once the dim is known: too small a `values` rejects with KV_INVALID_ARGUMENT. After a rejected
+   * call their contents are unspecified.
+   */
+  out?: { values: Float32Array; found: Uint8Array };
 }
 
 export interface EmbeddingsResult {
@@ -46,7 +55,7 @@ export interface EmbeddingClient {
 export type ClientStats = FanoutStats;
 
 
-const GET_OPTIONS = new Set(['table', 'version', 'deadlineMs', 'signal']);
+const GET_OPTIONS = new Set(['table', 'version', 'deadlineMs', 'signal', 'out']);
 
 export class EmbeddingClientImpl implements EmbeddingClient {
   private state: 'open' | 'closed' = 'open';
@@ -78,8 +87,17 @@ export class EmbeddingClientImpl implements EmbeddingClient {
     if (typeof len === 'number' && len > this.options.maxKeysPerRequest) {
       throw invalidArgument(`keys holds ${len} keys; at most ${this.options.maxKeysPerRequest} per request (maxKeysPerRequest)`);
     }
+    const out = options.out === undefined ? undefined : checkOut(options.out);
     const packed = await packKeys(keys, 'keys');
-    const r = await this.fanout.lookup({ table, version, keys: packed, deadline: started + deadlineMs, signal: options.signal });
+    const n = packed.length / 2;
+    if (out !== undefined && out.found.length < n) throw invalidArgument(`options.out.found holds ${out.found.length} bytes for ${n} keys`);
+    const alloc: AnswerAllocator | undefined = out === undefined ? undefined : (m, dim) => {
+      if (out.values.length < m * dim) {
+        throw invalidArgument(`options.out.values holds ${out.values.length} floats; ${m} keys of dim ${dim} need ${m * dim}`);
+      }
+      return { values: out.values.subarray(0, m * dim), found: out.found.subarray(0, m), dirty: true };
+    };
+    const r = await this.fanout.lookup({ table, version, keys: packed, deadline: started + deadlineMs, signal: options.signal, alloc });
     return { values: r.values, found: r.found, dim: r.dim, version: r.version };
   }
 
@@ -122,4 +140,18 @@ export class EmbeddingClientImpl implements EmbeddingClient {
     this.state = 'closed';
     this.fanout.close();
   }
+}
+
+/** options.out, checked: two typed arrays of the right kinds that do not overlap. */
+function checkOut(out: unknown): { values: Float32Array; found: Uint8Array } {
+  if (typeof out !== 'object' || out === null) throw invalidArgument('options.out must be { values: Float32Array, found: Uint8Array }');
+  const { values, found } = out as { values?: unknown; found?: unknown };
+  if (!(values instanceof Float32Array)) throw invalidArgument('options.out.values must be a Float32Array');
+  if (!(found instanceof Uint8Array)) throw invalidArgument('options.out.found must be a Uint8Array');
+  if (values.buffer === found.buffer) {
+    const a = values.byteOffset;
+    const b = found.byteOffset;
+    if (a < b + found.byteLength && b < a + values.byteLength) throw invalidArgument('options.out.values and options.out.found overlap');
+  }
+  return { values, found };
 }

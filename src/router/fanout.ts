@@ -10,8 +10,11 @@ import { assignGroups, groupTable, sortByGroup } from './partition.js';
 import { parseReplicaPolicy, type ResolvedReplicaPolicy } from './policy.js';
 import { LatencyWindow, latencyOf, type FanoutStats } from './stats.js';
 
-/** Where the merged answer is written: fresh arrays by default, or a wire buffer for the router. */
-export type AnswerAllocator = (n: number, dim: number, version: number) => { values: Float32Array; found: Uint8Array };
+/**
+ * Where the merged answer is written: fresh arrays by default, a wire buffer for the router, or the
+ * caller's own arrays (`dirty`: they may hold an earlier answer, so absent rows and flags are cleared).
+ */
+export type AnswerAllocator = (n: number, dim: number, version: number) => { values: Float32Array; found: Uint8Array; dirty?: boolean };
 
 export interface FanoutResult {
   version: number;
@@ -140,7 +143,8 @@ export class Fanout {
         }
       }
       const out = (req.alloc ?? defaultAlloc)(n, dim, version);
-      placeAll(answers, groups, groupOf, n, G, dim, out.values, out.found);
+      if (out.dirty === true) out.found.fill(0);
+      placeAll(answers, groups, groupOf, n, G, dim, out.values, out.found, out.dirty === true);
       return { version, dim, values: out.values, found: out.found };
     } catch (err) {
       ctl.abort();
@@ -186,7 +190,9 @@ class ScratchPool {
  * front to back: one sequential write stream and one sequential read stream per group, instead of
  * 150k scattered row writes.
  */
-function placeAll(answers: LookupResponse[], groups: number[], groupOf: Uint16Array, n: number, G: number, dim: number, values: Float32Array, found: Uint8Array): void {
+function placeAll(
+  answers: LookupResponse[], groups: number[], groupOf: Uint16Array, n: number, G: number, dim: number, values: Float32Array, found: Uint8Array, dirty: boolean,
+): void {
   const cursor = new Int32Array(G);
   const srcFound: Uint8Array[] = new Array<Uint8Array>(G);
   for (let k = 0; k < groups.length; k++) srcFound[groups[k]!] = answers[k]!.found;
@@ -204,7 +210,10 @@ function placeAll(answers: LookupResponse[], groups: number[], groupOf: Uint16Ar
     for (let i = 0; i < n; i++) {
       const g = groupOf[i]!;
       const j = cursor[g]!++;
-      if (srcFound[g]![j] === 0) continue;
+      if (srcFound[g]![j] === 0) {
+        if (dirty) dst.fill(0, i * half, (i + 1) * half);
+        continue;
+      }
       found[i] = 1;
       const sv = src[g]!;
       let s = j * half;
@@ -228,7 +237,10 @@ function placeAll(answers: LookupResponse[], groups: number[], groupOf: Uint16Ar
   for (let i = 0; i < n; i++) {
     const g = groupOf[i]!;
     const j = cursor[g]!++;
-    if (srcFound[g]![j] === 0) continue;
+    if (srcFound[g]![j] === 0) {
+      if (dirty) values.fill(0, i * dim, (i + 1) * dim);
+      continue;
+    }
     found[i] = 1;
     const sv = src[g]!;
     let s = j * dim;
