@@ -73,8 +73,8 @@ export const USAGE = `usage: npm run bench -- [flags]
   --during-load        then time requests again while version 2 of the model loads (reads stay on v1)
   --stall              then time the same requests again while replica 0 of every group is frozen
                        (SIGSTOP) for 60 ms at random moments, a fifth of the time; needs --replicas 2+
-  --reuse-output       embkv's requests write into one reused pair of result arrays (getEmbeddings'
-                       out option) instead of new ones
+  --reuse-output       every request writes into one reused pair of result arrays (getEmbeddings'
+                       out option for embkv; the same arrays for Redis's MGET replies)
   --default-malloc     run the bench and the replicas with glibc's default malloc settings instead
                        of the ones cluster up sets (and the README recommends for SDK processes)
   --append-results     append the table to bench/RESULTS.md under a dated heading

@@ -18,6 +18,8 @@ export interface RedisConfig {
   concurrency: number;
   /** Pairs per MSET while loading. */
   loadBatch: number;
+  /** --reuse-output: every request is assembled into the same arrays, as embkv's are then. */
+  reuseOutput?: boolean;
 }
 
 export interface RedisFigures extends RequestFigures {
@@ -86,11 +88,12 @@ export async function runRedis(cfg: RedisConfig, model: Model, res: Resources): 
     say(`  redis loaded ${model.n.toLocaleString('en-US')} keys in ${(loadMs / 1000).toFixed(2)} s: ${Math.round(loadKeysPerSec).toLocaleString('en-US')} keys/s`);
 
     const req = requestBuffer(cfg.batch);
+    const reuse = cfg.reuseOutput === true ? { values: new Float32Array(cfg.batch * model.dim), found: new Uint8Array(cfg.batch) } : undefined;
     const figures = await timeRequests<Answer>({
       warmup: cfg.warmup,
       requests: cfg.requests,
       prepare: (r) => fillRequest(req, model, r, cfg.absent),
-      call: () => lookup(redis, req.keys, model.dim, cfg.concurrency),
+      call: () => lookup(redis, req.keys, model.dim, cfg.concurrency, reuse),
       check: (a, r) => verifyAnswer(`redis request ${r}`, a, req, model, r),
     });
 
@@ -172,15 +175,18 @@ async function loadPairs(redis: Redis, model: Model, batch: number): Promise<num
 
 /**
  * One request: `concurrency` MGETs over consecutive slices of the keys, sent together; each reply is
- * copied into one Float32Array in request order (absent keys stay zeros, found 0).
+ * copied into one Float32Array in request order (absent keys are zeros, found 0). With `reuse`, into
+ * those arrays (absent rows are then zeroed), as embkv's `out` option does.
  */
-async function lookup(redis: Redis, keys: BigUint64Array, dim: number, concurrency: number): Promise<Answer> {
+async function lookup(
+  redis: Redis, keys: BigUint64Array, dim: number, concurrency: number, reuse?: { values: Float32Array; found: Uint8Array },
+): Promise<Answer> {
   const n = keys.length;
   const rowBytes = dim * 4;
   const keyBuf = Buffer.from(keys.buffer, keys.byteOffset, keys.byteLength);
-  const values = new Float32Array(n * dim);
-  const out = new Uint8Array(values.buffer);
-  const found = new Uint8Array(n);
+  const values = reuse === undefined ? new Float32Array(n * dim) : reuse.values.subarray(0, n * dim);
+  const out = new Uint8Array(values.buffer, values.byteOffset, values.byteLength);
+  const found = reuse === undefined ? new Uint8Array(n) : reuse.found.subarray(0, n).fill(0);
   const per = Math.ceil(n / concurrency);
   const calls: Promise<void>[] = [];
   for (let from = 0; from < n; from += per) {
@@ -191,7 +197,10 @@ async function lookup(redis: Redis, keys: BigUint64Array, dim: number, concurren
       redis.mgetBuffer(args).then((replies) => {
         for (let j = 0; j < replies.length; j++) {
           const v = replies[j];
-          if (v === null || v === undefined) continue;
+          if (v === null || v === undefined) {
+            if (reuse !== undefined) out.fill(0, (from + j) * rowBytes, (from + j + 1) * rowBytes);
+            continue;
+          }
           if (v.length !== rowBytes) throw new Error(`redis answered ${v.length} bytes for a key, expected ${rowBytes}`);
           out.set(v, (from + j) * rowBytes);
           found[from + j] = 1;

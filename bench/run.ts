@@ -101,7 +101,7 @@ async function main(o: BenchOptions, argv: string[], res: Resources): Promise<vo
     if (runRedisToo) {
       say(`\nredis: ${keys.toLocaleString('en-US')} keys, ${o.redisConcurrency} concurrent MGETs per request`);
       redis = await runRedis(
-        { requests: o.requests, warmup: o.warmup, batch: o.batch, absent: o.absent, concurrency: o.redisConcurrency, loadBatch: o.redisBatch },
+        { requests: o.requests, warmup: o.warmup, batch: o.batch, absent: o.absent, concurrency: o.redisConcurrency, loadBatch: o.redisBatch, reuseOutput: o.reuseOutput },
         model,
         res,
       );
