@@ -3,7 +3,8 @@
  * times 150k-key lookups through the SDK (and, with --redis, the same against redis-server), and
  * prints one markdown table row per configuration. See bench/README.md.
  */
-import { spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
+import { constants as osConstants } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { DEFAULTS, SWEEP_BIG_KEYS, SWEEP_GROUPS, SWEEP_KEYS, USAGE, parseBenchArgs, type BenchOptions } from './args.js';
@@ -39,7 +40,8 @@ async function main(o: BenchOptions, argv: string[], res: Resources): Promise<vo
   const all = configs(o);
   const loadAtStart = loadLine();
   say(`embkv bench on ${machineLine()}; load average ${loadAtStart}`);
-  const malloc = o.defaultMalloc ? 'glibc defaults in every process' :
+  const inherited = Object.keys(process.env).filter((k) => k.startsWith('MALLOC_')).map((k) => `${k}=${process.env[k]}`).join(' ');
+  const malloc = o.defaultMalloc ? `glibc defaults${inherited ? ` except ${inherited} from the environment` : ''} in every process` :
     `${describeMallocEnv(CLIENT_MALLOC_ENV)} in the bench (the client), ${describeMallocEnv(REPLICA_MALLOC_ENV, replicaBaseEnv())} in the replicas`;
   say(`malloc: ${malloc}`);
   say(`${all.length} configuration(s); requests: ${o.requests} timed (+${o.warmup} warm-up) of ${o.batch.toLocaleString('en-US')} keys, ${(o.absent * 100).toFixed(1)}% absent, dim ${o.dim}`);
@@ -145,33 +147,52 @@ if (options.help) {
 // The client runs with the malloc settings the README recommends for SDK users (and that cluster up
 // gives the replicas); they are read at process start, so the bench starts itself again with them.
 // Redis's client runs in this same process.
-if (!options.defaultMalloc && !mallocEnvSet(CLIENT_MALLOC_ENV)) {
+if (!options.defaultMalloc && !mallocEnvSet(CLIENT_MALLOC_ENV)) runAgainWithClientMalloc();
+else runHere(options);
+
+/** Runs the bench in a child with CLIENT_MALLOC_ENV, passing signals on and exiting as it exits. */
+function runAgainWithClientMalloc(): void {
   // The replicas get their own settings: the ones added here are named so that they are not passed on.
   const added = Object.keys(CLIENT_MALLOC_ENV).filter((k) => process.env[k] === undefined);
   const env = { ...withMallocEnv(CLIENT_MALLOC_ENV), [ADDED_MALLOC_VARS]: added.join(',') };
-  const r = spawnSync(process.execPath, [...process.execArgv, process.argv[1]!, ...argv], { stdio: 'inherit', env });
-  process.exit(r.status ?? (r.signal === 'SIGINT' ? 130 : 1));
-}
-
-const resources = new Resources();
-process.once('exit', () => resources.shutdownSync());
-for (const sig of ['SIGINT', 'SIGTERM'] as const) {
-  process.once(sig, () => {
-    say(`\nbench: ${sig}: stopping every process and removing the temp dirs`);
-    void resources.shutdown().finally(() => process.exit(sig === 'SIGINT' ? 130 : 143));
+  const child = spawn(process.execPath, [...process.execArgv, process.argv[1]!, ...argv], { stdio: 'inherit', env });
+  // The child cleans up its replicas and temp dirs on these; this process waits for it to finish.
+  for (const sig of ['SIGINT', 'SIGTERM'] as const) process.on(sig, () => child.kill(sig));
+  child.once('error', (err) => {
+    say(`bench: could not start itself again with ${describeMallocEnv(CLIENT_MALLOC_ENV)}: ${err.message}`);
+    process.exit(1);
   });
+  child.once('exit', (code, signal) => process.exit(code ?? 128 + (signal === null ? 0 : osConstants.signals[signal])));
 }
-const fail = (err: unknown): void => {
-  say(`\nbench: FAILED: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
-  void resources.shutdown().finally(() => process.exit(1));
-};
-process.on('uncaughtException', fail);
-process.on('unhandledRejection', fail);
 
-main(options, argv, resources).then(
-  async () => {
-    await resources.shutdown();
-    process.exit(0);
-  },
-  fail,
-);
+function runHere(o: BenchOptions): void {
+  const resources = new Resources();
+  process.once('exit', () => resources.shutdownSync());
+  // Ctrl-C reaches this process twice when it runs under runAgainWithClientMalloc (from the terminal
+  // and passed on by the parent): a second signal must not cut the cleanup short.
+  let stopping = false;
+  for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+    process.on(sig, () => {
+      if (stopping) return;
+      stopping = true;
+      say(`\nbench: ${sig}: stopping every process and removing the temp dirs`);
+      void resources.shutdown().finally(() => process.exit(sig === 'SIGINT' ? 130 : 143));
+    });
+  }
+  const fail = (err: unknown): void => {
+    // Stopping on a signal fails whatever was under way; the signal's exit code stands.
+    if (stopping) return;
+    say(`\nbench: FAILED: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
+    void resources.shutdown().finally(() => process.exit(1));
+  };
+  process.on('uncaughtException', fail);
+  process.on('unhandledRejection', fail);
+
+  main(o, argv, resources).then(
+    async () => {
+      await resources.shutdown();
+      process.exit(0);
+    },
+    fail,
+  );
+}

@@ -96,6 +96,13 @@ describe('a cluster of 2 groups x 2 replica processes', () => {
       assert.ok(sameBits(r.values, want.values), 'vectors differ (absent rows must read zeros)');
     }
     assert.equal(out.values[n * DIM + 1], 7);
+    // Arrays 4 bytes off an 8-byte boundary take the float-at-a-time placement; it clears too.
+    const odd = { values: new Float32Array(new ArrayBuffer((n * DIM + 1) * 4), 4, n * DIM), found: new Uint8Array(n) };
+    await client.getEmbeddings(full, { table: 'emb', out: odd });
+    const holes = makeRequest(v1, n, 3);
+    const r = await client.getEmbeddings(holes, { table: 'emb', out: odd });
+    assert.equal(r.values.byteOffset, 4);
+    assert.ok(sameBits(r.values, expected(v1, holes).values), 'unaligned: absent rows must read zeros');
     const code = codeOf;
     const req = makeRequest(v1, 10);
     assert.equal(await code(client.getEmbeddings(req, { table: 'emb', out: { values: new Float32Array(10 * DIM - 1), found: new Uint8Array(10) } })), 'KV_INVALID_ARGUMENT');

@@ -5,9 +5,12 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
 import { parseClientOptions } from '../src/client/options.js';
+import { localManifest } from '../src/common/manifest.js';
 import { EmbeddingClient, KvError } from '../src/index.js';
+import { ClusterConnections } from '../src/router/connections.js';
 import { Fanout } from '../src/router/fanout.js';
 import { DEFAULT_HEDGE_MAX_TOKENS, DEFAULT_HEDGE_TOKEN_RATIO, parseReplicaPolicy } from '../src/router/policy.js';
+import { ReplicaTracker } from '../src/router/replica-health.js';
 import { LatencyWindow, type FanoutStats } from '../src/router/stats.js';
 import { HedgeThrottle } from '../src/router/throttle.js';
 import { freePorts, KVCTL, TestCluster } from './helpers/cluster.js';
@@ -57,6 +60,30 @@ describe('replica policy options', () => {
     assert.equal(t.level, 4, 'capped at maxTokens');
     for (let i = 0; i < 20; i++) t.onCost();
     assert.equal(t.level, 0);
+  });
+
+  test('a replica that keeps losing to hedges is passed over twice as long each time, until it answers first', () => {
+    // Real connections to a port nothing listens on; they are never dialled here.
+    const conns = new ClusterConnections(localManifest(1, 1, 1));
+    const t = new ReplicaTracker(conns.groups[0]![0]!, 250);
+    try {
+      const now = 1_000_000;
+      const passedOver = (held: number): number => {
+        t.avoid(now, held);
+        return t.avoidUntil - now;
+      };
+      assert.equal(passedOver(5), 20, 'at least 20 ms');
+      assert.equal(passedOver(5), 40);
+      assert.equal(passedOver(5), 80);
+      for (let i = 0; i < 12; i++) passedOver(5);
+      assert.equal(t.avoidUntil - now, 5000, 'at most 5 s');
+      t.onAnswer(3);
+      t.avoidUntil = 0;
+      assert.equal(passedOver(30), 60, 'a win resets the streak: twice the time it held the call');
+    } finally {
+      t.close();
+      conns.close();
+    }
   });
 
   test('latency window percentiles are nearest-rank over the last samples', () => {
@@ -213,13 +240,16 @@ describe('hedging, health and failing well on real replica processes (2 groups x
   });
 
   test('a frozen replica is hedged away from even when the hedge budget is spent', async () => {
-    // One hedge's worth of budget, refilled by one token per 100 answers: every later rescue is the stall rule's.
-    const c = newClient({ hedgeMaxTokens: 2, hedgeTokenRatio: 0.01 });
+    // Two hedges' worth of budget (hedging stops at 1.5 tokens of 3), refilled by one token per 100
+    // answers: once the frozen replica is visited a third time, the bucket refuses the hedge.
+    const c = newClient({ hedgeMaxTokens: 3, hedgeTokenRatio: 0.01 });
     const latencies = await runFrozen(c);
     const s = c.stats();
-    assert.equal(s.failures, 0);
     const g0 = s.groups[0]!;
-    assert.ok(g0.hedgesSent >= 2, `group 0 went back to the frozen replica and was rescued again: ${JSON.stringify(g0)}`);
+    // A refused hedge on the frozen replica would have waited out the 5 s deadline and failed.
+    assert.ok(g0.hedgesThrottled >= 1, `the budget ran out: ${JSON.stringify(g0)}`);
+    assert.equal(s.failures, 0);
+    assert.ok(g0.hedgesSent >= 3, `rescued past the budget: ${JSON.stringify(g0)}`);
     assert.ok(Math.max(...latencies) < 2500, `latencies ${latencies.join(',')}`);
   });
 

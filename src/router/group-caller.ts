@@ -270,13 +270,15 @@ class GroupCall {
     const now = Date.now();
     const next = c.pick(this.tried, false, false, now);
     if (next < 0) return;
-    if (!c.throttle.canHedge() && !this.stalled(next, now)) {
-      const delay = c.hedgeDelay(this.keys);
+    const untilStalled = this.untilStalled(next, now);
+    if (!c.throttle.canHedge() && untilStalled > 0) {
       if (this.recheckMs === 0) c.hedgesThrottled++;
-      // Look again later, less and less often: the attempt may turn out to be stalled.
-      this.recheckMs = this.recheckMs === 0 ? delay : 2 * this.recheckMs;
-      if (now + this.recheckMs < this.deadline) {
-        this.hedgeTimer = setTimeout(this.onHedgeTimer, Math.max(1, this.recheckMs));
+      // Look again later, less and less often (answers elsewhere refill the bucket), and at the
+      // latest when the attempt counts as stalled.
+      this.recheckMs = this.recheckMs === 0 ? c.hedgeDelay(this.keys) : 2 * this.recheckMs;
+      const wait = Math.max(1, Math.min(this.recheckMs, untilStalled));
+      if (now + wait < this.deadline) {
+        this.hedgeTimer = setTimeout(this.onHedgeTimer, wait);
         this.hedgeTimer.unref();
       }
       return;
@@ -288,15 +290,17 @@ class GroupCall {
   }
 
   /**
-   * Whether every attempt in flight has been held STALL_FACTOR times longer than both the hedge delay
-   * for this size and replica `next`'s moving average answer time.
+   * Milliseconds until every attempt in flight has been held STALL_FACTOR times longer than both the
+   * hedge delay for this size and replica `next`'s moving average answer time: 0 when they have,
+   * Infinity when `next` has no answer time yet.
    */
-  private stalled(next: number, now: number): boolean {
+  private untilStalled(next: number, now: number): number {
     const ewma = this.caller.replicas[next]!.ewmaMs;
-    if (Number.isNaN(ewma)) return false;
+    if (Number.isNaN(ewma)) return Infinity;
     const limit = STALL_FACTOR * Math.max(ewma, this.caller.hedgeDelay(this.keys));
-    for (const a of this.attempts) if (!a.done && now - a.started < limit) return false;
-    return true;
+    let wait = 0;
+    for (const a of this.attempts) if (!a.done) wait = Math.max(wait, a.started + limit - now);
+    return wait;
   }
 
   private onAttemptDone(a: Attempt, err: grpc.ServiceError | null, res: LookupResponse | undefined): void {
