@@ -19,6 +19,9 @@ async function assertServes(client: EmbeddingClient, m: Model, req: BigUint64Arr
   const r = await client.getEmbeddings(req, { table: 'emb', ...(version ? { version } : {}) });
   const want = expected(m, req);
   assert.equal(r.dim, m.dim);
+  // The caller owns a buffer of exactly the answer: nothing else lives in it.
+  assert.equal(r.values.byteOffset, 0);
+  assert.equal(r.values.buffer.byteLength, r.values.byteLength);
   assert.deepEqual(r.found, want.found);
   assert.ok(sameBits(r.values, want.values), 'vectors differ');
 }
