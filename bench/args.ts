@@ -26,6 +26,8 @@ export interface BenchOptions {
   stall: boolean;
   /** --during-load: time requests again while a second version loads into a write version. */
   duringLoad: boolean;
+  /** --default-gc: every process with V8's default (parallel, concurrent) GC threads. */
+  defaultGc: boolean;
   /** --reuse-output: embkv's requests write into one reused pair of result arrays (the SDK's `out`). */
   reuseOutput: boolean;
   /** --default-malloc: every process with glibc's default malloc settings instead of CLIENT_MALLOC_ENV and REPLICA_MALLOC_ENV. */
@@ -75,6 +77,9 @@ export const USAGE = `usage: npm run bench -- [flags]
                        (SIGSTOP) for 60 ms at random moments, a fifth of the time; needs --replicas 2+
   --reuse-output       every request writes into one reused pair of result arrays (getEmbeddings'
                        out option for embkv; the same arrays for Redis's MGET replies)
+  --default-gc         run the bench and the replicas with V8's default GC threads instead of the
+                       --single-threaded-gc that cluster up gives replicas (and the README suggests
+                       for SDK processes on shared hosts)
   --default-malloc     run the bench and the replicas with glibc's default malloc settings instead
                        of the ones cluster up sets (and the README recommends for SDK processes)
   --append-results     append the table to bench/RESULTS.md under a dated heading
@@ -113,6 +118,7 @@ export function parseBenchArgs(argv: string[]): BenchOptions {
       'during-load': { type: 'boolean', default: false },
       'default-malloc': { type: 'boolean', default: false },
       'reuse-output': { type: 'boolean', default: false },
+      'default-gc': { type: 'boolean', default: false },
       note: { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -145,6 +151,7 @@ export function parseBenchArgs(argv: string[]): BenchOptions {
     stall: v['stall'] === true,
     defaultMalloc: v['default-malloc'] === true,
     reuseOutput: v['reuse-output'] === true,
+    defaultGc: v['default-gc'] === true,
     duringLoad: v['during-load'] === true,
     note: typeof v['note'] === 'string' ? v['note'] : undefined,
     help: v['help'] === true,

@@ -28,6 +28,8 @@ export interface EmbkvConfig {
   duringLoad?: boolean;
   /** Start the replicas with glibc's default malloc settings instead of REPLICA_MALLOC_ENV. */
   defaultMalloc?: boolean;
+  /** Start the replicas with V8's default GC threads instead of REPLICA_NODE_FLAGS. */
+  defaultGc?: boolean;
   /** --reuse-output: every request writes into the same `out` arrays (checked before the next one). */
   reuseOutput?: boolean;
 }
@@ -41,6 +43,8 @@ export interface StalledFigures extends RequestFigures, StallReport {
 }
 
 export interface EmbkvFigures extends RequestFigures {
+  /** CPU time of all replicas together (user + system) per request, warm-up requests included. */
+  replicaCpuMsPerRequest: number;
   loadMs: number;
   loadKeysPerSec: number;
   /** Sums over every replica. */
@@ -73,6 +77,26 @@ export function replicaBaseEnv(): NodeJS.ProcessEnv {
   return env;
 }
 
+/** Linux's USER_HZ: /proc/PID/stat counts CPU time in 1/100 s. */
+const TICKS_PER_SECOND = 100;
+
+/** CPU time (user + system) of every running replica of `sup`, in ms; 0 for a process already gone. */
+function replicasCpuMs(sup: Supervisor): number {
+  let ms = 0;
+  for (const pid of Object.values(sup.pids())) {
+    if (pid === undefined) continue;
+    try {
+      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+      // Fields after the command name in parentheses: state is the first, utime the 12th, stime the 13th.
+      const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      ms += ((Number(f[11]) + Number(f[12])) * 1000) / TICKS_PER_SECOND;
+    } catch {
+      // not on Linux, or the process is gone
+    }
+  }
+  return ms;
+}
+
 export async function runEmbkv(cfg: EmbkvConfig, model: Model, modelDir: string, res: Resources): Promise<EmbkvFigures> {
   const dir = res.tempDir(`g${cfg.groups}r${cfg.replicas}`);
   const ports = await freePorts(cfg.groups * cfg.replicas);
@@ -88,7 +112,7 @@ export async function runEmbkv(cfg: EmbkvConfig, model: Model, modelDir: string,
   const dataDir = join(dir, 'data');
   // Any replica exit during a run spoils its figures: remember it and fail the run.
   const exits: string[] = [];
-  const sup = new Supervisor({ manifest, configPath, dataDir, logs: 'files', report: (l) => exits.push(l), mallocEnv: cfg.defaultMalloc !== true, env: replicaBaseEnv() });
+  const sup = new Supervisor({ manifest, configPath, dataDir, logs: 'files', report: (l) => exits.push(l), mallocEnv: cfg.defaultMalloc !== true, nodeFlags: cfg.defaultGc !== true, env: replicaBaseEnv() });
   res.addSupervisor(sup);
   const checkReplicas = (): void => {
     if (exits.length === 0) return;
@@ -127,6 +151,7 @@ export async function runEmbkv(cfg: EmbkvConfig, model: Model, modelDir: string,
       table: TABLE,
       ...(cfg.reuseOutput === true ? { out: { values: new Float32Array(cfg.batch * model.dim), found: new Uint8Array(cfg.batch) } } : {}),
     };
+    const replicaCpu0 = replicasCpuMs(sup);
     const figures = await timeRequests<EmbeddingsResult>({
       warmup: cfg.warmup,
       requests: cfg.requests,
@@ -137,6 +162,7 @@ export async function runEmbkv(cfg: EmbkvConfig, model: Model, modelDir: string,
         return verifyAnswer(`embkv request ${r}`, a, req, model, r);
       },
     });
+    const replicaCpuMsPerRequest = (replicasCpuMs(sup) - replicaCpu0) / (cfg.warmup + cfg.requests);
     checkReplicas();
 
     // --stall: the same requests again, replica 0 of every group frozen at random moments.
@@ -210,6 +236,7 @@ export async function runEmbkv(cfg: EmbkvConfig, model: Model, modelDir: string,
     const copies = model.n * cfg.replicas;
     return {
       ...figures,
+      replicaCpuMsPerRequest,
       loadMs: load.ms,
       loadKeysPerSec,
       rssBytes,

@@ -8,7 +8,7 @@ import { constants as osConstants } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { DEFAULTS, SWEEP_BIG_KEYS, SWEEP_GROUPS, SWEEP_KEYS, USAGE, parseBenchArgs, type BenchOptions } from './args.js';
-import { CLIENT_MALLOC_ENV, REPLICA_MALLOC_ENV, describeMallocEnv, mallocEnvSet, withMallocEnv } from '../src/common/malloc.js';
+import { CLIENT_MALLOC_ENV, CLIENT_NODE_FLAGS, REPLICA_MALLOC_ENV, REPLICA_NODE_FLAGS, describeMallocEnv, mallocEnvSet, withMallocEnv } from '../src/common/process-tuning.js';
 import { ADDED_MALLOC_VARS, replicaBaseEnv, runEmbkv } from './embkv.js';
 import { makeModel, writeModel, type Model } from './model.js';
 import { REDIS_INSTALL_HINT, findRedisServer, runRedis, type RedisFigures } from './redis.js';
@@ -44,6 +44,9 @@ async function main(o: BenchOptions, argv: string[], res: Resources): Promise<vo
   const malloc = o.defaultMalloc ? `glibc defaults${inherited ? ` except ${inherited} from the environment` : ''} in every process` :
     `${describeMallocEnv(CLIENT_MALLOC_ENV)} in the bench (the client), ${describeMallocEnv(REPLICA_MALLOC_ENV, replicaBaseEnv())} in the replicas`;
   say(`malloc: ${malloc}`);
+  const gc = o.defaultGc ? 'V8 default GC threads in every process' :
+    `${CLIENT_NODE_FLAGS.join(' ')} in the bench (the client), ${REPLICA_NODE_FLAGS.join(' ')} in the replicas`;
+  say(`gc: ${gc}`);
   say(`${all.length} configuration(s); requests: ${o.requests} timed (+${o.warmup} warm-up) of ${o.batch.toLocaleString('en-US')} keys, ${(o.absent * 100).toFixed(1)}% absent, dim ${o.dim}`);
   if (o.sweep && runRedisToo) say('redis runs once per key count; its figures repeat on every row of that key count');
 
@@ -67,7 +70,7 @@ async function main(o: BenchOptions, argv: string[], res: Resources): Promise<vo
       if (runEmbkvToo) {
         say(`\nembkv: ${keys.toLocaleString('en-US')} keys, ${c.groups} groups x ${o.replicas} replicas`);
         const e = await runEmbkv(
-          { groups: c.groups, replicas: o.replicas, requests: o.requests, warmup: o.warmup, batch: o.batch, absent: o.absent, stall: o.stall, duringLoad: o.duringLoad, defaultMalloc: o.defaultMalloc, reuseOutput: o.reuseOutput },
+          { groups: c.groups, replicas: o.replicas, requests: o.requests, warmup: o.warmup, batch: o.batch, absent: o.absent, stall: o.stall, duringLoad: o.duringLoad, defaultMalloc: o.defaultMalloc, defaultGc: o.defaultGc, reuseOutput: o.reuseOutput },
           model,
           modelDir,
           res,
@@ -75,6 +78,7 @@ async function main(o: BenchOptions, argv: string[], res: Resources): Promise<vo
         row.embkv = e;
         say(`  ${o.requests} requests: p50 ${e.p50.toFixed(1)} / p90 ${e.p90.toFixed(1)} / p99 ${e.p99.toFixed(1)} / max ${e.max.toFixed(1)} ms; ` +
           `client CPU ${e.cpuMsPerRequest.toFixed(1)} ms/req, GC ${e.gcMsPerRequest.toFixed(1)} ms/req (${e.gcCount} pauses, ${e.gcMajorCount} major: ${e.gcMajorMsPerRequest.toFixed(1)} ms/req); ` +
+          `replicas' CPU ${e.replicaCpuMsPerRequest.toFixed(0)} ms/req in all; ` +
           `${e.verified.toLocaleString('en-US')} vectors checked bit-exact, every found flag checked`);
         say(`  memory: rss ${mb(e.rssBytes)} over ${c.groups * o.replicas} replicas (${e.rssBytesPerKey.toFixed(0)} B/key), ` +
           `index+vectors ${mb(e.versionBytes)} (${e.versionBytesPerKey.toFixed(0)} B/key; raw vectors ${o.dim * 4} B/key)`);
@@ -95,7 +99,7 @@ async function main(o: BenchOptions, argv: string[], res: Resources): Promise<vo
           extra.push(`embkv ${keys.toLocaleString('en-US')} keys ${c.groups}×${o.replicas} ${line}`);
         }
         extra.push(`embkv ${keys.toLocaleString('en-US')} keys ${c.groups}×${o.replicas}: load ${(e.loadMs / 1000).toFixed(2)} s; ` +
-          `rss ${mb(e.rssBytes)}, index+vectors ${mb(e.versionBytes)} in total; ${e.gcCount} GC pauses in the timed requests (${e.gcMajorCount} major, ${e.gcMajorMsPerRequest.toFixed(1)} ms/req); ` +
+          `rss ${mb(e.rssBytes)}, index+vectors ${mb(e.versionBytes)} in total; ${e.gcCount} GC pauses in the timed requests (${e.gcMajorCount} major, ${e.gcMajorMsPerRequest.toFixed(1)} ms/req); replicas' CPU ${e.replicaCpuMsPerRequest.toFixed(0)} ms/req in all; ` +
           `${e.verified.toLocaleString('en-US')} vectors checked bit-exact`);
       }
       rowsHere.push(row);
@@ -126,7 +130,7 @@ async function main(o: BenchOptions, argv: string[], res: Resources): Promise<vo
   process.stdout.write(`\n${table(rows)}\n`);
   if (o.appendResults) {
     extra.unshift(`${o.requests} timed requests (+${o.warmup} warm-up) of ${o.batch.toLocaleString('en-US')} keys, ` +
-      `${(o.absent * 100).toFixed(1)}% absent, seed ${o.seed}; model written as ${o.parts} NumPy parts`, `malloc: ${malloc}`);
+      `${(o.absent * 100).toFixed(1)}% absent, seed ${o.seed}; model written as ${o.parts} NumPy parts`, `malloc: ${malloc}`, `gc: ${gc}`);
     appendResults(RESULTS_PATH, rows, argv, o.note, extra, loadAtStart);
     say(`appended to ${RESULTS_PATH}`);
   }
@@ -144,22 +148,24 @@ if (options.help) {
   process.stdout.write(`${USAGE}\n\ndefaults: ${JSON.stringify(DEFAULTS)}\n`);
   process.exit(0);
 }
-// The client runs with the malloc settings the README recommends for SDK users (and that cluster up
-// gives the replicas); they are read at process start, so the bench starts itself again with them.
-// Redis's client runs in this same process.
-if (!options.defaultMalloc && !mallocEnvSet(CLIENT_MALLOC_ENV)) runAgainWithClientMalloc();
+// The client runs with the malloc settings and GC flags the README suggests for SDK processes (and that
+// cluster up gives the replicas); they are read at process start, so the bench starts itself again
+// with them. Redis's client runs in this same process.
+const needMalloc = !options.defaultMalloc && !mallocEnvSet(CLIENT_MALLOC_ENV);
+const missingFlags = options.defaultGc ? [] : CLIENT_NODE_FLAGS.filter((f) => !process.execArgv.includes(f));
+if (needMalloc || missingFlags.length > 0) runAgainTuned(needMalloc, missingFlags);
 else runHere(options);
 
-/** Runs the bench in a child with CLIENT_MALLOC_ENV, passing signals on and exiting as it exits. */
-function runAgainWithClientMalloc(): void {
+/** Runs the bench in a child with the client's settings, passing signals on and exiting as it exits. */
+function runAgainTuned(malloc: boolean, flags: readonly string[]): void {
   // The replicas get their own settings: the ones added here are named so that they are not passed on.
-  const added = Object.keys(CLIENT_MALLOC_ENV).filter((k) => process.env[k] === undefined);
-  const env = { ...withMallocEnv(CLIENT_MALLOC_ENV), [ADDED_MALLOC_VARS]: added.join(',') };
-  const child = spawn(process.execPath, [...process.execArgv, process.argv[1]!, ...argv], { stdio: 'inherit', env });
+  const added = malloc ? Object.keys(CLIENT_MALLOC_ENV).filter((k) => process.env[k] === undefined) : [];
+  const env = malloc ? { ...withMallocEnv(CLIENT_MALLOC_ENV), [ADDED_MALLOC_VARS]: added.join(',') } : process.env;
+  const child = spawn(process.execPath, [...flags, ...process.execArgv, process.argv[1]!, ...argv], { stdio: 'inherit', env });
   // The child cleans up its replicas and temp dirs on these; this process waits for it to finish.
   for (const sig of ['SIGINT', 'SIGTERM'] as const) process.on(sig, () => child.kill(sig));
   child.once('error', (err) => {
-    say(`bench: could not start itself again with ${describeMallocEnv(CLIENT_MALLOC_ENV)}: ${err.message}`);
+    say(`bench: could not start itself again with ${describeMallocEnv(CLIENT_MALLOC_ENV)} ${flags.join(' ')}: ${err.message}`);
     process.exit(1);
   });
   child.once('exit', (code, signal) => process.exit(code ?? 128 + (signal === null ? 0 : osConstants.signals[signal])));
@@ -168,7 +174,7 @@ function runAgainWithClientMalloc(): void {
 function runHere(o: BenchOptions): void {
   const resources = new Resources();
   process.once('exit', () => resources.shutdownSync());
-  // Ctrl-C reaches this process twice when it runs under runAgainWithClientMalloc (from the terminal
+  // Ctrl-C reaches this process twice when it runs under runAgainTuned (from the terminal
   // and passed on by the parent): a second signal must not cut the cleanup short.
   let stopping = false;
   for (const sig of ['SIGINT', 'SIGTERM'] as const) {

@@ -1,10 +1,11 @@
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { parseManifest } from '../src/common/manifest.js';
+import { REPLICA_MALLOC_ENV, REPLICA_NODE_FLAGS } from '../src/common/process-tuning.js';
 import { statusAll } from '../src/loader/cluster-ops.js';
 import { ClusterConnections } from '../src/router/connections.js';
 import { freePorts, KVCTL } from './helpers/cluster.js';
@@ -68,6 +69,11 @@ describe('kvctl cluster up', () => {
     });
     assert.equal(second[1], first[1], 'the other replica was left alone');
     assert.match(stderr(), /replica g0r0 exited \(SIGKILL\); restarting/);
+    // The restarted replica runs with the runtime settings cluster up gives every replica.
+    const cmdline = readFileSync(`/proc/${second[0]}/cmdline`, 'utf8').split('\0');
+    for (const flag of REPLICA_NODE_FLAGS) assert.ok(cmdline.includes(flag), `started with ${flag}: ${cmdline.join(' ')}`);
+    const environ = readFileSync(`/proc/${second[0]}/environ`, 'utf8').split('\0');
+    for (const [k, v] of Object.entries(REPLICA_MALLOC_ENV)) assert.ok(environ.includes(`${k}=${process.env[k] ?? v}`), `${k} set`);
 
     const exited = new Promise<number | null>((r) => proc.once('exit', (code) => r(code)));
     proc.kill('SIGTERM');

@@ -3,7 +3,7 @@ import { createWriteStream, mkdirSync, type WriteStream } from 'node:fs';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
-import { REPLICA_MALLOC_ENV, withMallocEnv } from '../common/malloc.js';
+import { REPLICA_MALLOC_ENV, REPLICA_NODE_FLAGS, withMallocEnv } from '../common/process-tuning.js';
 import type { Manifest } from '../common/manifest.js';
 
 const KVCTL = fileURLToPath(new URL('./kvctl.js', import.meta.url));
@@ -20,6 +20,8 @@ export interface SupervisorOptions {
   report: (line: string) => void;
   /** Start the replicas with REPLICA_MALLOC_ENV (default true; the bench turns it off to measure without). */
   mallocEnv?: boolean;
+  /** Start the replicas with REPLICA_NODE_FLAGS (default true; the bench turns it off to measure without). */
+  nodeFlags?: boolean;
   /** The environment the replicas start from (default process.env); variables set here win over REPLICA_MALLOC_ENV. */
   env?: NodeJS.ProcessEnv;
 }
@@ -70,7 +72,7 @@ export class Supervisor {
 
   private spawnChild(c: Child): void {
     const dataDir = join(this.options.dataDir, c.name);
-    const args = [KVCTL, 'serve', '--config', this.options.configPath, '--group', String(c.group), '--replica', String(c.replica), '--data', dataDir];
+    const args = [...(this.options.nodeFlags === false ? [] : REPLICA_NODE_FLAGS), KVCTL, 'serve', '--config', this.options.configPath, '--group', String(c.group), '--replica', String(c.replica), '--data', dataDir];
     // The IPC channel ties the child to this process: when it closes, the replica shuts down.
     const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe', 'ipc'], env: this.childEnv() });
     c.proc = proc;

@@ -1,6 +1,23 @@
 /**
- * glibc malloc settings for processes that move tens of megabytes per request: replicas, the router,
- * and a ranking service using the SDK.
+ * Runtime settings for processes that move tens of megabytes per request (replicas, the router, and a
+ * ranking service using the SDK): V8's GC threading and glibc's malloc.
+ */
+
+/**
+ * Node flags `kvctl cluster up` starts replicas with. `cluster up` puts many replicas on few cores,
+ * and each V8 runs its own concurrent and parallel GC helper threads, which there only compete with
+ * the other replicas for the same cores. With one GC thread per process, the replicas' CPU per
+ * 150k-key request (8 groups on 2 cores) fell from 118-126 ms to 92-93 ms, and the client's p50
+ * from 91-110 ms to 71-82 ms (bench/RESULTS.md). On a host with cores to spare for one replica,
+ * V8's default parallel GC keeps pauses shorter: leave it on there.
+ */
+export const REPLICA_NODE_FLAGS: readonly string[] = ['--single-threaded-gc'];
+
+/** The same for a process that runs the SDK on a host it shares with replicas or other busy processes. */
+export const CLIENT_NODE_FLAGS: readonly string[] = ['--single-threaded-gc'];
+
+/*
+ * glibc malloc settings.
  *
  * Every lookup allocates megabyte-sized buffers (grpc-js frames each answer in a fresh buffer, and
  * reassembles each received message into another). glibc's defaults serve these from mmap at first,
