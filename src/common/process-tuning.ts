@@ -13,9 +13,6 @@
  */
 export const REPLICA_NODE_FLAGS: readonly string[] = ['--single-threaded-gc'];
 
-/** The same for a process that runs the SDK on a host it shares with replicas or other busy processes. */
-export const CLIENT_NODE_FLAGS: readonly string[] = ['--single-threaded-gc'];
-
 /*
  * glibc malloc settings.
  *
