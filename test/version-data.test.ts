@@ -143,8 +143,10 @@ test('200k keys in batches of varying size: lookups are bit-exact before and aft
 
   for (const phase of ['write version', 'sealed']) {
     if (phase === 'sealed') v.seal();
-    const out = new Float32Array(m * d.dim);
-    const found = new Uint8Array(m);
+    // Arrays holding an earlier answer (a reused answer buffer): every row and flag is written,
+    // absent ones as zeros.
+    const out = new Float32Array(m * d.dim).fill(7.5);
+    const found = new Uint8Array(m).fill(1);
     const hits = v.lookup(req.keys, m, out, found);
     assert.equal(hits, expectHits, phase);
     checkAnswer(d, req.rowOf, out, found, phase);

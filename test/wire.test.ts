@@ -10,6 +10,7 @@ import {
   encodeLookupRequest,
 } from '../src/common/wire.js';
 import { KvError } from '../src/common/errors.js';
+import { VersionData } from '../src/shard/version-data.js';
 import { mulberry32 } from './helpers/util.js';
 
 // protobufjs, loading the published .proto, stands in for "any gRPC client generated from it".
@@ -373,7 +374,19 @@ test('AnswerBufferPool: a buffer returns once serialized, and a reused answer re
   await Promise.resolve();
   const d = allocLookupResponse(3, 4, 10, pool);
   assert.equal(d.buf.buffer, abA);
-  assert.ok(d.values.every((v) => v === 0) && d.found.every((f) => f === 0));
+  // The reused buffer still holds a's answer; a lookup into it writes absent keys as zeros.
+  const held = new VersionData(4);
+  held.append(new Uint32Array([1, 0, 2, 0]), new Float32Array([1, 2, 3, 4, 5, 6, 7, 8]), 2);
+  held.seal();
+  const keys = new Uint32Array(20);
+  keys[0] = 1; // positions 0 and 9 ask for present keys, the rest for absent ones
+  keys[18] = 2;
+  for (let i = 1; i < 9; i++) keys[2 * i] = 100 + i;
+  assert.equal(held.lookup(keys, 10, d.values, d.found), 2);
+  assert.deepEqual(Array.from(d.found), [1, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+  assert.deepEqual(Array.from(d.values.subarray(0, 4)), [1, 2, 3, 4]);
+  assert.deepEqual(Array.from(d.values.subarray(36)), [5, 6, 7, 8]);
+  assert.ok(d.values.subarray(4, 36).every((v) => v === 0));
   // Buffers not from the pool pass through untouched.
   const plain = allocLookupResponse(1, 2, 3);
   assert.equal(pool.onSerialize(plain.buf), plain.buf);

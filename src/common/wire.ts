@@ -199,7 +199,6 @@ export function allocLookupResponse(version: number, dim: number, n: number, poo
   buf[pos++] = 0x1a;
   pos = writeVarint(buf, pos, n);
   const found = buf.subarray(pos, pos + n);
-  found.fill(0);
   pos += n;
   buf[pos++] = 0x22;
   buf[pos++] = pad;
@@ -207,9 +206,8 @@ export function allocLookupResponse(version: number, dim: number, n: number, poo
   pos += pad;
   buf[pos++] = 0x2a;
   pos = writeVarint(buf, pos, valuesLen);
+  // A pooled buffer holds an earlier answer: the lookup writes every row and flag, absent ones as zeros.
   const values = new Float32Array(ab, 5 + pos, n * dim);
-  // A pooled buffer holds an earlier answer; absent keys must read as zeros.
-  if (pool !== undefined) values.fill(0);
   return { buf, found, values };
 }
 

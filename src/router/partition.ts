@@ -41,13 +41,19 @@ function fmix64(lo: number, hi: number, lowOut: Uint32Array): number {
 
 const scratch = new Uint32Array(1);
 
+/**
+ * (mhi * 2^32 + mlo) mod p, with every intermediate below 2^53; `base` = 2^32 mod p. For a power of
+ * two p (<= 2^32) that is the low word masked.
+ */
+function reduce(mhi: number, mlo: number, partitions: number, base: number): number {
+  if ((partitions & (partitions - 1)) === 0) return mlo & (partitions - 1);
+  return ((mhi % partitions) * base + (mlo % partitions)) % partitions;
+}
+
 /** The partition of one key given as its 32-bit halves. */
 export function partitionOfHalves(lo: number, hi: number, partitions: number): number {
   const mhi = fmix64(lo, hi, scratch);
-  const mlo = scratch[0]!;
-  // (mhi * 2^32 + mlo) mod p, with every intermediate below 2^53.
-  const base = 4294967296 % partitions;
-  return ((mhi % partitions) * base + (mlo % partitions)) % partitions;
+  return reduce(mhi, scratch[0]!, partitions, 4294967296 % partitions);
 }
 
 /** The partition of one key (for tools and reference tables; BigInt only at this boundary). */
@@ -76,8 +82,8 @@ export function groupTable(partitions: number, groups: number): Uint16Array {
 
 /**
  * One pass over packed keys: writes each key's group to `groupOut` and counts keys per group into
- * `counts` (length = groups, zeroed here). fmix64 is inlined; with a power-of-two partition count
- * the modulo is a mask of the low word.
+ * `counts` (length = groups, zeroed here). With a power-of-two partition count the modulo is a mask
+ * of the low word.
  */
 export function assignGroups(
   keys: PackedKeys,
@@ -88,21 +94,10 @@ export function assignGroups(
   counts: Uint32Array,
 ): void {
   counts.fill(0);
-  const pow2 = (partitions & (partitions - 1)) === 0;
-  const pmask = partitions - 1;
   const base = 4294967296 % partitions;
   for (let i = 0; i < n; i++) {
-    let lo = keys[2 * i]!;
-    let hi = keys[2 * i + 1]!;
-    lo = (lo ^ (hi >>> 1)) >>> 0;
-    let nlo = Math.imul(lo, C1_LO) >>> 0;
-    let nhi = (mulhi32(lo, C1_LO) + Math.imul(lo, C1_HI) + Math.imul(hi, C1_LO)) >>> 0;
-    lo = (nlo ^ (nhi >>> 1)) >>> 0;
-    hi = nhi;
-    nlo = Math.imul(lo, C2_LO) >>> 0;
-    nhi = (mulhi32(lo, C2_LO) + Math.imul(lo, C2_HI) + Math.imul(hi, C2_LO)) >>> 0;
-    const mlo = (nlo ^ (nhi >>> 1)) >>> 0;
-    const p = pow2 ? mlo & pmask : ((nhi % partitions) * base + (mlo % partitions)) % partitions;
+    const mhi = fmix64(keys[2 * i]!, keys[2 * i + 1]!, scratch);
+    const p = reduce(mhi, scratch[0]!, partitions, base);
     const g = groupOfPartition[p]!;
     groupOut[i] = g;
     counts[g]!++;

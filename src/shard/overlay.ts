@@ -1,4 +1,4 @@
-import { rehashSlots, slotHash } from './version-data.js';
+import { probeSlot, rehashSlots } from './version-data.js';
 
 const MIN_SLOTS = 256;
 const MAX_LOAD = 0.7;
@@ -45,18 +45,8 @@ export class Overlay {
       const lo = keys[2 * i]!;
       const hi = keys[2 * i + 1]!;
       const slots = this.slots;
-      const mask = this.mask;
-      let s = slotHash(lo, hi) & mask;
-      let row = -1;
-      for (;;) {
-        const row1 = slots[3 * s + 2]!;
-        if (row1 === 0) break;
-        if (slots[3 * s] === lo && slots[3 * s + 1] === hi) {
-          row = row1 - 1;
-          break;
-        }
-        s = (s + 1) & mask;
-      }
+      const s = probeSlot(slots, this.mask, lo, hi);
+      let row = slots[3 * s + 2]! - 1;
       if (row >= 0) {
         if (this.order[row]! > order) continue;
       } else {
@@ -81,22 +71,13 @@ export class Overlay {
     const mask = this.mask;
     const rows = this.rows;
     for (let i = 0; i < n; i++) {
-      const lo = keys[2 * i]!;
-      const hi = keys[2 * i + 1]!;
-      let s = slotHash(lo, hi) & mask;
-      for (;;) {
-        const row1 = slots[3 * s + 2]!;
-        if (row1 === 0) break;
-        if (slots[3 * s] === lo && slots[3 * s + 1] === hi) {
-          let src = (row1 - 1) * dim;
-          let dst = i * dim;
-          const stop = src + dim;
-          while (src < stop) out[dst++] = rows[src++]!;
-          found[i] = 1;
-          break;
-        }
-        s = (s + 1) & mask;
-      }
+      const row1 = slots[3 * probeSlot(slots, mask, keys[2 * i]!, keys[2 * i + 1]!) + 2]!;
+      if (row1 === 0) continue;
+      let src = (row1 - 1) * dim;
+      let dst = i * dim;
+      const stop = src + dim;
+      while (src < stop) out[dst++] = rows[src++]!;
+      found[i] = 1;
     }
   }
 

@@ -25,6 +25,17 @@ export function slotHash(lo: number, hi: number): number {
   return h >>> 0;
 }
 
+/**
+ * The slot of key (lo, hi) in an open-addressing slot array (3 words a slot: lo, hi, row + 1; 0 =
+ * empty) with linear probing: the slot holding the key, or the empty slot that ends its chain, where
+ * it would be inserted. `slots[3 * s + 2] === 0` tells which.
+ */
+export function probeSlot(slots: Uint32Array, mask: number, lo: number, hi: number): number {
+  let s = slotHash(lo, hi) & mask;
+  while (slots[3 * s + 2] !== 0 && (slots[3 * s] !== lo || slots[3 * s + 1] !== hi)) s = (s + 1) & mask;
+  return s;
+}
+
 /** A slot array of `cap` slots (3 words each, third word 0 = empty) holding the entries of `old`. */
 export function rehashSlots(old: Uint32Array, cap: number): Uint32Array {
   const slots = new Uint32Array(cap * 3);
@@ -101,15 +112,7 @@ export class VersionData {
 
   /** The row of a key, or -1. */
   find(lo: number, hi: number): number {
-    const slots = this.slots;
-    const mask = this.mask;
-    let s = slotHash(lo, hi) & mask;
-    for (;;) {
-      const row1 = slots[3 * s + 2]!;
-      if (row1 === 0) return -1;
-      if (slots[3 * s] === lo && slots[3 * s + 1] === hi) return row1 - 1;
-      s = (s + 1) & mask;
-    }
+    return this.slots[3 * probeSlot(this.slots, this.mask, lo, hi) + 2]! - 1;
   }
 
   /**
@@ -133,19 +136,9 @@ export class VersionData {
       const lo = keys[2 * i]!;
       const hi = keys[2 * i + 1]!;
       const slots = this.slots;
-      const mask = this.mask;
-      let s = slotHash(lo, hi) & mask;
-      let existed = false;
-      for (;;) {
-        const row1 = slots[3 * s + 2]!;
-        if (row1 === 0) break;
-        if (slots[3 * s] === lo && slots[3 * s + 1] === hi) {
-          if (!replace) return i;
-          existed = true;
-          break;
-        }
-        s = (s + 1) & mask;
-      }
+      const s = probeSlot(slots, this.mask, lo, hi);
+      const existed = slots[3 * s + 2] !== 0;
+      if (existed && !replace) return i;
       const row = this.rows++;
       slots[3 * s] = lo;
       slots[3 * s + 1] = hi;
@@ -170,19 +163,11 @@ export class VersionData {
     const slots = this.slots;
     const mask = this.mask;
     for (let i = 0; i < n; i++) {
-      const lo = keys[2 * i]!;
-      const hi = keys[2 * i + 1]!;
-      let s = slotHash(lo, hi) & mask;
-      for (;;) {
-        if (slots[3 * s + 2] === 0) break;
-        if (slots[3 * s] === lo && slots[3 * s + 1] === hi) {
-          this.removeSlot(s);
-          removed++;
-          this.count--;
-          break;
-        }
-        s = (s + 1) & mask;
-      }
+      const s = probeSlot(slots, mask, keys[2 * i]!, keys[2 * i + 1]!);
+      if (slots[3 * s + 2] === 0) continue;
+      this.removeSlot(s);
+      removed++;
+      this.count--;
     }
     return removed;
   }
@@ -228,8 +213,8 @@ export class VersionData {
 
 
   /**
-   * Looks up n packed keys, writing each vector to `out[i*dim ...]` and 1/0 to `found[i]`. `out` must
-   * be zeroed where keys are absent (a fresh buffer is). Blocks of 16: find the rows of the whole
+   * Looks up n packed keys, writing each vector to `out[i*dim ...]` and 1/0 to `found[i]`; rows of
+   * absent keys are written as zeros, so `out` and `found` may hold anything before. Blocks of 16: find the rows of the whole
    * block first, touching each row, then copy, so the CPU overlaps the cache misses.
    */
   lookup(keys: Uint32Array, n: number, out: Float32Array, found: Uint8Array): number {
@@ -250,7 +235,11 @@ export class VersionData {
       }
       for (let i = base; i < end; i++) {
         const r = rows[i - base]!;
-        if (r < 0) continue;
+        if (r < 0) {
+          found[i] = 0;
+          out.fill(0, i * dim, (i + 1) * dim);
+          continue;
+        }
         const slab = slabs[r >>> SLAB_SHIFT]!;
         let src = (r & SLAB_MASK) * dim;
         let dst = i * dim;
@@ -278,7 +267,7 @@ export class VersionData {
     for (let base = 0; base < n; base += BLOCK) {
       const end = Math.min(n, base + BLOCK);
       for (let i = base; i < end; i++) {
-        // find(), inlined so the whole kernel is one function for the optimiser.
+        // probeSlot(), inlined: calling it measured ~10% slower in this kernel (bench/RESULTS.md).
         const lo = keys[2 * i]!;
         const hi = keys[2 * i + 1]!;
         let h = Math.imul(lo, 0x9e3779b1) ^ Math.imul(hi ^ 0x7f4a7c15, 0x85ebca77);
@@ -301,7 +290,11 @@ export class VersionData {
       }
       for (let i = base; i < end; i++) {
         const r = rows[i - base]!;
-        if (r < 0) continue;
+        if (r < 0) {
+          found[i] = 0;
+          out.fill(0, i * half, (i + 1) * half);
+          continue;
+        }
         const slab = slabs[r >>> SLAB_SHIFT]!;
         let src = (r & SLAB_MASK) * half;
         let dst = i * half;
@@ -338,11 +331,8 @@ export class KeySet {
   add(lo: number, hi: number): boolean {
     if (this.size + 1 > (this.mask + 1) * MAX_LOAD) this.grow();
     const slots = this.slots;
-    let s = slotHash(lo, hi) & this.mask;
-    while (slots[3 * s + 2] !== 0) {
-      if (slots[3 * s] === lo && slots[3 * s + 1] === hi) return false;
-      s = (s + 1) & this.mask;
-    }
+    const s = probeSlot(slots, this.mask, lo, hi);
+    if (slots[3 * s + 2] !== 0) return false;
     slots[3 * s] = lo;
     slots[3 * s + 1] = hi;
     slots[3 * s + 2] = 1;
