@@ -1,5 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import * as grpc from '@grpc/grpc-js';
 import protobuf from 'protobufjs';
 import {
   PROTO_PATH,
@@ -8,7 +9,10 @@ import {
   decodeLookupRequest,
   decodeLookupResponse,
   encodeLookupRequest,
+  EMBKV_SERVER_SERVICE,
+  type LookupRequest,
 } from '../src/common/wire.js';
+import { EmbeddingClient } from '../src/index.js';
 import { KvError } from '../src/common/errors.js';
 import { VersionData } from '../src/shard/version-data.js';
 import { mulberry32 } from './helpers/util.js';
@@ -390,4 +394,27 @@ test('AnswerBufferPool: a buffer returns once serialized, and a reused answer re
   // Buffers not from the pool pass through untouched.
   const plain = allocLookupResponse(1, 2, 3);
   assert.equal(pool.onSerialize(plain.buf), plain.buf);
+});
+
+test('an answer with fewer rows than the keys asked is refused, not placed as garbage', async () => {
+  // A real gRPC server speaking the Lookup wire, answering one row short (a broken replica).
+  const server = new grpc.Server();
+  server.addService(EMBKV_SERVER_SERVICE, {
+    lookup: (call: grpc.ServerUnaryCall<LookupRequest, Buffer>, cb: grpc.sendUnaryData<Buffer>) => {
+      const n = call.request.keys.byteLength / 8;
+      cb(null, allocLookupResponse(1, 2, Math.max(0, n - 1)).buf);
+    },
+  });
+  const port = await new Promise<number>((resolve, reject) =>
+    server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))));
+  const client = new EmbeddingClient({ config: { partitions: 4, groups: [{ replicas: [`127.0.0.1:${port}`] }] } });
+  try {
+    const err = await client.getEmbeddings([1, 2, 3], { table: 't' }).then(() => undefined, (e: unknown) => e);
+    assert.ok(err instanceof KvError, `rejected with a KvError (got ${String(err)})`);
+    assert.equal(err.code, 'KV_INTERNAL');
+    assert.match(err.message, /answered 2 rows for 3 keys/);
+  } finally {
+    await client.close();
+    server.forceShutdown();
+  }
 });

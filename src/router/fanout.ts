@@ -150,6 +150,9 @@ export class Fanout {
         if (a.version !== version || a.dim !== dim) {
           throw new KvError(KvErrorCode.INTERNAL, `group ${groups[k]} answered version ${a.version} dim ${a.dim}, expected version ${version} dim ${dim}`);
         }
+        if (a.found.length !== counts[groups[k]!]) {
+          throw new KvError(KvErrorCode.INTERNAL, `group ${groups[k]} answered ${a.found.length} rows for ${counts[groups[k]!]} keys`);
+        }
       }
       const out = (req.alloc ?? defaultAlloc)(n, dim, version);
       placeAll(answers, groups, groupOf, n, G, dim, out.values, out.found, out.dirty === true);
