@@ -160,6 +160,10 @@ export class Shard {
       if (t.current !== 0 && !t.versions.has(t.current)) throw new Error(`table ${meta.name}: current version ${t.current} is not on disk`);
       if (byVersion.size !== meta.versions.length) await this.store.putTable(this.metaOf(t), true);
     }
+    // Rows files of versions no table lists: a crash came between dropping a version and deleting its file.
+    const listed = [...this.tables.values()].flatMap((t) => [...t.versions.keys(), ...t.retained.keys()].map((version) => ({ table: t.name, version })));
+    const unlisted = await this.store.dropUnlistedRows(listed);
+    if (unlisted.length > 0) this.log.warn({ files: unlisted }, 'deleted rows files of versions no longer listed');
     // Replay the put log over the restored versions.
     this.putSeq = await this.store.putSeqHighWater();
     for (let after = 0; ;) {
@@ -176,7 +180,7 @@ export class Shard {
   }
 
   private async replayBlocks(table: string, vm: VersionMeta, data: VersionData): Promise<void> {
-    for await (const block of this.store.readBlocks(table, vm.version)) {
+    for await (const block of this.store.readBlocks(table, vm)) {
       if (block.dim === 0) data.delete(block.keys, block.n);
       else if (vm.base) data.upsert(block.keys, block.values, block.n);
       else {
@@ -317,8 +321,9 @@ export class Shard {
     }
     w.ops += n + nd;
     const writes: Promise<void>[] = [];
-    if (n > 0) writes.push(this.store.appendBlock(table, version, w.meta.blocks++, keys, values, n, dim));
-    if (nd > 0) writes.push(this.store.appendBlock(table, version, w.meta.blocks++, deletes, new Float32Array(0), nd, 0));
+    if (n > 0) writes.push(this.store.appendBlock(table, version, keys, values, n, dim));
+    if (nd > 0) writes.push(this.store.appendBlock(table, version, deletes, new Float32Array(0), nd, 0));
+    w.meta.blocks += writes.length;
     // The batch is answered once it is in memory and its disk write is under way: the load is only
     // acknowledged by loadSeal, which waits for every write. A bounded number of writes in flight
     // keeps the loader from outrunning the disk.
@@ -346,6 +351,8 @@ export class Shard {
         throw new KvError(KvErrorCode.INVALID_DATA, `table ${table} v${version}: this replica received ${w.ops} rows, the loader sent ${expectedOps}`);
       }
       const t = this.tables.get(table)!;
+      // The rows file is synced before the metadata that declares the version sealed.
+      w.meta.rowsBytes = await this.store.sealRows(table, version);
       w.data.seal();
       w.meta.rows = w.data.count;
       w.meta.state = 'sealed';
