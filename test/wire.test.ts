@@ -10,6 +10,9 @@ import {
   decodeLookupResponse,
   encodeLookupRequest,
   EMBKV_SERVER_SERVICE,
+  LoadRowsMessage,
+  decodeLoadRowsRequest,
+  encodeLoadRowsRequest,
   type LookupRequest,
 } from '../src/common/wire.js';
 import { EmbeddingClient } from '../src/index.js';
@@ -417,4 +420,47 @@ test('an answer with fewer rows than the keys asked is refused, not placed as ga
     await client.close();
     server.forceShutdown();
   }
+});
+
+test('LoadRows: the hand codec is standard protobuf both ways, and rows arrive 8-byte aligned', () => {
+  const PbLoadRows = root.lookupType('embkv.v1.LoadRowsRequest');
+  const keys = new Uint32Array([1, 2, 3, 4, 5, 6]);
+  const values = new Float32Array([0.5, -1.25, 3, 4, 1e-7, 6]);
+  const deletes = new Uint32Array([9, 0]);
+  for (const version of [0, 1, 300, 2 ** 40]) {
+    const enc = encodeLoadRowsRequest({ table: 'user_emb', version, loadId: 'L-1', keys: bytesOf(keys), values: bytesOf(values), deletes: bytesOf(deletes) });
+    const pb = PbLoadRows.toObject(PbLoadRows.decode(enc), { longs: String, defaults: true }) as Record<string, unknown>;
+    assert.equal(pb['table'], 'user_emb');
+    assert.equal(pb['version'], String(version));
+    assert.equal(pb['loadId'], 'L-1');
+    assert.deepEqual(Buffer.from(pb['keys'] as Uint8Array), bytesOf(keys));
+    assert.deepEqual(Buffer.from(pb['values'] as Uint8Array), bytesOf(values));
+    assert.deepEqual(Buffer.from(pb['deletes'] as Uint8Array), bytesOf(deletes));
+    // As grpc-js hands it to the server: at byte 5 of a fresh buffer.
+    const received = Buffer.concat([Buffer.alloc(5), enc]).subarray(5);
+    const dec = decodeLoadRowsRequest(received);
+    assert.equal(dec.table, 'user_emb');
+    assert.equal(dec.version, version);
+    assert.equal(dec.loadId, 'L-1');
+    for (const [got, want] of [[dec.keys, keys], [dec.values, values], [dec.deletes, deletes]] as const) {
+      assert.deepEqual(Buffer.from(got), bytesOf(want));
+      assert.equal(got.byteOffset % 8, 0, 'rows start 8-byte aligned');
+    }
+  }
+  // Another client's encoding (protobufjs, no padding) decodes the same.
+  const other = PbLoadRows.encode(PbLoadRows.fromObject({ table: 't', version: 7, loadId: 'x', keys: bytesOf(keys), values: bytesOf(values) })).finish();
+  const dec = decodeLoadRowsRequest(other);
+  assert.deepEqual([dec.table, dec.version, dec.loadId], ['t', 7, 'x']);
+  assert.deepEqual(Buffer.from(dec.values), bytesOf(values));
+  assert.equal(dec.deletes.byteLength, 0);
+
+  // A message laid out for full batches: rows written in place, read back as views.
+  const m = new LoadRowsMessage('t', 3, 'L', 3, 2);
+  m.keys.set(keys);
+  m.values.set(values);
+  const got = decodeLoadRowsRequest(Buffer.concat([Buffer.alloc(5), m.buf]).subarray(5));
+  assert.deepEqual(Buffer.from(got.keys), bytesOf(keys));
+  assert.deepEqual(Buffer.from(got.values), bytesOf(values));
+  assert.equal(got.values.byteOffset % 8, 0);
+  assert.equal(PbLoadRows.toObject(PbLoadRows.decode(m.buf), { longs: String })['version'], '3');
 });

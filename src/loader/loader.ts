@@ -4,10 +4,11 @@ import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
 import { keyAt } from '../common/keys.js';
 import type { Manifest } from '../common/manifest.js';
 import { checkTableName, checkVersion } from '../common/validate.js';
+import { LoadRowsMessage, encodeLoadRowsRequest } from '../common/wire.js';
 import { ClusterConnections, type ReplicaConn } from '../router/connections.js';
 import { assignGroups, groupTable } from '../router/partition.js';
 import { call, publishVersion, statusAll } from './cluster-ops.js';
-import { planDump, readDump, type DumpPlan, type RowChunk } from './sources.js';
+import { planDump, readDump, type DeleteChunk, type DumpPlan, type RowChunk } from './sources.js';
 
 export const DEFAULT_BATCH_ROWS = 8192;
 export const DEFAULT_INFLIGHT_PER_GROUP = 4;
@@ -48,24 +49,70 @@ export interface LoadResult {
   published: boolean;
 }
 
-/** One group's batch under construction, with where each row came from (for messages). */
+/** Where a run of batch rows came from, for messages: a file, and its row numbering. */
+interface RowSource {
+  file: string;
+  firstRow: number;
+  rowNumbers: Int32Array | undefined;
+}
+
+/**
+ * One group's batch under construction. Upserts are written straight into a LoadRows message laid
+ * out for a full batch, which is sent as is when full; batches are reused once every replica of the
+ * group has acknowledged them, so a load allocates its buffers once.
+ */
 class Batch {
   n = 0;
   nd = 0;
+  readonly msg: LoadRowsMessage;
   readonly keys: Uint32Array;
   readonly values: Float32Array;
+  readonly values64: Float64Array;
+  /** A delta's deletes (allocated for deltas only). */
   readonly deletes: Uint32Array;
-  /** Source of row i (upserts first, then deletes at n + j). */
-  readonly file: string[] = [];
-  readonly row: Int32Array;
-  constructor(readonly size: number, readonly dim: number) {
-    this.keys = new Uint32Array(2 * size);
-    this.values = new Float32Array(size * dim);
-    this.deletes = new Uint32Array(2 * size);
-    this.row = new Int32Array(2 * size);
+  /** Source of row i (upserts first, then deletes at size + j): an index into `sources` and the index within it. */
+  private readonly sourceOf: Uint16Array;
+  private readonly indexIn: Int32Array;
+  private sources: RowSource[] = [];
+
+  constructor(readonly size: number, readonly dim: number, table: string, version: number, loadId: string, deletes: boolean) {
+    this.msg = new LoadRowsMessage(table, version, loadId, size, dim);
+    this.keys = this.msg.keys;
+    this.values = this.msg.values;
+    // 8-byte aligned by construction (LoadRowsMessage); used for even dims only.
+    this.values64 = new Float64Array(this.values.buffer, this.values.byteOffset, this.values.length >>> 1);
+    this.deletes = new Uint32Array(deletes ? 2 * size : 0);
+    this.sourceOf = new Uint16Array(2 * size);
+    this.indexIn = new Int32Array(2 * size);
   }
+
   get full(): boolean {
     return this.n === this.size || this.nd === this.size;
+  }
+
+  /** Records that batch row `at` is row `i` of `chunk`. */
+  from(at: number, chunk: RowChunk | DeleteChunk, i: number): void {
+    // Compared by file and first row, not by identity: holding the chunk would hold its rows.
+    const last = this.sources[this.sources.length - 1];
+    if (last === undefined || last.firstRow !== chunk.firstRow || last.file !== chunk.file) {
+      this.sources.push({ file: chunk.file, firstRow: chunk.firstRow, rowNumbers: chunk.rowNumbers });
+    }
+    this.sourceOf[at] = this.sources.length - 1;
+    this.indexIn[at] = i;
+  }
+
+  /** "file: row N" (or line N) of batch row `at`. */
+  where(at: number): string {
+    const src = this.sources[this.sourceOf[at]!]!;
+    const i = this.indexIn[at]!;
+    const row = src.rowNumbers ? src.rowNumbers[i]! : src.firstRow + i;
+    return `${src.file}: ${src.file.endsWith('.npy') ? 'row' : 'line'} ${row}`;
+  }
+
+  reset(): void {
+    this.n = 0;
+    this.nd = 0;
+    this.sources = [];
   }
 }
 
@@ -188,17 +235,26 @@ interface StreamContext {
 async function streamRows(plan: DumpPlan, conns: ClusterConnections, ctx: StreamContext): Promise<void> {
   const { manifest } = conns;
   const G = manifest.groups.length;
+  const dim = plan.dim;
   const groupOfPartition = groupTable(manifest.partitions, G);
-  const batches = Array.from({ length: G }, () => new Batch(ctx.rowsPerBatch, plan.dim));
+  // Batches acknowledged by their group, ready for reuse (at most inflight + 1 per group exist).
+  const spare: Batch[][] = Array.from({ length: G }, () => []);
+  const newBatch = (g: number): Batch =>
+    spare[g]!.pop() ?? new Batch(ctx.rowsPerBatch, dim, ctx.table, ctx.version, ctx.loadId, ctx.incremental);
+  const batches = Array.from({ length: G }, (_, g) => newBatch(g));
   const pending: Set<Promise<void>>[] = Array.from({ length: G }, () => new Set());
   let failure: unknown;
   let sent = 0;
 
   const send = async (g: number, b: Batch): Promise<void> => {
-    const keys = Buffer.from(b.keys.buffer, 0, b.n * 8);
-    const values = Buffer.from(b.values.buffer, 0, b.n * plan.dim * 4);
-    const deletes = Buffer.from(b.deletes.buffer, 0, b.nd * 8);
-    const req = { table: ctx.table, version: ctx.version, loadId: ctx.loadId, keys, values, deletes };
+    // A full batch of upserts goes as laid out; anything else (the last batch of a group, a delta's
+    // deletes) is encoded to its size.
+    const req = b.n === b.size && b.nd === 0 ? b.msg.buf : encodeLoadRowsRequest({
+      table: ctx.table, version: ctx.version, loadId: ctx.loadId,
+      keys: new Uint8Array(b.keys.buffer, b.keys.byteOffset, b.n * 8),
+      values: new Uint8Array(b.values.buffer, b.values.byteOffset, b.n * dim * 4),
+      deletes: new Uint8Array(b.deletes.buffer, b.deletes.byteOffset, b.nd * 8),
+    });
     try {
       await Promise.all(conns.groups[g]!.map((c) => call(c, 'LoadRows', req, 120_000)));
     } catch (err) {
@@ -207,16 +263,18 @@ async function streamRows(plan: DumpPlan, conns: ClusterConnections, ctx: Stream
     ctx.rowsPerGroup[g]! += b.n;
     ctx.deletesPerGroup[g]! += b.nd;
     sent += b.n + b.nd;
+    b.reset();
+    spare[g]!.push(b);
     ctx.options.onProgress?.(sent, plan.totalRows);
   };
 
   const flush = async (g: number): Promise<void> => {
     const b = batches[g]!;
     if (b.n === 0 && b.nd === 0) return;
-    batches[g] = new Batch(ctx.rowsPerBatch, plan.dim);
     const set = pending[g]!;
     while (set.size >= ctx.inflight) await Promise.race(set);
     if (failure !== undefined) throw failure;
+    batches[g] = newBatch(g);
     const p: Promise<void> = send(g, b).then(
       () => void set.delete(p),
       (err: unknown) => {
@@ -229,7 +287,8 @@ async function streamRows(plan: DumpPlan, conns: ClusterConnections, ctx: Stream
 
   let groupOf = new Uint16Array(0);
   const counts = new Uint32Array(G);
-  for await (const item of readDump(plan, { signal: ctx.options.signal })) {
+  // Rows are copied into batches at once, so the reader may reuse its buffers.
+  for await (const item of readDump(plan, { signal: ctx.options.signal, reuseBuffers: true })) {
     if (failure !== undefined) break;
     if (item.type === 'deletes') {
       if (!ctx.incremental) throw new KvError(KvErrorCode.INVALID_DATA, `${item.chunk.file}: deletes are only allowed in an incremental load`);
@@ -242,8 +301,7 @@ async function streamRows(plan: DumpPlan, conns: ClusterConnections, ctx: Stream
         const at = b.nd;
         b.deletes[2 * at] = chunk.keys[2 * i]!;
         b.deletes[2 * at + 1] = chunk.keys[2 * i + 1]!;
-        b.file[b.size + at] = chunk.file;
-        b.row[b.size + at] = chunk.rowNumbers ? chunk.rowNumbers[i]! : chunk.firstRow + i;
+        b.from(b.size + at, chunk, i);
         b.nd = at + 1;
         if (b.full) await flush(g);
       }
@@ -252,22 +310,34 @@ async function streamRows(plan: DumpPlan, conns: ClusterConnections, ctx: Stream
     const chunk: RowChunk = item.chunk;
     if (groupOf.length < chunk.n) groupOf = new Uint16Array(chunk.n);
     assignGroups(chunk.keys, chunk.n, manifest.partitions, groupOfPartition, groupOf, counts);
-    const dim = plan.dim;
+    const cv = chunk.values;
+    // Rows move as Float64 pairs when dim is even and both sides are 8-byte aligned (the reader's
+    // buffers and the batch messages are). The values were checked finite, and finite float32 pairs
+    // never form a NaN double, so the copy is bit-exact.
+    const wide = (dim & 1) === 0 && (cv.byteOffset & 7) === 0;
+    const cv64 = wide ? new Float64Array(cv.buffer, cv.byteOffset, cv.length >>> 1) : undefined;
+    const half = dim >>> 1;
     for (let i = 0; i < chunk.n; i++) {
       const g = groupOf[i]!;
       const b = batches[g]!;
       const at = b.n;
       b.keys[2 * at] = chunk.keys[2 * i]!;
       b.keys[2 * at + 1] = chunk.keys[2 * i + 1]!;
-      // A plain loop: set(subarray()) would allocate a view per row.
-      const bv = b.values;
-      const cv = chunk.values;
-      let src = i * dim;
-      let dst = at * dim;
-      const stop = src + dim;
-      while (src < stop) bv[dst++] = cv[src++]!;
-      b.file[at] = chunk.file;
-      b.row[at] = chunk.rowNumbers ? chunk.rowNumbers[i]! : chunk.firstRow + i;
+      // Plain loops: set(subarray()) would allocate a view per row.
+      if (cv64 !== undefined) {
+        const bv = b.values64;
+        let src = i * half;
+        let dst = at * half;
+        const stop = src + half;
+        while (src < stop) bv[dst++] = cv64[src++]!;
+      } else {
+        const bv = b.values;
+        let src = i * dim;
+        let dst = at * dim;
+        const stop = src + dim;
+        while (src < stop) bv[dst++] = cv[src++]!;
+      }
+      b.from(at, chunk, i);
       b.n = at + 1;
       if (b.full) await flush(g);
     }
@@ -283,9 +353,9 @@ function explainRowError(err: unknown, b: Batch, what: 'delta' | 'load'): unknow
   // The replica numbers upserts first, then deletes.
   const r = err.detail['row'];
   if (r < 0 || r >= b.n + b.nd) return err;
-  const i = r < b.n ? r : b.size + (r - b.n);
+  const at = r < b.n ? r : b.size + (r - b.n);
   const key = r < b.n ? keyAt(b.keys, r) : keyAt(b.deletes, r - b.n);
-  const where = `${b.file[i]}: ${b.file[i]!.endsWith('.npy') ? 'row' : 'line'} ${b.row[i]}`;
+  const where = b.where(at);
   if (err.code === KvErrorCode.DUPLICATE_KEY) {
     return new KvError(KvErrorCode.DUPLICATE_KEY, `${where}: key ${key} is repeated within this ${what}`, { cause: err });
   }

@@ -65,6 +65,12 @@ export interface ReadDumpOptions {
   /** Most rows in one chunk (default DEFAULT_CHUNK_ROWS). */
   chunkRows?: number;
   signal?: AbortSignal;
+  /**
+   * NumPy rows are read into two buffer pairs used in turn, instead of fresh arrays per chunk: a
+   * chunk's arrays are then valid only until the consumer asks for the next item. For consumers that
+   * copy the rows out at once (the loader): fresh memory is what reading costs most on a VM.
+   */
+  reuseBuffers?: boolean;
 }
 
 export const DEFAULT_CHUNK_ROWS = 65536;
@@ -731,7 +737,8 @@ function abortError(signal: AbortSignal): KvError {
  * Streams the rows in bounded memory: chunks of at most `chunkRows` rows (default 65536, and fewer when a
  * chunk's values would pass MAX_CHUNK_BYTES), validating values (NaN/Inf) and text syntax as it goes.
  * Yields upserts as {type:'rows', chunk} and deletes as {type:'deletes', chunk}; a NumPy part yields its
- * deletes after its rows. Each chunk owns fresh arrays, so the consumer may keep them. Stops early with a
+ * deletes after its rows. Each chunk owns fresh arrays, so the consumer may keep them (unless
+ * `reuseBuffers`). Stops early with a
  * KV_ABORTED KvError if `signal` aborts.
  */
 export async function* readDump(plan: DumpPlan, options: ReadDumpOptions = {}): AsyncGenerator<DumpItem> {
@@ -748,7 +755,7 @@ export async function* readDump(plan: DumpPlan, options: ReadDumpOptions = {}): 
       continue;
     }
     if (part.keysPath !== undefined && part.valuesPath !== undefined) {
-      yield* readNpyRows(part, plan.dim, rowsPerChunk, signal);
+      yield* readNpyRows(part, plan.dim, rowsPerChunk, signal, options.reuseBuffers ?? false);
     }
     if (part.deletesPath !== undefined) {
       yield* readNpyDeletes(part, chunkRows, signal);
@@ -756,10 +763,13 @@ export async function* readDump(plan: DumpPlan, options: ReadDumpOptions = {}): 
   }
 }
 
-/** Reads exactly `len` bytes at `pos` into a fresh ArrayBuffer (offset 0, so any typed view is aligned). */
-async function readExact(fh: FileHandle, file: string, len: number, pos: number): Promise<ArrayBuffer> {
-  const ab = new ArrayBuffer(len);
-  const u8 = new Uint8Array(ab);
+/**
+ * Reads exactly `len` bytes at `pos` into the start of `into`, or of a fresh ArrayBuffer (offset 0, so
+ * any typed view is aligned).
+ */
+async function readExact(fh: FileHandle, file: string, len: number, pos: number, into?: ArrayBuffer): Promise<ArrayBuffer> {
+  const ab = into ?? new ArrayBuffer(len);
+  const u8 = new Uint8Array(ab, 0, len);
   let done = 0;
   while (done < len) {
     const { bytesRead } = await fh.read(u8, done, len - done, pos + done);
@@ -777,7 +787,7 @@ async function reopenChecked(path: string, role: NpyRole, rows: number, dim: num
   return h;
 }
 
-async function* readNpyRows(part: PartInfo, dim: number, chunkRows: number, signal: AbortSignal | undefined): AsyncGenerator<DumpItem> {
+async function* readNpyRows(part: PartInfo, dim: number, chunkRows: number, signal: AbortSignal | undefined, reuse: boolean): AsyncGenerator<DumpItem> {
   const keysPath = part.keysPath!;
   const valuesPath = part.valuesPath!;
   const rows = part.rows;
@@ -790,14 +800,19 @@ async function* readNpyRows(part: PartInfo, dim: number, chunkRows: number, sign
     vf = await open(valuesPath, 'r');
     const valuesFile = vf;
     const rowBytes = dim * 4;
+    // With reuse: chunk k is read into pair k % 2. Pair k % 2 is refilled for chunk k + 2, which is
+    // read only once the consumer has asked for the item after chunk k.
+    const pairs = reuse ? [0, 1].map(() => ({ keys: new ArrayBuffer(chunkRows * 8), values: new ArrayBuffer(chunkRows * rowBytes) })) : [];
+    let chunkNo = 0;
     const readChunk = async (first: number): Promise<DumpItem> => {
       const n = Math.min(chunkRows, rows - first);
+      const pair = pairs[chunkNo++ % 2];
       // `<i8` keys are taken as the same 64 bits (two's complement), so -1 is key 2^64-1: no conversion needed.
       const [kab, vab] = await Promise.all([
-        readExact(kf, keysPath, n * 8, kh.dataOffset + first * 8),
-        readExact(valuesFile, valuesPath, n * rowBytes, vh.dataOffset + first * rowBytes),
+        readExact(kf, keysPath, n * 8, kh.dataOffset + first * 8, pair?.keys),
+        readExact(valuesFile, valuesPath, n * rowBytes, vh.dataOffset + first * rowBytes, pair?.values),
       ]);
-      const values = new Float32Array(vab);
+      const values = new Float32Array(vab, 0, n * dim);
       for (let i = 0; i < values.length; i++) {
         const v = values[i]!;
         // v - v is 0 for finite v and NaN for NaN and ±Infinity.
@@ -807,7 +822,7 @@ async function* readNpyRows(part: PartInfo, dim: number, chunkRows: number, sign
           throw dataError(`${valuesPath}: row ${row} column ${i % dim} is ${what}`);
         }
       }
-      return { type: 'rows', chunk: { file: keysPath, firstRow: first, n, keys: new Uint32Array(kab), values } };
+      return { type: 'rows', chunk: { file: keysPath, firstRow: first, n, keys: new Uint32Array(kab, 0, 2 * n), values } };
     };
     // Read one chunk ahead so disk reads overlap the consumer's work on the chunk just yielded.
     let first = 0;
