@@ -12,6 +12,8 @@ import {
   EMBKV_SERVER_SERVICE,
   LoadRowsMessage,
   decodeLoadRowsRequest,
+  embkvServerService,
+  installZeroCopyFraming,
   encodeLoadRowsRequest,
   type LookupRequest,
 } from '../src/common/wire.js';
@@ -463,4 +465,61 @@ test('LoadRows: the hand codec is standard protobuf both ways, and rows arrive 8
   assert.deepEqual(Buffer.from(got.values), bytesOf(values));
   assert.equal(got.values.byteOffset % 8, 0);
   assert.equal(PbLoadRows.toObject(PbLoadRows.decode(m.buf), { longs: String })['version'], '3');
+});
+
+test('zero-copy framing: answers leave from their pooled buffers, arrive intact, and the buffer is reused once the stream closes', async () => {
+  assert.equal(installZeroCopyFraming(), true, 'the installed grpc-js frames messages as expected');
+  const pool = new AnswerBufferPool();
+  const held = new VersionData(4);
+  const n = 5000;
+  const rows = new Uint32Array(2 * n);
+  const vecs = new Float32Array(4 * n);
+  for (let i = 0; i < n; i++) {
+    rows[2 * i] = i + 1;
+    vecs.fill(i + 0.5, 4 * i, 4 * i + 4);
+  }
+  held.append(rows, vecs, n);
+  held.seal();
+  const taken: ArrayBuffer[] = [];
+  const server = new grpc.Server();
+  server.addService(embkvServerService(pool), {
+    lookup: (call: grpc.ServerUnaryCall<LookupRequest, Buffer>, cb: grpc.sendUnaryData<Buffer>) => {
+      const keys = new Uint32Array(call.request.keys.buffer, call.request.keys.byteOffset, call.request.keys.byteLength / 4);
+      const res = allocLookupResponse(1, 4, keys.length / 2, pool);
+      taken.push(res.buf.buffer as ArrayBuffer);
+      held.lookup(keys, keys.length / 2, res.values, res.found);
+      cb(null, res.buf);
+    },
+  });
+  const port = await new Promise<number>((resolve, reject) =>
+    server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))));
+  const client = new EmbeddingClient({ config: { partitions: 4, groups: [{ replicas: [`127.0.0.1:${port}`] }] } });
+  try {
+    for (let round = 0; round < 3; round++) {
+      // Every other key absent; a different set each round, so a stale buffer would show.
+      const keys = Array.from({ length: 4000 }, (_, i) => (i % 2 === 0 ? 1 + ((i * 7 + round * 13) % n) : n + 10 + i));
+      const r = await client.getEmbeddings(keys, { table: 't' });
+      for (let i = 0; i < keys.length; i++) {
+        const want = i % 2 === 0 ? keys[i]! - 0.5 : 0;
+        assert.equal(r.found[i], i % 2 === 0 ? 1 : 0);
+        assert.deepEqual(Array.from(r.values.subarray(4 * i, 4 * i + 4)), [want, want, want, want], `round ${round} key ${i}`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, 20)); // the stream's close comes after the answer
+    }
+    assert.equal(taken.length, 3);
+    assert.equal(taken[1], taken[0], 'the answer buffer went back to the pool and was used again');
+    assert.equal(taken[2], taken[0]);
+    // Answers in flight at once: a buffer handed out again before its stream closed would be
+    // overwritten while still being sent.
+    const batches = Array.from({ length: 8 }, (_, b) => Array.from({ length: 20000 }, (_, i) => 1 + ((i * 31 + b * 977) % n)));
+    const answers = await Promise.all(batches.map((keys) => client.getEmbeddings(keys, { table: 't' })));
+    answers.forEach((r, b) => {
+      for (let i = 0; i < batches[b]!.length; i++) {
+        if (r.values[4 * i] !== batches[b]![i]! - 0.5) assert.fail(`concurrent answer ${b}, key ${i}: ${r.values[4 * i]}`);
+      }
+    });
+  } finally {
+    await client.close();
+    server.forceShutdown();
+  }
 });

@@ -4,7 +4,7 @@ import type { Logger } from 'pino';
 import { KvError, KvErrorCode, invalidArgument, toGrpcError } from '../common/errors.js';
 import { bytesOf, floatsFromBytes, keysFromBytes } from '../common/keys.js';
 import type { Manifest } from '../common/manifest.js';
-import { AnswerBufferPool, SERVER_OPTIONS, embkvServerService, shardControlService, type LookupRequest } from '../common/wire.js';
+import { AnswerBufferPool, SERVER_OPTIONS, embkvServerService, installZeroCopyFraming, shardControlService, type LookupRequest } from '../common/wire.js';
 import { checkTableName, checkVersion } from '../common/validate.js';
 import { Shard } from '../shard/shard.js';
 import { PeerSync } from './peer-sync.js';
@@ -62,6 +62,8 @@ export class ReplicaServer {
     this.state = 'opening';
     await this.store.open();
     await this.shard.restore();
+    // Answers leave from their pooled buffers, not from a copy per call (see installZeroCopyFraming).
+    if (!installZeroCopyFraming()) this.log.warn('this grpc-js frames messages differently: answers are copied into frames');
     this.server.addService(embkvServerService(this.answers), { lookup: (TEST_FAULTS ? this.onLookupWithTestFaults : this.onLookup).bind(this) });
     this.server.addService(shardControlService(), this.controlHandlers());
     this.health.addToServer(this.server);
