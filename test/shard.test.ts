@@ -162,3 +162,54 @@ test('rows written to LevelDB by earlier releases are still restored', async () 
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('rows arriving while a load is being sealed are refused, so the sealed count and file are final', async () => {
+  await withShard(async (shard) => {
+    const a = rows(2000, 1);
+    await shard.loadBegin('t', 1, DIM, 'a', false, false);
+    await shard.loadRows('t', 1, 'a', a.keys.subarray(0, 2000), a.values.subarray(0, 1000 * DIM), new Uint32Array(0));
+    const sealing = shard.loadSeal('t', 1, 'a', 1000);
+    await new Promise((resolve) => setImmediate(resolve)); // the seal is now syncing the rows file
+    const late = shard.loadRows('t', 1, 'a', a.keys.subarray(2000), a.values.subarray(1000 * DIM), new Uint32Array(0));
+    assert.equal(await codeOf(late), 'KV_LOAD_CONFLICT');
+    assert.equal(await sealing, 1000);
+  });
+});
+
+test('rows files: tables differing only in case get their own files; a group without rows restores from an empty file', async () => {
+  await withShard(async (shard, reopen, dir) => {
+    for (const [table, base] of [['Emb', 100], ['emb', 200]] as const) {
+      const r = rows(50, base);
+      await shard.loadBegin(table, 1, DIM, table, false, false);
+      await shard.loadRows(table, 1, table, r.keys, r.values, new Uint32Array(0));
+      await shard.loadSeal(table, 1, table, 50);
+      await shard.publish(table, 1, false);
+    }
+    // A load of which no key fell in this group.
+    await shard.loadBegin('none', 1, DIM, 'n', false, false);
+    await shard.loadSeal('none', 1, 'n', 0);
+    await shard.publish('none', 1, false);
+    assert.deepEqual(readdirSync(join(dir, 'rows')).sort(), ['^emb@0000000000000001.rows', 'emb@0000000000000001.rows', 'none@0000000000000001.rows']);
+    const again = await reopen();
+    const first = (table: string): number => decodeLookupResponse(again.lookup(table, 0, new Uint32Array([100, 0, 200, 0]))).values[0]!;
+    assert.equal(first('Emb'), 100);
+    assert.equal(decodeLookupResponse(again.lookup('emb', 0, new Uint32Array([200, 0]))).values[0], 200);
+    assert.equal(again.status().find((t) => t.name === 'none')?.currentVersion, 1);
+  });
+});
+
+test('rows files: a block header altered to the same size is caught by the checksum', async () => {
+  await withShard(async (shard, reopen, dir) => {
+    const a = rows(64, 1);
+    await shard.loadBegin('t', 1, DIM, 'a', false, false);
+    await shard.loadRows('t', 1, 'a', a.keys, a.values, new Uint32Array(0));
+    await shard.loadSeal('t', 1, 'a', 64);
+    const file = join(dir, 'rows', 't@0000000000000001.rows');
+    const bytes = readFileSync(file);
+    // 64 rows of dim 4 and 96 rows of dim 1 are both 1536 body bytes.
+    bytes.writeUInt32LE(96, 4);
+    bytes.writeUInt32LE(1, 8);
+    writeFileSync(file, bytes);
+    await assert.rejects(reopen(), /t@0000000000000001\.rows: corrupt block at byte 0 \(96 rows of dim 1; the version has dim 4\)/);
+  });
+});

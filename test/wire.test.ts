@@ -12,6 +12,7 @@ import {
   EMBKV_SERVER_SERVICE,
   LoadRowsMessage,
   decodeLoadRowsRequest,
+  answersFramedInPlace,
   embkvServerService,
   installZeroCopyFraming,
   encodeLoadRowsRequest,
@@ -494,6 +495,7 @@ test('zero-copy framing: answers leave from their pooled buffers, arrive intact,
   const port = await new Promise<number>((resolve, reject) =>
     server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))));
   const client = new EmbeddingClient({ config: { partitions: 4, groups: [{ replicas: [`127.0.0.1:${port}`] }] } });
+  const framedBefore = answersFramedInPlace();
   try {
     for (let round = 0; round < 3; round++) {
       // Every other key absent; a different set each round, so a stale buffer would show.
@@ -518,6 +520,7 @@ test('zero-copy framing: answers leave from their pooled buffers, arrive intact,
         if (r.values[4 * i] !== batches[b]![i]! - 0.5) assert.fail(`concurrent answer ${b}, key ${i}: ${r.values[4 * i]}`);
       }
     });
+    assert.equal(answersFramedInPlace() - framedBefore, 11, 'every answer left from its pooled buffer, none was copied');
   } finally {
     await client.close();
     server.forceShutdown();

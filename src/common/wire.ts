@@ -267,6 +267,12 @@ export class AnswerBufferPool {
 /** Pooled answer buffers that may be framed in place, with what to do once their stream closes. */
 const preframed = new WeakMap<ArrayBuffer, () => void>();
 let zeroCopyFraming = false;
+let framedInPlace = 0;
+
+/** How many answers this process has sent framed in place (zero-copy framing). */
+export function answersFramedInPlace(): number {
+  return framedInPlace;
+}
 
 interface ServerCallInternals {
   stream: { once(event: 'close', fn: () => void): unknown };
@@ -309,6 +315,7 @@ export function installZeroCopyFraming(): boolean {
         framed[0] = 0;
         framed.writeUInt32BE(value.byteLength, 1);
         this.stream.once('close', sent);
+        framedInPlace++;
         return framed;
       }
     }

@@ -71,7 +71,7 @@ class Batch {
   /** A delta's deletes (allocated for deltas only). */
   readonly deletes: Uint32Array;
   /** Source of row i (upserts first, then deletes at size + j): an index into `sources` and the index within it. */
-  private readonly sourceOf: Uint16Array;
+  private readonly sourceOf: Uint32Array;
   private readonly indexIn: Int32Array;
   private sources: RowSource[] = [];
 
@@ -82,7 +82,7 @@ class Batch {
     // 8-byte aligned by construction (LoadRowsMessage); used for even dims only.
     this.values64 = new Float64Array(this.values.buffer, this.values.byteOffset, this.values.length >>> 1);
     this.deletes = new Uint32Array(deletes ? 2 * size : 0);
-    this.sourceOf = new Uint16Array(2 * size);
+    this.sourceOf = new Uint32Array(2 * size);
     this.indexIn = new Int32Array(2 * size);
   }
 

@@ -37,6 +37,8 @@ interface WriteVersion {
   ops: number;
   lastActivityMs: number;
   failed: KvError | undefined;
+  /** LoadSeal has begun: rows arriving now would not be in what it seals. */
+  sealing: boolean;
   pending: Set<Promise<void>>;
 }
 
@@ -269,7 +271,7 @@ export class Shard {
       t.write = {
         // The index is sized from the loader's hint (bounded: a wrong hint must not exhaust memory).
         version, loadId, meta, data: base ? base.data.derive() : new VersionData(dim, Math.min(Math.max(0, expectedRows), 1 << 22)), touched: base ? new KeySet() : undefined,
-        ops: 0, lastActivityMs: now, failed: undefined, pending: new Set(),
+        ops: 0, lastActivityMs: now, failed: undefined, sealing: false, pending: new Set(),
       };
       await this.store.putTable(this.metaOf(t), false);
       this.log.info({ table, version, dim, loadId, base: meta.base }, incremental ? 'delta begun' : 'load begun');
@@ -281,6 +283,7 @@ export class Shard {
   async loadRows(table: string, version: number, loadId: string, keys: Uint32Array, values: Float32Array, deletes: Uint32Array): Promise<number> {
     const w = this.writeVersion(table, version, loadId);
     if (w.failed !== undefined) throw w.failed;
+    if (w.sealing) throw new KvError(KvErrorCode.LOAD_CONFLICT, `table ${table} v${version} is being sealed; no more rows are accepted for load ${loadId}`);
     const n = keys.length / 2;
     const nd = deletes.length / 2;
     const dim = w.data.dim;
@@ -345,10 +348,13 @@ export class Shard {
     return this.withTable(table, async () => {
       const w = this.writeVersion(table, version, loadId);
       if (w.failed !== undefined) throw w.failed;
+      // From here on rows are refused: the count below and the synced file are final.
+      w.sealing = true;
       await Promise.all(w.pending);
       if (w.failed !== undefined) throw w.failed;
       if (w.ops !== expectedOps) {
-        throw new KvError(KvErrorCode.INVALID_DATA, `table ${table} v${version}: this replica received ${w.ops} rows, the loader sent ${expectedOps}`);
+        w.failed = new KvError(KvErrorCode.INVALID_DATA, `table ${table} v${version}: this replica received ${w.ops} rows, the loader sent ${expectedOps}`);
+        throw w.failed;
       }
       const t = this.tables.get(table)!;
       // The rows file is synced before the metadata that declares the version sealed.

@@ -15,14 +15,16 @@ import { floatsFromBytes, keysFromBytes } from '../common/keys.js';
  *     r!<table>!<version:16 digits>!<block:10>   -> rows of versions written before rows files
  *                                                   (read at restore, never written any more)
  *   rows/<table>@<version:16 digits>.rows        -> the version's load batches as blocks:
- *     [magic "EKB1"][n u32][dim u32][crc32 of the body u32][n*8 key bytes][n*dim*4 float bytes]
- *     (little-endian; dim 0: a delta's deletes, keys only). Blocks start 8-byte aligned.
+ *     [magic "EKB1"][n u32][dim u32][crc32 u32][n*8 key bytes][n*dim*4 float bytes]
+ *     (little-endian; the crc32 covers magic, n, dim and the body; dim 0: a delta's deletes, keys
+ *     only). Blocks start 8-byte aligned. Capitals in the table name are written `^` + lower case.
  *
  * Rows go to files, not to LevelDB: a load writes each byte once to a file (and syncs it at the seal),
  * where LevelDB wrote it to its log and again to a table, checksummed and copied on the way: 32 MB
- * of 1 MB blocks cost 360 ms of CPU in LevelDB and 46 ms as a file (bench/RESULTS.md). The seal
- * records the file's length in the version's metadata; restore reads that many bytes and checks every
- * block's checksum. A load cut short leaves a 'loading' version whose file restore deletes.
+ * of 1 MB blocks cost 360 ms of CPU in LevelDB and 46 ms as a file (bench/RESULTS.md). The seal syncs
+ * the file and its directory, then records the file's length in the version's metadata; restore reads
+ * that many bytes and checks every block's checksum and dim. A load cut short leaves a 'loading'
+ * version whose file restore deletes. Releases before rows files cannot read these versions.
  */
 export interface VersionMeta {
   version: number;
@@ -65,6 +67,34 @@ const versionPrefix = (table: string, version: number): string => `r!${table}!${
 const BLOCK_MAGIC = 0x31424b45; // "EKB1"
 const BLOCK_HEAD = 16;
 
+/**
+ * `<table>@<version>.rows`, with each capital letter written as `^` and the letter in lower case:
+ * table names are case-sensitive, and on a case-insensitive file system `Emb` and `emb` would
+ * otherwise share a file. (`^` is not allowed in table names.)
+ */
+function rowsFileName(table: string, version: number): string {
+  return `${table.replace(/[A-Z]/g, (c) => `^${c.toLowerCase()}`)}@${pad(version, 16)}.rows`;
+}
+
+/** The checksum of a block: its header's magic, n and dim, then the body. */
+function blockChecksum(head: Uint32Array, parts: Uint8Array[]): number {
+  let c = crc32(new Uint8Array(head.buffer, head.byteOffset, 12));
+  // zlib's crc32 answers 0 for a buffer without memory behind it (a zero-length ArrayBuffer): empty
+  // parts are left out of the chain.
+  for (const p of parts) if (p.byteLength > 0) c = crc32(p, c);
+  return c;
+}
+
+/** fsync of a directory, so that a file created or removed in it survives a machine crash. */
+async function syncDir(dir: string): Promise<void> {
+  const fh = await open(dir, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
 /** A rows file being written: blocks are placed at increasing offsets as they come. */
 interface RowsWriter {
   fh: FileHandle;
@@ -94,12 +124,13 @@ export class ShardStore {
       }
       throw new Error(`cannot open data directory ${this.dir}: ${(err as Error).message}`, { cause: err });
     }
-    await mkdir(this.rowsDir, { recursive: true });
+    if ((await mkdir(this.rowsDir, { recursive: true })) !== undefined) await syncDir(this.dir);
   }
 
   async close(): Promise<void> {
-    for (const w of this.writers.values()) await w.then((x) => x.fh.close(), () => undefined);
+    const writers = [...this.writers.values()];
     this.writers.clear();
+    await Promise.allSettled(writers.map(async (w) => (await w).fh.close()));
     await this.db.close();
   }
 
@@ -117,7 +148,7 @@ export class ShardStore {
   }
 
   private rowsPath(table: string, version: number): string {
-    return join(this.rowsDir, `${table}@${pad(version, 16)}.rows`);
+    return join(this.rowsDir, rowsFileName(table, version));
   }
 
   /**
@@ -138,9 +169,7 @@ export class ShardStore {
     head[0] = BLOCK_MAGIC;
     head[1] = n;
     head[2] = dim;
-    // zlib's crc32 answers 0 for a buffer without memory behind it (a zero-length ArrayBuffer): an
-    // empty part is left out of the chain instead.
-    head[3] = body[1]!.byteLength > 0 ? crc32(body[1]!, crc32(body[0]!)) : crc32(body[0]!);
+    head[3] = blockChecksum(head, body);
     const bytes = BLOCK_HEAD + n * 8 + n * dim * 4;
     const at = w.end;
     w.end += bytes;
@@ -160,15 +189,27 @@ export class ShardStore {
     const id = `${table}@${version}`;
     const opening = this.writers.get(id);
     if (opening === undefined) {
-      // A version without rows (an empty load): an empty file, so restore finds what the seal recorded.
-      await (await open(this.rowsPath(table, version), 'w')).close();
+      // A version without rows here (no key of the load fell in this group): an empty file, so
+      // restore finds what the seal recorded.
+      const fh = await open(this.rowsPath(table, version), 'w');
+      try {
+        await fh.sync();
+      } finally {
+        await fh.close();
+      }
+      await syncDir(this.rowsDir);
       return 0;
     }
     const w = await opening;
-    await Promise.all(w.writes);
-    await w.fh.sync();
-    await w.fh.close();
     this.writers.delete(id);
+    try {
+      await Promise.all(w.writes);
+      await w.fh.sync();
+    } finally {
+      await w.fh.close();
+    }
+    // The file's directory entry, too: it was created by this load.
+    await syncDir(this.rowsDir);
     return w.end;
   }
 
@@ -179,6 +220,7 @@ export class ShardStore {
       return;
     }
     const path = this.rowsPath(table, vm.version);
+    if (vm.rowsBytes === 0) return;
     const fh = await open(path, 'r');
     try {
       const size = (await fh.stat()).size;
@@ -188,17 +230,20 @@ export class ShardStore {
       const head = new Uint32Array(BLOCK_HEAD / 4);
       for (let at = 0; at < vm.rowsBytes;) {
         if (at + BLOCK_HEAD > vm.rowsBytes) throw new Error(`${path}: truncated block header at byte ${at}`);
-        await readExactly(fh, new Uint8Array(head.buffer), at);
+        await readExactly(fh, path, new Uint8Array(head.buffer), at);
         const n = head[1]!;
         const dim = head[2]!;
         const bodyBytes = n * 8 + n * dim * 4;
-        if (head[0] !== BLOCK_MAGIC || at + BLOCK_HEAD + bodyBytes > vm.rowsBytes) {
-          throw new Error(`${path}: corrupt block at byte ${at} (${n} rows of dim ${dim})`);
+        // Rows have the version's dim; a delta's deletes have none.
+        const dimOk = dim === vm.dim || (dim === 0 && vm.base !== 0);
+        if (head[0] !== BLOCK_MAGIC || !dimOk || at + BLOCK_HEAD + bodyBytes > vm.rowsBytes) {
+          throw new Error(`${path}: corrupt block at byte ${at} (${n} rows of dim ${dim}; the version has dim ${vm.dim})`);
         }
         if (buf.byteLength < bodyBytes) buf = new ArrayBuffer(bodyBytes);
-        const body = new Uint8Array(buf, 0, bodyBytes);
-        await readExactly(fh, body, at + BLOCK_HEAD);
-        if (crc32(body) !== head[3]) throw new Error(`${path}: checksum mismatch in the block at byte ${at}`);
+        await readExactly(fh, path, new Uint8Array(buf, 0, bodyBytes), at + BLOCK_HEAD);
+        const keys = new Uint8Array(buf, 0, n * 8);
+        const floats = new Uint8Array(buf, n * 8, n * dim * 4);
+        if (blockChecksum(head, [keys, floats]) !== head[3]) throw new Error(`${path}: checksum mismatch in the block at byte ${at}`);
         yield { keys: new Uint32Array(buf, 0, 2 * n), values: new Float32Array(buf, n * 8, n * dim), n, dim };
         at += BLOCK_HEAD + bodyBytes;
       }
@@ -294,7 +339,7 @@ export class ShardStore {
   /** Deletes rows files of versions the metadata does not list (a crash between the two); returns their names. */
   async dropUnlistedRows(listed: Iterable<{ table: string; version: number }>): Promise<string[]> {
     const keep = new Set<string>();
-    for (const { table, version } of listed) keep.add(`${table}@${pad(version, 16)}.rows`);
+    for (const { table, version } of listed) keep.add(rowsFileName(table, version));
     const removed: string[] = [];
     for (const name of await readdir(this.rowsDir)) {
       if (keep.has(name) || !name.endsWith('.rows')) continue;
@@ -305,10 +350,10 @@ export class ShardStore {
   }
 }
 
-async function readExactly(fh: FileHandle, into: Uint8Array, position: number): Promise<void> {
+async function readExactly(fh: FileHandle, path: string, into: Uint8Array, position: number): Promise<void> {
   for (let got = 0; got < into.byteLength;) {
     const { bytesRead } = await fh.read(into, got, into.byteLength - got, position + got);
-    if (bytesRead === 0) throw new Error(`unexpected end of file at byte ${position + got}`);
+    if (bytesRead === 0) throw new Error(`${path}: unexpected end of file at byte ${position + got}`);
     got += bytesRead;
   }
 }
