@@ -189,7 +189,7 @@ test('rows files: tables differing only in case get their own files; a group wit
     await shard.loadBegin('none', 1, DIM, 'n', false, false);
     await shard.loadSeal('none', 1, 'n', 0);
     await shard.publish('none', 1, false);
-    assert.deepEqual(readdirSync(join(dir, 'rows')).sort(), ['^emb@0000000000000001.rows', 'emb@0000000000000001.rows', 'none@0000000000000001.rows']);
+    assert.deepEqual(readdirSync(join(dir, 'rows')).sort(), ['emb@0000000000000001.rows', 'emb~1@0000000000000001.rows', 'none@0000000000000001.rows']);
     const again = await reopen();
     const first = (table: string): number => decodeLookupResponse(again.lookup(table, 0, new Uint32Array([100, 0, 200, 0]))).values[0]!;
     assert.equal(first('Emb'), 100);
@@ -211,5 +211,32 @@ test('rows files: a block header altered to the same size is caught by the check
     bytes.writeUInt32LE(1, 8);
     writeFileSync(file, bytes);
     await assert.rejects(reopen(), /t@0000000000000001\.rows: corrupt block at byte 0 \(96 rows of dim 1; the version has dim 4\)/);
+  });
+});
+
+test('rows files: the longest table name, all capitals, still makes a valid file name', async () => {
+  await withShard(async (shard, reopen) => {
+    const table = 'A'.repeat(128);
+    const r = rows(10, 1);
+    await shard.loadBegin(table, 1, DIM, 'a', false, false);
+    await shard.loadRows(table, 1, 'a', r.keys, r.values, new Uint32Array(0));
+    await shard.loadSeal(table, 1, 'a', 10);
+    await shard.publish(table, 1, false);
+    const again = await reopen();
+    assert.equal(decodeLookupResponse(again.lookup(table, 0, new Uint32Array([5, 0]))).values[0], 5);
+  });
+});
+
+test('a seal whose sync failed cannot be sealed again as an empty version', async () => {
+  await withShard(async (shard, _reopen, dir) => {
+    const r = rows(100, 1);
+    await shard.loadBegin('t', 1, DIM, 'a', false, false);
+    await shard.loadRows('t', 1, 'a', r.keys, r.values, new Uint32Array(0));
+    // The rows directory goes away under the seal: syncing it fails.
+    rmSync(join(dir, 'rows'), { recursive: true, force: true });
+    assert.equal(await codeOf(shard.loadSeal('t', 1, 'a', 100)), 'KV_INTERNAL');
+    assert.equal(await codeOf(shard.loadSeal('t', 1, 'a', 100)), 'KV_INTERNAL', 'a second seal is refused, not sealed with no rows');
+    await shard.loadAbort('t', 1, 'a');
+    assert.deepEqual(shard.status().find((t) => t.name === 't')?.versions ?? [], []);
   });
 });

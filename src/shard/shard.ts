@@ -358,7 +358,14 @@ export class Shard {
       }
       const t = this.tables.get(table)!;
       // The rows file is synced before the metadata that declares the version sealed.
-      w.meta.rowsBytes = await this.store.sealRows(table, version);
+      try {
+        w.meta.rowsBytes = await this.store.sealRows(table, version, w.meta.blocks);
+      } catch (err) {
+        // A failed sync is final (after an fsync error the kernel may report later ones as clean):
+        // only an abort, or loading the version again, follows.
+        w.failed = new KvError(KvErrorCode.INTERNAL, `syncing the rows of ${table} v${version} failed: ${(err as Error).message}`, { cause: err });
+        throw w.failed;
+      }
       w.data.seal();
       w.meta.rows = w.data.count;
       w.meta.state = 'sealed';

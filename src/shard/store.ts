@@ -17,7 +17,7 @@ import { floatsFromBytes, keysFromBytes } from '../common/keys.js';
  *   rows/<table>@<version:16 digits>.rows        -> the version's load batches as blocks:
  *     [magic "EKB1"][n u32][dim u32][crc32 u32][n*8 key bytes][n*dim*4 float bytes]
  *     (little-endian; the crc32 covers magic, n, dim and the body; dim 0: a delta's deletes, keys
- *     only). Blocks start 8-byte aligned. Capitals in the table name are written `^` + lower case.
+ *     only). Blocks start 8-byte aligned. A table name with capitals is written as in rowsFileName.
  *
  * Rows go to files, not to LevelDB: a load writes each byte once to a file (and syncs it at the seal),
  * where LevelDB wrote it to its log and again to a table, checksummed and copied on the way: 32 MB
@@ -68,12 +68,23 @@ const BLOCK_MAGIC = 0x31424b45; // "EKB1"
 const BLOCK_HEAD = 16;
 
 /**
- * `<table>@<version>.rows`, with each capital letter written as `^` and the letter in lower case:
- * table names are case-sensitive, and on a case-insensitive file system `Emb` and `emb` would
- * otherwise share a file. (`^` is not allowed in table names.)
+ * `<table>@<version>.rows`. Table names are case-sensitive, and on a case-insensitive file system
+ * `Emb` and `emb` would share a file: a name with capitals is written in lower case followed by `~`
+ * and a hex mask of where its capitals were (`Emb` -> `emb~1`; four letters a digit, first letter in
+ * the lowest bit). `~` is not allowed in table names, and the longest name stays under 190 bytes.
  */
 function rowsFileName(table: string, version: number): string {
-  return `${table.replace(/[A-Z]/g, (c) => `^${c.toLowerCase()}`)}@${pad(version, 16)}.rows`;
+  let name = table;
+  if (/[A-Z]/.test(table)) {
+    let mask = '';
+    for (let i = 0; i < table.length; i += 4) {
+      let nibble = 0;
+      for (let j = 0; j < 4 && i + j < table.length; j++) if (/[A-Z]/.test(table[i + j]!)) nibble |= 1 << j;
+      mask += nibble.toString(16);
+    }
+    name = `${table.toLowerCase()}~${mask}`;
+  }
+  return `${name}@${pad(version, 16)}.rows`;
 }
 
 /** The checksum of a block: its header's magic, n and dim, then the body. */
@@ -184,10 +195,17 @@ export class ShardStore {
     }
   }
 
-  /** Syncs and closes the version's rows file once every block is written; returns its length. */
-  async sealRows(table: string, version: number): Promise<number> {
+  /**
+   * Syncs and closes the version's rows file once every block is written; returns its length.
+   * `blocks`: how many blocks the version was sent, so that a version with rows but no open file
+   * (a seal tried again after a failed sync) is refused instead of sealed empty.
+   */
+  async sealRows(table: string, version: number, blocks: number): Promise<number> {
     const id = `${table}@${version}`;
     const opening = this.writers.get(id);
+    if (opening === undefined && blocks > 0) {
+      throw new Error(`the rows file of ${table} v${version} is no longer open for writing; load the version again`);
+    }
     if (opening === undefined) {
       // A version without rows here (no key of the load fell in this group): an empty file, so
       // restore finds what the seal recorded.
