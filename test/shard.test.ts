@@ -44,6 +44,15 @@ const rows = (n: number, base: number): { keys: Uint32Array; values: Float32Arra
   return { keys, values };
 };
 
+/** A full load of `r` into `table` v`version` in one batch, sealed; published unless `publish` is false. */
+async function loadFull(shard: Shard, table: string, version: number, r: { keys: Uint32Array; values: Float32Array }, publish = true): Promise<void> {
+  const n = r.keys.length / 2;
+  await shard.loadBegin(table, version, DIM, `load-${version}`, false, false);
+  await shard.loadRows(table, version, `load-${version}`, r.keys, r.values, new Uint32Array(0));
+  await shard.loadSeal(table, version, `load-${version}`, n);
+  if (publish) await shard.publish(table, version, false);
+}
+
 test('an aborted load that this replica had already sealed is dropped, so the version can be loaded again', async () => {
   await withShard(async (shard, reopen) => {
     const a = rows(100, 1);
@@ -112,11 +121,7 @@ test('rows files: a full version and a delta on it come back the same after a re
 
 test('rows files: a corrupt block stops the restore with the file and the byte, and an unlisted file is deleted', async () => {
   await withShard(async (shard, reopen, dir) => {
-    const a = rows(500, 1);
-    await shard.loadBegin('t', 1, DIM, 'a', false, false);
-    await shard.loadRows('t', 1, 'a', a.keys, a.values, new Uint32Array(0));
-    await shard.loadSeal('t', 1, 'a', 500);
-    await shard.publish('t', 1, false);
+    await loadFull(shard, 't', 1, rows(500, 1));
     // A file no version lists (a crash between dropping a version and deleting its file).
     const stray = join(dir, 'rows', 't@0000000000000007.rows');
     writeFileSync(stray, 'left over');
@@ -178,13 +183,7 @@ test('rows arriving while a load is being sealed are refused, so the sealed coun
 
 test('rows files: tables differing only in case get their own files; a group without rows restores from an empty file', async () => {
   await withShard(async (shard, reopen, dir) => {
-    for (const [table, base] of [['Emb', 100], ['emb', 200]] as const) {
-      const r = rows(50, base);
-      await shard.loadBegin(table, 1, DIM, table, false, false);
-      await shard.loadRows(table, 1, table, r.keys, r.values, new Uint32Array(0));
-      await shard.loadSeal(table, 1, table, 50);
-      await shard.publish(table, 1, false);
-    }
+    for (const [table, base] of [['Emb', 100], ['emb', 200]] as const) await loadFull(shard, table, 1, rows(50, base));
     // A load of which no key fell in this group.
     await shard.loadBegin('none', 1, DIM, 'n', false, false);
     await shard.loadSeal('none', 1, 'n', 0);
@@ -200,10 +199,7 @@ test('rows files: tables differing only in case get their own files; a group wit
 
 test('rows files: a block header altered to the same size is caught by the checksum', async () => {
   await withShard(async (shard, reopen, dir) => {
-    const a = rows(64, 1);
-    await shard.loadBegin('t', 1, DIM, 'a', false, false);
-    await shard.loadRows('t', 1, 'a', a.keys, a.values, new Uint32Array(0));
-    await shard.loadSeal('t', 1, 'a', 64);
+    await loadFull(shard, 't', 1, rows(64, 1), false);
     const file = join(dir, 'rows', 't@0000000000000001.rows');
     const bytes = readFileSync(file);
     // 64 rows of dim 4 and 96 rows of dim 1 are both 1536 body bytes.
@@ -217,11 +213,7 @@ test('rows files: a block header altered to the same size is caught by the check
 test('rows files: the longest table name, all capitals, still makes a valid file name', async () => {
   await withShard(async (shard, reopen) => {
     const table = 'A'.repeat(128);
-    const r = rows(10, 1);
-    await shard.loadBegin(table, 1, DIM, 'a', false, false);
-    await shard.loadRows(table, 1, 'a', r.keys, r.values, new Uint32Array(0));
-    await shard.loadSeal(table, 1, 'a', 10);
-    await shard.publish(table, 1, false);
+    await loadFull(shard, table, 1, rows(10, 1));
     const again = await reopen();
     assert.equal(decodeLookupResponse(again.lookup(table, 0, new Uint32Array([5, 0]))).values[0], 5);
   });

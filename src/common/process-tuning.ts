@@ -16,8 +16,9 @@ export const REPLICA_NODE_FLAGS: readonly string[] = ['--single-threaded-gc'];
 /*
  * glibc malloc settings.
  *
- * Every lookup allocates megabyte-sized buffers (grpc-js frames each answer in a fresh buffer, and
- * reassembles each received message into another). glibc's defaults serve these from mmap at first,
+ * Every lookup allocates megabyte-sized buffers (grpc-js reassembles each received message into a
+ * fresh buffer; a client allocates its result; replicas reuse their answer buffers, see
+ * installZeroCopyFraming). glibc's defaults serve these from mmap at first,
  * then from the heap with a dynamic threshold that trims the heap top once 2x the largest freed chunk
  * is free. With a 19 MB answer, the heap is trimmed and grown again most requests, and every page
  * grown back is a fresh page fault. On the VMs measured, a fresh page costs ~10-15 us, more than the

@@ -158,6 +158,28 @@ export function decodeLookupRequest(buf: Uint8Array): LookupRequest {
   return { table, version, keys };
 }
 
+// ---- aligned bytes fields -------------------------------------------------------------------------
+
+/** Most bytes a padded bytes field adds besides its data: pad field (2-9) + tag + a 10-byte varint. */
+const ALIGNED_FIELD_OVERHEAD = 9 + 1 + 10;
+
+/**
+ * Writes `[padTag p pad...][tag len]` at pos, with the pad chosen so the field's data starts at a
+ * message offset ≡ 3 (mod 8): 8-byte aligned once grpc-js hands the message over at byte 5 of its
+ * buffer, so the receiver reads the rows as views (or Float64 pairs). Returns where the data goes.
+ */
+function writeAlignedFieldHead(buf: Uint8Array, pos: number, padTag: number, tag: number, len: number): number {
+  const head = 1 + varintSize(len);
+  let pad = 0;
+  while ((pos + 2 + pad + head) % 8 !== 3) pad++;
+  buf[pos++] = padTag;
+  buf[pos++] = pad;
+  buf.fill(0, pos, pos + pad);
+  pos += pad;
+  buf[pos++] = tag;
+  return writeVarint(buf, pos, len);
+}
+
 // ---- LookupResponse ------------------------------------------------------------------------------
 
 /** A response buffer laid out for in-place filling: `found` and `values` are views into `buf`. */
@@ -180,14 +202,9 @@ export interface LookupResponseBuffer {
 export function allocLookupResponse(version: number, dim: number, n: number, pool?: AnswerBufferPool): LookupResponseBuffer {
   const valuesLen = n * dim * 4;
   const head = (version > 0 ? 1 + varintSize(version) : 0) + (dim > 0 ? 1 + varintSize(dim) : 0) + 1 + varintSize(n) + n;
-  // pad field: tag + 1-byte length + p bytes; choose p in 0..7 so values start at ≡ 3 (mod 8):
-  // 8-byte aligned after grpc-js's 5-byte frame header, so rows can be copied as Float64 pairs.
-  const valuesHeader = 1 + varintSize(valuesLen);
-  let pad = 0;
-  while ((head + 2 + pad + valuesHeader) % 8 !== 3) pad++;
-  const size = head + 2 + pad + valuesHeader + valuesLen;
-  const ab = pool !== undefined ? pool.take(size + 5) : new ArrayBuffer(size + 5);
-  const buf = Buffer.from(ab, 5, size);
+  const room = head + ALIGNED_FIELD_OVERHEAD + valuesLen;
+  const ab = pool !== undefined ? pool.take(room + 5) : new ArrayBuffer(room + 5);
+  const buf = Buffer.from(ab, 5, room);
   let pos = 0;
   if (version > 0) {
     buf[pos++] = 0x08;
@@ -201,15 +218,10 @@ export function allocLookupResponse(version: number, dim: number, n: number, poo
   pos = writeVarint(buf, pos, n);
   const found = buf.subarray(pos, pos + n);
   pos += n;
-  buf[pos++] = 0x22;
-  buf[pos++] = pad;
-  buf.fill(0, pos, pos + pad);
-  pos += pad;
-  buf[pos++] = 0x2a;
-  pos = writeVarint(buf, pos, valuesLen);
+  pos = writeAlignedFieldHead(buf, pos, 0x22, 0x2a, valuesLen);
   // A pooled buffer holds an earlier answer: the lookup writes every row and flag, absent ones as zeros.
   const values = new Float32Array(ab, 5 + pos, n * dim);
-  return { buf, found, values };
+  return { buf: buf.subarray(0, pos + valuesLen), found, values };
 }
 
 /**
@@ -393,26 +405,6 @@ function writeLoadRowsHead(buf: Buffer, table: Buffer, version: number, loadId: 
   return pos;
 }
 
-/** Most bytes a padded bytes field adds besides its data: pad field (2-9) + tag + a 10-byte varint. */
-const ALIGNED_FIELD_OVERHEAD = 9 + 1 + 10;
-
-/**
- * Writes `[3a p pad...][tag len]` at pos, with the pad chosen so the field's data starts at a message
- * offset ≡ 3 (mod 8): 8-byte aligned once grpc-js hands the message over at byte 5 of its buffer.
- * Returns where the data goes.
- */
-function writeAlignedFieldHead(buf: Uint8Array, pos: number, tag: number, len: number): number {
-  const head = 1 + varintSize(len);
-  let pad = 0;
-  while ((pos + 2 + pad + head) % 8 !== 3) pad++;
-  buf[pos++] = 0x3a;
-  buf[pos++] = pad;
-  buf.fill(0, pos, pos + pad);
-  pos += pad;
-  buf[pos++] = tag;
-  return writeVarint(buf, pos, len);
-}
-
 /** Encodes a LoadRows request (one copy of the rows; see LoadRowsMessage for none). */
 export function encodeLoadRowsRequest(req: Partial<LoadRowsRequest>): Buffer {
   const table = Buffer.from(req.table ?? '', 'utf8');
@@ -425,7 +417,7 @@ export function encodeLoadRowsRequest(req: Partial<LoadRowsRequest>): Buffer {
   let pos = writeLoadRowsHead(buf, table, version, loadId);
   for (const [tag, b] of parts) {
     if (b === undefined || b.byteLength === 0) continue;
-    pos = writeAlignedFieldHead(buf, pos, tag, b.byteLength);
+    pos = writeAlignedFieldHead(buf, pos, 0x3a, tag, b.byteLength);
     buf.set(b, pos);
     pos += b.byteLength;
   }
@@ -449,10 +441,10 @@ export class LoadRowsMessage {
     const ab = new ArrayBuffer(size + 5);
     const buf = Buffer.from(ab, 5, size);
     let pos = writeLoadRowsHead(buf, t, version, id);
-    pos = writeAlignedFieldHead(buf, pos, 0x22, rows * 8);
+    pos = writeAlignedFieldHead(buf, pos, 0x3a, 0x22, rows * 8);
     this.keys = new Uint32Array(ab, 5 + pos, rows * 2);
     pos += rows * 8;
-    pos = writeAlignedFieldHead(buf, pos, 0x2a, rows * dim * 4);
+    pos = writeAlignedFieldHead(buf, pos, 0x3a, 0x2a, rows * dim * 4);
     this.values = new Float32Array(ab, 5 + pos, rows * dim);
     pos += rows * dim * 4;
     this.buf = buf.subarray(0, pos);

@@ -8,6 +8,7 @@
  */
 import { open, readdir, stat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
+import { readFully } from '../common/files.js';
 import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
 import { MAX_DIM } from '../common/limits.js';
 
@@ -769,12 +770,8 @@ export async function* readDump(plan: DumpPlan, options: ReadDumpOptions = {}): 
  */
 async function readExact(fh: FileHandle, file: string, len: number, pos: number, into?: ArrayBuffer): Promise<ArrayBuffer> {
   const ab = into ?? new ArrayBuffer(len);
-  const u8 = new Uint8Array(ab, 0, len);
-  let done = 0;
-  while (done < len) {
-    const { bytesRead } = await fh.read(u8, done, len - done, pos + done);
-    if (bytesRead === 0) throw dataError(`${file}: truncated while reading (the file shrank after it was checked)`);
-    done += bytesRead;
+  if ((await readFully(fh, new Uint8Array(ab, 0, len), pos)) < len) {
+    throw dataError(`${file}: truncated while reading (the file shrank after it was checked)`);
   }
   return ab;
 }

@@ -3,7 +3,8 @@ import { join } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { ClassicLevel } from 'classic-level';
 import { pack, unpack } from 'msgpackr';
-import { floatsFromBytes, keysFromBytes } from '../common/keys.js';
+import { readFully } from '../common/files.js';
+import { bytesOf, floatsFromBytes, keysFromBytes } from '../common/keys.js';
 
 /**
  * A replica's disk, under --data: a classic-level (LevelDB) database for metadata and the put log,
@@ -176,7 +177,7 @@ export class ShardStore {
     }
     const w = await opening;
     const head = new Uint32Array(BLOCK_HEAD / 4);
-    const body = [new Uint8Array(keys.buffer, keys.byteOffset, n * 8), new Uint8Array(values.buffer, values.byteOffset, n * dim * 4)];
+    const body = [bytesOf(keys.subarray(0, 2 * n)), bytesOf(values.subarray(0, n * dim))];
     head[0] = BLOCK_MAGIC;
     head[1] = n;
     head[2] = dim;
@@ -369,11 +370,8 @@ export class ShardStore {
 }
 
 async function readExactly(fh: FileHandle, path: string, into: Uint8Array, position: number): Promise<void> {
-  for (let got = 0; got < into.byteLength;) {
-    const { bytesRead } = await fh.read(into, got, into.byteLength - got, position + got);
-    if (bytesRead === 0) throw new Error(`${path}: unexpected end of file at byte ${position + got}`);
-    got += bytesRead;
-  }
+  const got = await readFully(fh, into, position);
+  if (got < into.byteLength) throw new Error(`${path}: unexpected end of file at byte ${position + got}`);
 }
 
 /** [header length u32][msgpack {seq, table, order, writer, n}][pad to 8][keys][values] */
