@@ -130,7 +130,10 @@ export class VersionData {
 
   private write(keys: Uint32Array, values: Float32Array, n: number, replace: boolean): number {
     if (this.sealed) throw new Error('write to a sealed version');
-    const dim = this.dim;
+    // Every written key takes the next row, so the batch's rows are contiguous: index the keys
+    // first, then copy the vectors in one run per slab (a memcpy, not a loop per row).
+    const row0 = this.rows;
+    let stop = -1;
     for (let i = 0; i < n; i++) {
       if (this.count + 1 > (this.mask + 1) * MAX_LOAD) this.grow();
       const lo = keys[2 * i]!;
@@ -138,22 +141,32 @@ export class VersionData {
       const slots = this.slots;
       const s = probeSlot(slots, this.mask, lo, hi);
       const existed = slots[3 * s + 2] !== 0;
-      if (existed && !replace) return i;
+      if (existed && !replace) {
+        stop = i;
+        break;
+      }
       const row = this.rows++;
       slots[3 * s] = lo;
       slots[3 * s + 1] = hi;
       slots[3 * s + 2] = row + 1;
-      const slabIdx = row >>> SLAB_SHIFT;
-      if (slabIdx === this.slabs.length) this.slabs.push(new Float32Array(SLAB_ROWS * dim));
-      // A plain loop: set(subarray()) would allocate a view per row.
-      const slab = this.slabs[slabIdx]!;
-      let src = i * dim;
-      let dst = (row & SLAB_MASK) * dim;
-      const stop = src + dim;
-      while (src < stop) slab[dst++] = values[src++]!;
       if (!existed) this.count++;
     }
-    return -1;
+    this.copyRows(values, this.rows - row0, row0);
+    return stop;
+  }
+
+  /** Copies `count` vectors from the start of `values` into rows `row0 ...`, adding slabs as needed. */
+  private copyRows(values: Float32Array, count: number, row0: number): void {
+    const dim = this.dim;
+    let i = 0;
+    while (i < count) {
+      const row = row0 + i;
+      const slabIdx = row >>> SLAB_SHIFT;
+      if (slabIdx === this.slabs.length) this.slabs.push(new Float32Array(SLAB_ROWS * dim));
+      const m = Math.min(count - i, SLAB_ROWS - (row & SLAB_MASK));
+      this.slabs[slabIdx]!.set(values.subarray(i * dim, (i + m) * dim), (row & SLAB_MASK) * dim);
+      i += m;
+    }
   }
 
   /** Removes keys; returns how many were present. Backward-shift deletion keeps probe chains whole. */
