@@ -15,7 +15,12 @@ import {
   answersFramedInPlace,
   embkvServerService,
   installZeroCopyFraming,
+  installZeroCopyRequests,
+  requestsFramedInPlace,
+  shardControlClientConstructor,
+  shardControlService,
   encodeLoadRowsRequest,
+  type LoadRowsRequest,
   type LookupRequest,
 } from '../src/common/wire.js';
 import { EmbeddingClient } from '../src/index.js';
@@ -524,5 +529,76 @@ test('zero-copy framing: answers leave from their pooled buffers, arrive intact,
   } finally {
     await client.close();
     server.forceShutdown();
+  }
+});
+
+test('zero-copy requests: LoadRows messages leave framed in place, arrive intact at two servers at once, and are reused after both answer', async () => {
+  assert.equal(await installZeroCopyRequests(), true, 'the installed grpc-js frames requests as expected');
+  const received: { server: number; keys: Uint32Array; first: number; last: number }[] = [];
+  const servers: grpc.Server[] = [];
+  const ports: number[] = [];
+  for (let sv = 0; sv < 2; sv++) {
+    const server = new grpc.Server({ 'grpc.max_receive_message_length': -1 });
+    server.addService(shardControlService(), {
+      LoadRows: (call: grpc.ServerUnaryCall<LoadRowsRequest, unknown>, cb: grpc.sendUnaryData<unknown>) => {
+        const r = call.request;
+        const values = new Float32Array(r.values.buffer, r.values.byteOffset, r.values.byteLength / 4);
+        received.push({ server: sv, keys: new Uint32Array(new Uint8Array(r.keys).buffer), first: values[0]!, last: values[values.length - 1]! });
+        // Answer late and out of order, so that several messages are in flight at once.
+        setTimeout(() => cb(null, { rows: r.keys.byteLength / 8 }), 5 + ((r.keys[0]! * 7) % 20));
+      },
+    });
+    ports.push(await new Promise<number>((resolve, reject) =>
+      server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p)))));
+    servers.push(server);
+  }
+  const Client = shardControlClientConstructor();
+  const clients = ports.map((port) => new Client(`127.0.0.1:${port}`, grpc.credentials.createInsecure(), { 'grpc.max_send_message_length': -1 }) as grpc.Client);
+  const send = (c: grpc.Client, buf: Buffer): Promise<void> =>
+    new Promise((resolve, reject) => c.makeUnaryRequest('/embkv.v1.ShardControl/LoadRows', (b: Buffer) => b, (b: Buffer) => b, buf, (err) => (err ? reject(err) : resolve())));
+  const rows = 20_000;
+  const dim = 8;
+  const spare: LoadRowsMessage[] = [];
+  const taken = new Set<LoadRowsMessage>();
+  const before = requestsFramedInPlace();
+  try {
+    const inflight = new Set<Promise<void>>();
+    for (let batch = 0; batch < 12; batch++) {
+      while (inflight.size >= 3) await Promise.race(inflight);
+      const m = spare.pop() ?? new LoadRowsMessage('t', 1, 'L', rows, dim);
+      taken.add(m);
+      for (let i = 0; i < rows; i++) {
+        m.keys[2 * i] = batch;
+        m.keys[2 * i + 1] = i;
+      }
+      m.values.fill(batch + 0.25);
+      const p: Promise<void> = Promise.all(clients.map((c) => send(c, m.buf))).then(() => {
+        inflight.delete(p);
+        spare.push(m);
+      });
+      inflight.add(p);
+    }
+    await Promise.all(inflight);
+    assert.equal(received.length, 24);
+    for (const sv of [0, 1]) {
+      const got = received.filter((r) => r.server === sv).map((r) => r.keys[0]!).sort((a, b) => a - b);
+      assert.deepEqual(got, Array.from({ length: 12 }, (_, b) => b), `server ${sv} got every batch once`);
+    }
+    for (const r of received) {
+      const batch = r.keys[0]!;
+      assert.equal(r.keys.length, 2 * rows);
+      for (let i = 0; i < rows; i++) if (r.keys[2 * i] !== batch || r.keys[2 * i + 1] !== i) assert.fail(`batch ${batch} row ${i} arrived as ${r.keys[2 * i]}/${r.keys[2 * i + 1]}`);
+      assert.equal(r.first, batch + 0.25);
+      assert.equal(r.last, batch + 0.25);
+    }
+    assert.ok(taken.size <= 4, `messages were reused (${taken.size} made for 12 batches)`);
+    assert.equal(requestsFramedInPlace() - before, 24, 'every request left from its own buffer');
+    // A buffer that is not a LoadRowsMessage is still copied into a frame of its own, and arrives intact.
+    await send(clients[0]!, encodeLoadRowsRequest({ table: 't', version: 1, loadId: 'L', keys: new Uint8Array(8).fill(99), values: new Uint8Array(dim * 4) }));
+    assert.equal(requestsFramedInPlace() - before, 24);
+    assert.equal(received.at(-1)!.keys[0], 0x63636363);
+  } finally {
+    for (const c of clients) c.close();
+    for (const s of servers) s.forceShutdown();
   }
 });

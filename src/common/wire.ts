@@ -337,6 +337,65 @@ export function installZeroCopyFraming(): boolean {
   return true;
 }
 
+/** LoadRows messages whose 5 leading bytes are kept for the gRPC frame header (LoadRowsMessage). */
+const preframedRequests = new WeakSet<ArrayBuffer>();
+let zeroCopyRequests = false;
+let requestsFramed = 0;
+
+/** How many requests this process has sent framed in place (installZeroCopyRequests). */
+export function requestsFramedInPlace(): number {
+  return requestsFramed;
+}
+
+type FrameWriter = (this: unknown, message: Buffer, compress: boolean) => Promise<Buffer>;
+
+/**
+ * Lets the loader send each LoadRows message from its own buffer instead of grpc-js's copy of it.
+ * grpc-js's client frames every message by copying it behind a 5-byte header (`writeMessage` of its
+ * identity compression handler): during a load that is every row a second time, in fresh memory
+ * that waits for a GC. LoadRowsMessage keeps those 5 bytes free in front of the message; the header
+ * goes there and the buffer itself is sent. The loader reuses a message only after every replica
+ * of its group has answered the call, so the bytes are no longer needed by then.
+ *
+ * Applied only when grpc-js's handler frames a probe message exactly as expected; otherwise requests
+ * are copied as before. Returns whether it is in effect.
+ */
+export async function installZeroCopyRequests(): Promise<boolean> {
+  if (zeroCopyRequests) return true;
+  let handler: { writeMessage?: FrameWriter } | undefined;
+  try {
+    const mod = createRequire(import.meta.url)('@grpc/grpc-js/build/src/compression-filter.js') as {
+      CompressionFilter?: new (options: object, shared: object) => { sendCompression?: { writeMessage?: FrameWriter } };
+    };
+    handler = mod.CompressionFilter === undefined ? undefined : new mod.CompressionFilter({}, {}).sendCompression;
+  } catch {
+    return false;
+  }
+  const proto = handler === undefined ? undefined : (Object.getPrototypeOf(handler) as { writeMessage?: FrameWriter });
+  const original = proto?.writeMessage;
+  if (proto === undefined || typeof original !== 'function') return false;
+  let probe: unknown;
+  try {
+    probe = await original.call(handler, Buffer.from([7, 8, 9]), false);
+  } catch {
+    return false;
+  }
+  if (!Buffer.isBuffer(probe) || probe.length !== 8 || probe[0] !== 0 || probe.readUInt32BE(1) !== 3 || probe[5] !== 7 || probe[7] !== 9) return false;
+  if (zeroCopyRequests) return true;
+  proto.writeMessage = function (this: unknown, message: Buffer, compress: boolean): Promise<Buffer> {
+    if (!compress && Buffer.isBuffer(message) && message.byteOffset === 5 && preframedRequests.has(message.buffer as ArrayBuffer)) {
+      const framed = Buffer.from(message.buffer, 0, message.byteLength + 5);
+      framed[0] = 0;
+      framed.writeUInt32BE(message.byteLength, 1);
+      requestsFramed++;
+      return Promise.resolve(framed);
+    }
+    return original.call(this, message, compress);
+  };
+  zeroCopyRequests = true;
+  return true;
+}
+
 /** The server side of Embkv with answers from `pool` returned to it once framed. */
 export function embkvServerService(pool: AnswerBufferPool): grpc.ServiceDefinition {
   return { lookup: { ...EMBKV_SERVER_SERVICE.lookup, responseSerialize: pool.onSerialize } };
@@ -427,6 +486,7 @@ export function encodeLoadRowsRequest(req: Partial<LoadRowsRequest>): Buffer {
 /**
  * A LoadRows message of exactly `rows` rows of `dim`, laid out once so that the loader writes keys
  * and values straight into it: `keys` and `values` are views into `buf`. Reused batch after batch.
+ * The 5 bytes in front of `buf` take the gRPC frame header when installZeroCopyRequests is in effect.
  */
 export class LoadRowsMessage {
   readonly buf: Buffer;
@@ -437,7 +497,8 @@ export class LoadRowsMessage {
     const t = Buffer.from(table, 'utf8');
     const id = Buffer.from(loadId, 'utf8');
     const size = loadRowsHeadSize(t, version, id) + 2 * ALIGNED_FIELD_OVERHEAD + rows * 8 + rows * dim * 4;
-    // Starts 8-byte aligned in its ArrayBuffer, so the data offsets ≡ 3 (mod 8) make views possible here too.
+    // Starts 5 bytes into an 8-byte aligned ArrayBuffer: the data offsets ≡ 3 (mod 8) make views
+    // possible here and, behind grpc-js's 5-byte frame header, on the replica too.
     const ab = new ArrayBuffer(size + 5);
     const buf = Buffer.from(ab, 5, size);
     let pos = writeLoadRowsHead(buf, t, version, id);
@@ -448,6 +509,7 @@ export class LoadRowsMessage {
     this.values = new Float32Array(ab, 5 + pos, rows * dim);
     pos += rows * dim * 4;
     this.buf = buf.subarray(0, pos);
+    preframedRequests.add(ab);
   }
 }
 

@@ -4,7 +4,7 @@ import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
 import { keyAt } from '../common/keys.js';
 import type { Manifest } from '../common/manifest.js';
 import { checkTableName, checkVersion } from '../common/validate.js';
-import { LoadRowsMessage, encodeLoadRowsRequest } from '../common/wire.js';
+import { LoadRowsMessage, encodeLoadRowsRequest, installZeroCopyRequests } from '../common/wire.js';
 import { ClusterConnections, type ReplicaConn } from '../router/connections.js';
 import { assignGroups, groupTable } from '../router/partition.js';
 import { call, publishVersion, statusAll } from './cluster-ops.js';
@@ -132,6 +132,8 @@ export async function runLoad(options: LoadOptions): Promise<LoadResult> {
   if (!Number.isInteger(inflight) || inflight < 1 || inflight > 64) throw invalidArgument('inflightPerGroup must be an integer in [1, 64]');
   const mode = options.mode ?? 'full';
   const { manifest } = options;
+  // Full batches leave from their own buffers, not from a copy grpc-js would make of each.
+  await installZeroCopyRequests();
   const conns = new ClusterConnections(manifest);
   try {
     return await load(conns, options, table, version, batchRows, inflight, mode, started);
