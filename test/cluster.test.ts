@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdirSync, truncateSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
@@ -141,7 +141,7 @@ describe('a cluster of 2 groups x 2 replica processes', () => {
       return d;
     };
     const m = makeModel(2000, DIM, 7, 2);
-    const cases: { name: string; make: (d: string) => Promise<void>; expect: RegExp }[] = [
+    const cases: { name: string; make: (d: string) => Promise<void>; expect: RegExp; flags?: string[] }[] = [
       {
         name: 'nan',
         make: async (d) => {
@@ -210,11 +210,13 @@ describe('a cluster of 2 groups x 2 replica processes', () => {
         expect: /p\.txt.*line 2/,
       },
     ];
+    // A duplicate is found by the replicas: once from a staged file, once over gRPC.
+    cases.push({ ...cases.find((c) => c.name === 'duplicate')!, name: 'duplicate-over-grpc', flags: ['--no-staging'] });
     const probe = makeRequest(v1, 5000);
     for (const c of cases) {
       const d = bad(c.name);
       await c.make(d);
-      const r = await cluster.kvctl(['load', '--table', 'emb', '--version', '2', '--full', d, '--publish']);
+      const r = await cluster.kvctl(['load', '--table', 'emb', '--version', '2', '--full', d, '--publish', ...(c.flags ?? [])]);
       assert.equal(r.code, 1, `${c.name}: exit code; stdout ${r.stdout}`);
       assert.match(r.stderr, c.expect, `${c.name}: ${r.stderr}`);
       assert.equal(r.stderr.trim().split('\n').length, 1, `${c.name}: one clear line: ${r.stderr}`);
@@ -309,6 +311,54 @@ describe('a cluster of 2 groups x 2 replica processes', () => {
       assert.ok(Buffer.from(r.values, 'hex').equals(Buffer.from(want.values.buffer)), 'router vectors differ');
     } finally {
       router.kill('SIGTERM');
+    }
+  });
+
+  test('full loads reach replicas on this host through staged files; --no-staging and groups that cannot see the file get rows over gRPC', async () => {
+    const rowsFile = (g: number, r: number, version: number): string => join(cluster.dir, `g${g}r${r}`, 'rows', `stg@${String(version).padStart(16, '0')}.rows`);
+    const incoming = (g: number, r: number): string => join(cluster.dir, `g${g}r${r}`, 'incoming');
+    const load = async (version: number, m: Model, extra: string[] = []): Promise<string> => {
+      const dir = join(dumps, `stg${version}`);
+      await writeModelPart(dir, m, 0, m.keys.length);
+      const r = await cluster.kvctl(['load', '--table', 'stg', '--version', String(version), '--full', dir, '--publish', ...extra]);
+      assert.equal(r.code, 0, r.stderr);
+      const req = makeRequest(m, 4000);
+      const got = await client.getEmbeddings(req, { table: 'stg' });
+      assert.equal(got.version, version);
+      const want = expected(m, req);
+      assert.deepEqual(got.found, want.found);
+      assert.ok(sameBits(got.values, want.values), `stg v${version}: vectors differ`);
+      return r.stdout;
+    };
+
+    const s1 = makeModel(20_000, DIM, 21, 5);
+    assert.match(await load(1, s1), /loaded stg v1: 20000 keys of dim 32 .* on 2 groups \(all through staged files\); published/);
+    for (const g of [0, 1]) {
+      // Both replicas of a group keep the one file the loader wrote (a hard link each), and the
+      // loader's own name for it is gone.
+      const a = statSync(rowsFile(g, 0, 1));
+      const b = statSync(rowsFile(g, 1, 1));
+      assert.equal(a.ino, b.ino, `group ${g}: one file`);
+      assert.equal(a.nlink, 2);
+      assert.ok(a.size > 20_000 / 2 * DIM * 4 * 0.8, `group ${g}: ${a.size} bytes`);
+      for (const r of [0, 1]) assert.deepEqual(readdirSync(incoming(g, r)), [], `g${g}r${r}: nothing left staged`);
+    }
+
+    const s2 = makeModel(15_000, DIM, 22, 5);
+    const out2 = await load(2, s2, ['--no-staging']);
+    assert.doesNotMatch(out2, /staged/);
+    // Each replica wrote its own rows file from what it received.
+    assert.notEqual(statSync(rowsFile(0, 0, 2)).ino, statSync(rowsFile(0, 1, 2)).ino);
+
+    // Group 1's first replica has no stage directory the loader can write to: only group 0 is staged.
+    rmSync(incoming(1, 0), { recursive: true });
+    try {
+      const s3 = makeModel(12_000, DIM, 23, 5);
+      assert.match(await load(3, s3), /on 2 groups \(1 through staged files\)/);
+      assert.equal(statSync(rowsFile(0, 0, 3)).ino, statSync(rowsFile(0, 1, 3)).ino);
+      assert.notEqual(statSync(rowsFile(1, 0, 3)).ino, statSync(rowsFile(1, 1, 3)).ino);
+    } finally {
+      mkdirSync(incoming(1, 0), { recursive: true });
     }
   });
 

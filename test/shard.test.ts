@@ -6,6 +6,7 @@ import { test } from 'node:test';
 import { ClassicLevel } from 'classic-level';
 import { pack } from 'msgpackr';
 import { pino } from 'pino';
+import { blockBytes, blockHead } from '../src/common/rows-file.js';
 import { decodeLookupResponse } from '../src/common/wire.js';
 import { Shard } from '../src/shard/shard.js';
 import { ShardStore } from '../src/shard/store.js';
@@ -230,5 +231,100 @@ test('a seal whose sync failed cannot be sealed again as an empty version', asyn
     assert.equal(await codeOf(shard.loadSeal('t', 1, 'a', 100)), 'KV_INTERNAL', 'a second seal is refused, not sealed with no rows');
     await shard.loadAbort('t', 1, 'a');
     assert.deepEqual(shard.status().find((t) => t.name === 't')?.versions ?? [], []);
+  });
+});
+
+/** A staged file of `batches` as a loader writes it: one block each; returns the blocks' [at, bytes]. */
+function writeStaged(path: string, batches: { keys: Uint32Array; values: Float32Array }[]): [number, number][] {
+  const parts: Buffer[] = [];
+  const ranges: [number, number][] = [];
+  let at = 0;
+  for (const b of batches) {
+    const n = b.keys.length / 2;
+    const keys = new Uint8Array(b.keys.buffer, b.keys.byteOffset, n * 8);
+    const floats = new Uint8Array(b.values.buffer, b.values.byteOffset, n * DIM * 4);
+    parts.push(Buffer.from(blockHead(keys, floats, n, DIM).buffer), Buffer.from(keys), Buffer.from(floats));
+    ranges.push([at, blockBytes(n, DIM)]);
+    at += blockBytes(n, DIM);
+  }
+  writeFileSync(path, Buffer.concat(parts));
+  return ranges;
+}
+
+async function stage(shard: Shard, dir: string, version: number, token = Buffer.alloc(32, 7)): Promise<{ path: string; readable: boolean; reason: string }> {
+  const path = join(dir, `staged-${version}.rows`);
+  const probePath = join(dir, `staged-${version}.probe`);
+  writeFileSync(path, '');
+  writeFileSync(probePath, Buffer.alloc(32, 7));
+  return { path, ...(await shard.loadStage('t', version, `load-${version}`, path, probePath, token)) };
+}
+
+test('staged loads: rows read from the loader\'s file in any order, adopted as the rows file, and restored after a restart', async () => {
+  await withShard(async (shard, reopen, dir) => {
+    await shard.loadBegin('t', 1, DIM, 'load-1', false, false);
+    const { path, readable } = await stage(shard, dir, 1);
+    assert.equal(readable, true);
+    const ranges = writeStaged(path, [rows(300, 1), rows(200, 1000), rows(100, 5000)]);
+    // Out of order, as concurrent calls may arrive.
+    for (const i of [2, 0, 1]) await shard.loadRowsFrom('t', 1, 'load-1', ranges[i]![0], ranges[i]![1]);
+    await assert.rejects(shard.loadRowsFrom('t', 1, 'load-1', ranges[1]![0], ranges[1]![1]), /overlap/, 'a range is read once');
+    assert.equal(await shard.loadSeal('t', 1, 'load-1', 600), 600);
+    await shard.publish('t', 1, false);
+    rmSync(path); // the loader's name goes; the replica's link stays
+    const check = (s: Shard): void => {
+      const r = decodeLookupResponse(s.lookup('t', 0, new Uint32Array([1, 0, 1199, 0, 5099, 0, 9999, 0])));
+      assert.deepEqual(Array.from(r.found), [1, 1, 1, 0]);
+      assert.deepEqual(Array.from(r.values.subarray(0, 12)), [1, 1, 1, 1, 1199, 1199, 1199, 1199, 5099, 5099, 5099, 5099]);
+    };
+    check(shard);
+    check(await reopen());
+  });
+});
+
+test('staged loads: a corrupt block, a gap and a probe that does not match are refused; LoadRows takes over an unused stage', async () => {
+  await withShard(async (shard, _reopen, dir) => {
+    // The probe holds another token: this replica does not see the loader's file system.
+    await shard.loadBegin('t', 1, DIM, 'load-1', false, false);
+    const other = await stage(shard, dir, 1, Buffer.alloc(32, 9));
+    assert.equal(other.readable, false);
+    assert.match(other.reason, /another host/);
+    await assert.rejects(shard.loadRowsFrom('t', 1, 'load-1', 0, 100), /no staged file/);
+    // Seen, but no range read yet: LoadRows (the loader's fallback) gives the stage up.
+    assert.equal((await stage(shard, dir, 1)).readable, true);
+    await shard.loadRows('t', 1, 'load-1', rows(10, 1).keys, rows(10, 1).values, new Uint32Array(0));
+    assert.equal(await shard.loadSeal('t', 1, 'load-1', 10), 10);
+
+    // A flipped byte in the second block: the checksum catches it, and the load is failed.
+    await shard.loadBegin('t', 2, DIM, 'load-2', false, false);
+    const s2 = await stage(shard, dir, 2);
+    const r2 = writeStaged(s2.path, [rows(50, 1), rows(50, 100)]);
+    const bytes = readFileSync(s2.path);
+    bytes[r2[1]![0] + 40] ^= 1;
+    writeFileSync(s2.path, bytes);
+    await shard.loadRowsFrom('t', 2, 'load-2', r2[0]![0], r2[0]![1]);
+    const bad = shard.loadRowsFrom('t', 2, 'load-2', r2[1]![0], r2[1]![1]);
+    await assert.rejects(bad, /checksum mismatch in the block at byte/);
+    assert.equal(await codeOf(bad), 'KV_INVALID_DATA');
+    await assert.rejects(shard.loadSeal('t', 2, 'load-2', 100), /checksum/);
+    await shard.loadAbort('t', 2, 'load-2');
+    // Once rows came from the file, LoadRows is refused (a load does not mix the two).
+    await shard.loadBegin('t', 3, DIM, 'load-3', false, false);
+    const s3 = await stage(shard, dir, 3);
+    const r3 = writeStaged(s3.path, [rows(20, 1), rows(20, 100)]);
+    await shard.loadRowsFrom('t', 3, 'load-3', r3[1]![0], r3[1]![1]);
+    await assert.rejects(shard.loadRows('t', 3, 'load-3', rows(5, 900).keys, rows(5, 900).values, new Uint32Array(0)), /takes its rows from/);
+    // A range never read leaves a gap: the seal refuses it.
+    await assert.rejects(shard.loadSeal('t', 3, 'load-3', 20), /bytes 0-\d+ were never read/);
+    await shard.loadAbort('t', 3, 'load-3');
+    // A range that is not whole blocks.
+    await shard.loadBegin('t', 4, DIM, 'load-4', false, false);
+    const s4 = await stage(shard, dir, 4);
+    const r4 = writeStaged(s4.path, [rows(20, 1)]);
+    await assert.rejects(shard.loadRowsFrom('t', 4, 'load-4', 0, r4[0]![1] - 8), /no block of rows/);
+    await shard.loadAbort('t', 4, 'load-4');
+    // A delta is not staged.
+    await shard.publish('t', 1, false);
+    await shard.loadBegin('t', 5, DIM, 'load-5', false, true);
+    assert.deepEqual(await shard.loadStage('t', 5, 'load-5', s4.path, join(dir, 'staged-4.probe'), Buffer.alloc(32, 7)), { readable: false, reason: 'a delta takes its rows over gRPC' });
   });
 });

@@ -95,7 +95,8 @@ program
   .option('--no-publish', 'only load; publish later with kvctl publish')
   .option('--force', 'accept a version number lower than the current one, and take over a stalled load', false)
   .option('--dim <n>', 'the dimension of a full load that changes the table\'s dimension (default: the current version\'s)', intArg('--dim', 1, 16384))
-  .action(async (o: { config: string; table: string; version: number; full?: string; incremental?: string; publish?: boolean; force: boolean; dim?: number }) => {
+  .option('--no-staging', 'send every row over gRPC, also to replicas on this host (which otherwise read a full load from a staged file)')
+  .action(async (o: { config: string; table: string; version: number; full?: string; incremental?: string; publish?: boolean; force: boolean; dim?: number; staging: boolean }) => {
     if ((o.full === undefined) === (o.incremental === undefined)) {
       throw new KvError(KvErrorCode.INVALID_ARGUMENT, 'give the dump to load with exactly one of --full PATH or --incremental PATH');
     }
@@ -104,7 +105,7 @@ program
     const manifest = loadManifest(o.config);
     const progress = new Progress(`loading ${o.table} v${o.version}`);
     const r = await runLoad({
-      manifest, table: o.table, version: o.version, path: (o.full ?? o.incremental)!, mode, publish, force: o.force,
+      manifest, table: o.table, version: o.version, path: (o.full ?? o.incremental)!, mode, publish, force: o.force, staging: o.staging,
       ...(o.dim !== undefined ? { dim: o.dim } : {}),
       onProgress: (rows, total) => progress.update(rows, total),
     }).finally(() => progress.done());
@@ -114,6 +115,7 @@ program
       : `a delta on v${r.baseVersion}: ${r.rows} upserts and ${r.deletes} deletes of dim ${r.dim}`;
     process.stdout.write(
       `loaded ${o.table} v${o.version}: ${what} in ${(r.ms / 1000).toFixed(1)} s (${rate} rows/s) on ${r.rowsPerGroup.length} groups` +
+        `${r.stagedGroups > 0 ? ` (${r.stagedGroups === r.rowsPerGroup.length ? 'all' : r.stagedGroups} through staged files)` : ''}` +
         `${r.published ? '; published' : `; run kvctl publish --table ${o.table} --version ${o.version} to serve it`}\n`,
     );
   });

@@ -1,8 +1,11 @@
-import { randomUUID } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
+import { open, unlink, writeFile, type FileHandle } from 'node:fs/promises';
+import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
 import { keyAt } from '../common/keys.js';
 import type { Manifest } from '../common/manifest.js';
+import { blockBytes, blockHead } from '../common/rows-file.js';
 import { checkTableName, checkVersion } from '../common/validate.js';
 import { LoadRowsMessage, encodeLoadRowsRequest, installZeroCopyRequests } from '../common/wire.js';
 import { ClusterConnections, type ReplicaConn } from '../router/connections.js';
@@ -35,6 +38,11 @@ export interface LoadOptions {
   signal?: AbortSignal;
   /** Called after each batch is acknowledged: rows sent so far, and the total (-1 when unknown). */
   onProgress?: (rows: number, total: number) => void;
+  /**
+   * A full load's rows go through staged files to the groups whose replicas all run on this host
+   * (default true): see stageGroups. false: over gRPC to every group.
+   */
+  staging?: boolean;
 }
 
 export interface LoadResult {
@@ -47,6 +55,8 @@ export interface LoadResult {
   dim: number;
   ms: number;
   published: boolean;
+  /** Groups whose rows went through a staged file instead of gRPC. */
+  stagedGroups: number;
 }
 
 /** Where a run of batch rows came from, for messages: a file, and its row numbering. */
@@ -183,15 +193,18 @@ async function load(
   const rowsPerGroup = new Array<number>(G).fill(0);
   const deletesPerGroup = new Array<number>(G).fill(0);
   let begun: ReplicaConn[] = [];
+  const stageDirs = new Map<ReplicaConn, string>();
+  let stages: (Stage | undefined)[] = [];
   try {
     log?.info({ path: plan.path, parts: plan.parts.length, dim: plan.dim, rows: plan.totalRows, mode }, 'load starting');
     const results = await Promise.allSettled(
       conns.all().map(async (c) => {
         // Keys spread evenly over the groups; 5% over the mean leaves room for the spread.
         const expectedRows = plan.totalRows > 0 && !incremental ? Math.ceil((plan.totalRows / G) * 1.05) : 0;
-        const r = await call<{ baseVersion: number }>(c, 'LoadBegin', {
+        const r = await call<{ baseVersion: number; stageDir: string }>(c, 'LoadBegin', {
           table, version, dim: plan.dim, loadId, force: options.force ?? false, incremental, expectedRows, startedAtMs: started,
         });
+        stageDirs.set(c, r.stageDir);
         return { c, base: r.baseVersion };
       }),
     );
@@ -204,7 +217,8 @@ async function load(
     }
     const baseVersion = [...bases][0] ?? 0;
 
-    await streamRows(plan, conns, { table, version, loadId, rowsPerBatch, inflight, rowsPerGroup, deletesPerGroup, incremental, options });
+    if (!incremental && options.staging !== false) stages = await stageGroups(conns, stageDirs, table, version, loadId, log);
+    await streamRows(plan, conns, { table, version, loadId, rowsPerBatch, inflight, rowsPerGroup, deletesPerGroup, incremental, options, stages });
 
     await Promise.all(
       conns.all().map((c) => call(c, 'LoadSeal', { table, version, loadId, expectedRows: rowsPerGroup[c.group]! + deletesPerGroup[c.group]! }, 120_000)),
@@ -214,12 +228,75 @@ async function load(
     const deletes = deletesPerGroup.reduce((a, b) => a + b, 0);
     log?.info({ rows, deletes, ms: Date.now() - started }, 'load sealed on every replica');
     if (options.publish) await publishVersion(conns, table, version, false);
-    return { rows, deletes, baseVersion, rowsPerGroup, dim: plan.dim, ms: Date.now() - started, published: options.publish ?? false };
+    const stagedGroups = stages.filter((st) => st !== undefined).length;
+    return { rows, deletes, baseVersion, rowsPerGroup, dim: plan.dim, ms: Date.now() - started, published: options.publish ?? false, stagedGroups };
   } catch (err) {
     // Drop the write version everywhere it was opened; nothing served has changed.
     await Promise.allSettled(begun.map((c) => call(c, 'LoadAbort', { table, version, loadId }, 10_000)));
     throw err;
+  } finally {
+    // Sealed replicas hold the staged files under their own names (links or copies) by now.
+    await Promise.allSettled(stages.map(async (st) => {
+      if (st === undefined) return;
+      await st.fh.close();
+      await unlink(st.path);
+    }));
   }
+}
+
+/** A group's staged file as the loader writes it. */
+interface Stage {
+  path: string;
+  fh: FileHandle;
+  /** Where the next block goes. */
+  end: number;
+}
+
+/**
+ * Staged full loads: for each group, the loader creates a file in the stage directory of the
+ * group's first replica and asks every replica of the group whether it sees that file (a probe
+ * file with a random token). Where all do, the group's rows are written to the file as rows-file
+ * blocks and the replicas read them from there (LoadRowsFrom), and keep the file as their rows file
+ * at the seal: on one host, rows need not cross a socket, be reassembled by gRPC and be written
+ * again by each replica. Other groups (replicas on other hosts, or a stage directory this process
+ * cannot write) get their rows over gRPC, as with staging off.
+ */
+async function stageGroups(
+  conns: ClusterConnections, stageDirs: Map<ReplicaConn, string>, table: string, version: number, loadId: string, log: Logger | undefined,
+): Promise<(Stage | undefined)[]> {
+  return Promise.all(conns.groups.map(async (replicas, g) => {
+    const dir = stageDirs.get(replicas[0]!);
+    if (!dir) return undefined;
+    const path = join(dir, `${loadId}-g${g}.rows`);
+    const probePath = join(dir, `${loadId}-g${g}.probe`);
+    let fh: FileHandle;
+    try {
+      fh = await open(path, 'wx');
+    } catch (err) {
+      log?.debug({ group: g, path, err: (err as Error).message }, 'rows go over gRPC: the stage directory is not writable here');
+      return undefined;
+    }
+    let answers: { readable: boolean; reason: string }[] = [];
+    try {
+      const token = randomBytes(32);
+      await writeFile(probePath, token);
+      answers = await Promise.all(replicas.map((c) => call<{ readable: boolean; reason: string }>(c, 'LoadStage', { table, version, loadId, path, probePath, token })));
+    } catch (err) {
+      await fh.close();
+      await unlink(path).catch(() => undefined);
+      throw err;
+    } finally {
+      await unlink(probePath).catch(() => undefined);
+    }
+    const refused = answers.find((a) => !a.readable);
+    if (refused !== undefined) {
+      log?.info({ group: g, path, reason: refused.reason }, 'rows go over gRPC: a replica does not see the staged file');
+      await fh.close();
+      await unlink(path).catch(() => undefined);
+      return undefined;
+    }
+    return { path, fh, end: 0 };
+  }));
 }
 
 interface StreamContext {
@@ -232,6 +309,8 @@ interface StreamContext {
   deletesPerGroup: number[];
   incremental: boolean;
   options: LoadOptions;
+  /** Per group: its staged file, or undefined for rows over gRPC. */
+  stages: (Stage | undefined)[];
 }
 
 async function streamRows(plan: DumpPlan, conns: ClusterConnections, ctx: StreamContext): Promise<void> {
@@ -249,16 +328,27 @@ async function streamRows(plan: DumpPlan, conns: ClusterConnections, ctx: Stream
   let sent = 0;
 
   const send = async (g: number, b: Batch): Promise<void> => {
-    // A full batch of upserts goes as laid out; anything else (the last batch of a group, a delta's
-    // deletes) is encoded to its size.
-    const req = b.n === b.size && b.nd === 0 ? b.msg.buf : encodeLoadRowsRequest({
-      table: ctx.table, version: ctx.version, loadId: ctx.loadId,
-      keys: new Uint8Array(b.keys.buffer, b.keys.byteOffset, b.n * 8),
-      values: new Uint8Array(b.values.buffer, b.values.byteOffset, b.n * dim * 4),
-      deletes: new Uint8Array(b.deletes.buffer, b.deletes.byteOffset, b.nd * 8),
-    });
+    const keys = new Uint8Array(b.keys.buffer, b.keys.byteOffset, b.n * 8);
+    const values = new Uint8Array(b.values.buffer, b.values.byteOffset, b.n * dim * 4);
+    const st = ctx.stages[g];
     try {
-      await Promise.all(conns.groups[g]!.map((c) => call(c, 'LoadRows', req, 120_000)));
+      if (st !== undefined) {
+        // Staged (full loads only, so no deletes): the batch becomes a block of the group's file.
+        const at = st.end;
+        const bytes = blockBytes(b.n, dim);
+        st.end += bytes;
+        const { bytesWritten } = await st.fh.writev([new Uint8Array(blockHead(keys, values, b.n, dim).buffer), keys, values], at);
+        if (bytesWritten !== bytes) throw new KvError(KvErrorCode.INTERNAL, `short write to ${st.path}: ${bytesWritten} of ${bytes} bytes`);
+        await Promise.all(conns.groups[g]!.map((c) => call(c, 'LoadRowsFrom', { table: ctx.table, version: ctx.version, loadId: ctx.loadId, at, bytes }, 120_000)));
+      } else {
+        // A full batch of upserts goes as laid out; anything else (the last batch of a group, a
+        // delta's deletes) is encoded to its size.
+        const req = b.n === b.size && b.nd === 0 ? b.msg.buf : encodeLoadRowsRequest({
+          table: ctx.table, version: ctx.version, loadId: ctx.loadId, keys, values,
+          deletes: new Uint8Array(b.deletes.buffer, b.deletes.byteOffset, b.nd * 8),
+        });
+        await Promise.all(conns.groups[g]!.map((c) => call(c, 'LoadRows', req, 120_000)));
+      }
     } catch (err) {
       throw explainRowError(err, b, ctx.incremental ? 'delta' : 'load');
     }

@@ -139,8 +139,13 @@ export class ReplicaServer {
     return {
       LoadBegin: unary(async (r: { table: string; version: number; dim: number; loadId: string; force: boolean; incremental: boolean; expectedRows: number; startedAtMs: number }) => {
         const b = await this.shard.loadBegin(r.table, checkVersion(r.version), r.dim, r.loadId, r.force, r.incremental, r.expectedRows, r.startedAtMs);
-        return { currentVersion: b.current, baseVersion: b.base };
+        return { currentVersion: b.current, baseVersion: b.base, stageDir: this.shard.stageDir };
       }),
+      LoadStage: unary(async (r: { table: string; version: number; loadId: string; path: string; probePath: string; token: Buffer }) =>
+        this.shard.loadStage(r.table, checkVersion(r.version), r.loadId, r.path, r.probePath, r.token)),
+      LoadRowsFrom: unary(async (r: { table: string; version: number; loadId: string; at: number; bytes: number }) => ({
+        rows: await this.shard.loadRowsFrom(r.table, checkVersion(r.version), r.loadId, r.at, r.bytes),
+      })),
       LoadRows: unary(async (r: { table: string; version: number; loadId: string; keys: Buffer; values: Buffer; deletes: Buffer }) => ({
         rows: await this.shard.loadRows(r.table, r.version, r.loadId, keysFromBytes(r.keys), floatsFromBytes(r.values), keysFromBytes(r.deletes, 'deletes')),
       })),

@@ -1,7 +1,11 @@
+import { open, type FileHandle } from 'node:fs/promises';
+import { isAbsolute } from 'node:path';
 import type { Logger } from 'pino';
 import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
+import { readFully } from '../common/files.js';
 import { firstNonFinite, keyAt } from '../common/keys.js';
 import { MAX_DIM, MAX_PUT_KEYS, ORDER_SCALE } from '../common/limits.js';
+import { BLOCK_HEAD, BLOCK_MAGIC, blockBytes, blockChecksum } from '../common/rows-file.js';
 import { checkTableName, checkVersion } from '../common/validate.js';
 import { allocLookupResponse, type AnswerBufferPool } from '../common/wire.js';
 import { Overlay } from './overlay.js';
@@ -21,6 +25,19 @@ export const DEFAULT_LOAD_IDLE_MS = 60_000;
 const MAX_PULL_BYTES = 64 * 1024 * 1024;
 /** Disk writes of one load in flight before a batch waits for the oldest. */
 const MAX_PENDING_WRITES = 8;
+/** The most bytes of a staged file one LoadRowsFrom may name. */
+export const MAX_STAGED_READ_BYTES = 64 * 1024 * 1024;
+const EMPTY_KEYS = new Uint32Array(0);
+
+/** A full load whose rows a loader on this host writes to a file for this replica to read. */
+interface StagedFile {
+  path: string;
+  fh: FileHandle;
+  /** [at, bytes] of every range read so far; at the seal they must tile the file from byte 0. */
+  ranges: [number, number][];
+  /** Read buffers, reused. */
+  scratch: ArrayBuffer[];
+}
 
 interface Held {
   data: VersionData;
@@ -40,6 +57,8 @@ interface WriteVersion {
   /** LoadSeal has begun: rows arriving now would not be in what it seals. */
   sealing: boolean;
   pending: Set<Promise<void>>;
+  /** Set by loadStage: the rows come from the loader's staged file, which becomes the rows file. */
+  staged: StagedFile | undefined;
 }
 
 interface TableState {
@@ -222,6 +241,11 @@ export class Shard {
     return res.buf;
   }
 
+  /** Where a loader on this host may stage a full load's rows for this replica (see loadStage). */
+  get stageDir(): string {
+    return this.store.stageDir;
+  }
+
   // ---- loads --------------------------------------------------------------------------------------
 
   /** Opens the write version of a full load, or of a delta on top of the current version. */
@@ -271,7 +295,7 @@ export class Shard {
       t.write = {
         // The index is sized from the loader's hint (bounded: a wrong hint must not exhaust memory).
         version, loadId, meta, data: base ? base.data.derive() : new VersionData(dim, Math.min(Math.max(0, expectedRows), 1 << 22)), touched: base ? new KeySet() : undefined,
-        ops: 0, lastActivityMs: now, failed: undefined, sealing: false, pending: new Set(),
+        ops: 0, lastActivityMs: now, failed: undefined, sealing: false, pending: new Set(), staged: undefined,
       };
       await this.store.putTable(this.metaOf(t), false);
       this.log.info({ table, version, dim, loadId, base: meta.base }, incremental ? 'delta begun' : 'load begun');
@@ -281,9 +305,144 @@ export class Shard {
 
   /** A batch of rows (and for a delta, deletes) into the write version; persisted before the answer. */
   async loadRows(table: string, version: number, loadId: string, keys: Uint32Array, values: Float32Array, deletes: Uint32Array): Promise<number> {
+    const w = this.acceptingWrite(table, version, loadId);
+    if (w.staged !== undefined) {
+      // A staged file no range was read from is given up (another replica of the group did not see
+      // it, so the loader sends the rows); once rows came from it, the load cannot mix the two.
+      if (w.staged.ranges.length > 0) {
+        throw new KvError(KvErrorCode.LOAD_CONFLICT, `load ${loadId} of ${table} v${version} takes its rows from ${w.staged.path}; LoadRows is refused`);
+      }
+      const st = w.staged;
+      w.staged = undefined;
+      await st.fh.close();
+    }
+    const n = keys.length / 2;
+    const nd = deletes.length / 2;
+    const dim = w.data.dim;
+    this.applyRows(w, table, version, keys, values, deletes);
+    const writes: Promise<void>[] = [];
+    if (n > 0) writes.push(this.store.appendBlock(table, version, keys, values, n, dim));
+    if (nd > 0) writes.push(this.store.appendBlock(table, version, deletes, new Float32Array(0), nd, 0));
+    w.meta.blocks += writes.length;
+    // The batch is answered once it is in memory and its disk write is under way: the load is only
+    // acknowledged by loadSeal, which waits for every write. A bounded number of writes in flight
+    // keeps the loader from outrunning the disk.
+    const write: Promise<void> = Promise.all(writes).then(
+      () => void w.pending.delete(write),
+      (err: unknown) => {
+        w.pending.delete(write);
+        w.failed ??= new KvError(KvErrorCode.INTERNAL, `writing to disk failed: ${(err as Error).message}`, { cause: err });
+      },
+    );
+    w.pending.add(write);
+    while (w.pending.size > MAX_PENDING_WRITES) await Promise.race(w.pending);
+    if (w.failed !== undefined) throw w.failed;
+    return w.ops;
+  }
+
+  /**
+   * Staged full loads. A loader on this host writes the group's rows to one file of rows-file blocks
+   * (`path`) and names byte ranges of it (loadRowsFrom) instead of sending the rows; at the seal the
+   * file becomes this version's rows file (a hard link, or a copy on another file system). First the
+   * loader proves that this replica sees the file it wrote: `probePath` must hold `token`. Answers
+   * whether this replica will read the load's rows from `path`, and if not, why.
+   */
+  async loadStage(table: string, version: number, loadId: string, path: string, probePath: string, token: Uint8Array): Promise<{ readable: boolean; reason: string }> {
+    const w = this.acceptingWrite(table, version, loadId);
+    if (w.touched !== undefined) return { readable: false, reason: 'a delta takes its rows over gRPC' };
+    if (w.ops > 0) return { readable: false, reason: 'rows of this load have arrived over gRPC already' };
+    if (!isAbsolute(path) || !isAbsolute(probePath)) throw invalidArgument('staged file paths must be absolute');
+    if (token.byteLength < 16 || token.byteLength > 64) throw invalidArgument('the probe token must hold 16 to 64 bytes');
+    let fh: FileHandle | undefined;
+    try {
+      const probe = await open(probePath, 'r');
+      try {
+        const seen = new Uint8Array(token.byteLength + 1);
+        const got = await readFully(probe, seen, 0);
+        if (got !== token.byteLength || !Buffer.from(token).equals(seen.subarray(0, got))) {
+          return { readable: false, reason: `${probePath} holds something else here: another host's file system` };
+        }
+      } finally {
+        await probe.close();
+      }
+      fh = await open(path, 'r');
+      if (!(await fh.stat()).isFile()) throw new Error(`${path} is not a regular file`);
+    } catch (err) {
+      await fh?.close();
+      return { readable: false, reason: (err as Error).message };
+    }
+    await w.staged?.fh.close();
+    w.staged = { path, fh, ranges: [], scratch: [] };
+    w.lastActivityMs = Date.now();
+    this.log.info({ table, version, loadId, path }, 'load rows staged in a file');
+    return { readable: true, reason: '' };
+  }
+
+  /**
+   * Reads bytes [at, at + bytes) of the load's staged file: whole blocks, each checked (magic, dim,
+   * checksum) and applied as a LoadRows batch would be. Ranges may come in any order, never twice.
+   */
+  async loadRowsFrom(table: string, version: number, loadId: string, at: number, bytes: number): Promise<number> {
+    const w = this.acceptingWrite(table, version, loadId);
+    const st = w.staged;
+    if (st === undefined) throw invalidArgument(`load ${loadId} of ${table} v${version} has no staged file (LoadStage first)`);
+    if (!Number.isSafeInteger(at) || at < 0 || !Number.isSafeInteger(bytes) || bytes < BLOCK_HEAD || bytes > MAX_STAGED_READ_BYTES) {
+      throw invalidArgument(`a staged range must start at a byte >= 0 and hold ${BLOCK_HEAD} to ${MAX_STAGED_READ_BYTES} bytes; got ${bytes} bytes at ${at}`);
+    }
+    for (const [a, b] of st.ranges) {
+      if (at < a + b && a < at + bytes) throw invalidArgument(`bytes ${at}-${at + bytes} of ${st.path} overlap bytes ${a}-${a + b}, read already`);
+    }
+    st.ranges.push([at, bytes]);
+    // The seal waits for ranges being read, as it does for rows being written.
+    const read = this.readStaged(w, st, table, version, at, bytes);
+    const tracked: Promise<void> = read.then(() => void w.pending.delete(tracked), () => void w.pending.delete(tracked));
+    w.pending.add(tracked);
+    await read;
+    return w.ops;
+  }
+
+  private async readStaged(w: WriteVersion, st: StagedFile, table: string, version: number, at: number, bytes: number): Promise<void> {
+    let buf = st.scratch.pop();
+    if (buf === undefined || buf.byteLength < bytes) buf = new ArrayBuffer(bytes);
+    try {
+      const got = await readFully(st.fh, new Uint8Array(buf, 0, bytes), at);
+      if (got < bytes) throw new KvError(KvErrorCode.INVALID_DATA, `${st.path} ends at byte ${at + got}; the loader named bytes up to ${at + bytes}`);
+      if (w.failed !== undefined) throw w.failed;
+      const dim = w.data.dim;
+      for (let p = 0; p < bytes;) {
+        const head = new Uint32Array(buf, p, BLOCK_HEAD / 4);
+        const n = head[1]!;
+        if (p + BLOCK_HEAD > bytes || head[0] !== BLOCK_MAGIC || head[2] !== dim || n > MAX_LOAD_BATCH_ROWS || p + blockBytes(n, dim) > bytes) {
+          throw new KvError(KvErrorCode.INVALID_DATA, `${st.path}: no block of rows of dim ${dim} at byte ${at + p}`);
+        }
+        const keys = new Uint32Array(buf, p + BLOCK_HEAD, 2 * n);
+        const values = new Float32Array(buf, p + BLOCK_HEAD + n * 8, n * dim);
+        if (blockChecksum(head, [new Uint8Array(buf, p + BLOCK_HEAD, n * 8), new Uint8Array(buf, p + BLOCK_HEAD + n * 8, n * dim * 4)]) !== head[3]) {
+          throw new KvError(KvErrorCode.INVALID_DATA, `${st.path}: checksum mismatch in the block at byte ${at + p}`);
+        }
+        this.applyRows(w, table, version, keys, values, EMPTY_KEYS);
+        w.meta.blocks++;
+        p += blockBytes(n, dim);
+      }
+    } catch (err) {
+      // Blocks before the bad one are applied already: the load cannot go on.
+      w.failed ??= err instanceof KvError ? err : new KvError(KvErrorCode.INTERNAL, `reading ${st.path} failed: ${(err as Error).message}`, { cause: err });
+      throw err;
+    } finally {
+      if (st.scratch.length < MAX_PENDING_WRITES) st.scratch.push(buf);
+    }
+  }
+
+  /** The write version of a load that still takes rows. */
+  private acceptingWrite(table: string, version: number, loadId: string): WriteVersion {
     const w = this.writeVersion(table, version, loadId);
     if (w.failed !== undefined) throw w.failed;
     if (w.sealing) throw new KvError(KvErrorCode.LOAD_CONFLICT, `table ${table} v${version} is being sealed; no more rows are accepted for load ${loadId}`);
+    return w;
+  }
+
+  /** Checks a batch and applies it to the write version's memory (not to disk). */
+  private applyRows(w: WriteVersion, table: string, version: number, keys: Uint32Array, values: Float32Array, deletes: Uint32Array): void {
     const n = keys.length / 2;
     const nd = deletes.length / 2;
     const dim = w.data.dim;
@@ -323,24 +482,6 @@ export class Shard {
       }
     }
     w.ops += n + nd;
-    const writes: Promise<void>[] = [];
-    if (n > 0) writes.push(this.store.appendBlock(table, version, keys, values, n, dim));
-    if (nd > 0) writes.push(this.store.appendBlock(table, version, deletes, new Float32Array(0), nd, 0));
-    w.meta.blocks += writes.length;
-    // The batch is answered once it is in memory and its disk write is under way: the load is only
-    // acknowledged by loadSeal, which waits for every write. A bounded number of writes in flight
-    // keeps the loader from outrunning the disk.
-    const write: Promise<void> = Promise.all(writes).then(
-      () => void w.pending.delete(write),
-      (err: unknown) => {
-        w.pending.delete(write);
-        w.failed ??= new KvError(KvErrorCode.INTERNAL, `writing to disk failed: ${(err as Error).message}`, { cause: err });
-      },
-    );
-    w.pending.add(write);
-    while (w.pending.size > MAX_PENDING_WRITES) await Promise.race(w.pending);
-    if (w.failed !== undefined) throw w.failed;
-    return w.ops;
   }
 
   /** Confirms the write version is complete, persists it and makes it a sealed (not yet current) version. */
@@ -359,8 +500,20 @@ export class Shard {
       const t = this.tables.get(table)!;
       // The rows file is synced before the metadata that declares the version sealed.
       try {
-        w.meta.rowsBytes = await this.store.sealRows(table, version, w.meta.blocks);
+        if (w.staged !== undefined) {
+          const st = w.staged;
+          const length = stagedLength(st);
+          w.staged = undefined;
+          await st.fh.close();
+          w.meta.rowsBytes = await this.store.adoptRows(table, version, st.path, length);
+        } else {
+          w.meta.rowsBytes = await this.store.sealRows(table, version, w.meta.blocks);
+        }
       } catch (err) {
+        if (err instanceof KvError) {
+          w.failed = err;
+          throw err;
+        }
         // A failed sync is final (after an fsync error the kernel may report later ones as clean):
         // only an abort, or loading the version again, follows.
         w.failed = new KvError(KvErrorCode.INTERNAL, `syncing the rows of ${table} v${version} failed: ${(err as Error).message}`, { cause: err });
@@ -415,6 +568,8 @@ export class Shard {
     w.failed ??= new KvError(KvErrorCode.ABORTED, `load of ${t.name} v${w.version} was aborted`);
     t.write = undefined;
     await Promise.allSettled(w.pending);
+    await w.staged?.fh.close().catch(() => undefined);
+    w.staged = undefined;
     await this.store.putTable(this.metaOf(t), false);
     await this.store.dropVersionRows(t.name, w.version);
   }
@@ -608,4 +763,15 @@ export class Shard {
     this.metaChains.set(table, next.catch(() => undefined));
     return next;
   }
+}
+
+/** The length of a staged file whose ranges, read so far, cover it from byte 0 without a gap. */
+function stagedLength(st: StagedFile): number {
+  const ranges = [...st.ranges].sort((a, b) => a[0] - b[0]);
+  let end = 0;
+  for (const [at, bytes] of ranges) {
+    if (at !== end) throw new KvError(KvErrorCode.INVALID_DATA, `${st.path}: bytes ${end}-${at} were never read; the load is incomplete`);
+    end = at + bytes;
+  }
+  return end;
 }

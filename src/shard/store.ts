@@ -1,9 +1,9 @@
-import { mkdir, open, readdir, unlink, type FileHandle } from 'node:fs/promises';
-import { join } from 'node:path';
-import { crc32 } from 'node:zlib';
+import { copyFile, link, mkdir, open, readdir, rm, unlink, type FileHandle } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
 import { ClassicLevel } from 'classic-level';
 import { pack, unpack } from 'msgpackr';
 import { readFully } from '../common/files.js';
+import { BLOCK_HEAD, BLOCK_MAGIC, blockChecksum, blockHead } from '../common/rows-file.js';
 import { bytesOf, floatsFromBytes, keysFromBytes } from '../common/keys.js';
 
 /**
@@ -15,10 +15,10 @@ import { bytesOf, floatsFromBytes, keysFromBytes } from '../common/keys.js';
  *     p!<seq:16 digits>                          -> a real-time put batch (see encodePut)
  *     r!<table>!<version:16 digits>!<block:10>   -> rows of versions written before rows files
  *                                                   (read at restore, never written any more)
- *   rows/<table>@<version:16 digits>.rows        -> the version's load batches as blocks:
- *     [magic "EKB1"][n u32][dim u32][crc32 u32][n*8 key bytes][n*dim*4 float bytes]
- *     (little-endian; the crc32 covers magic, n, dim and the body; dim 0: a delta's deletes, keys
- *     only). Blocks start 8-byte aligned. A table name with capitals is written as in rowsFileName.
+ *   rows/<table>@<version:16 digits>.rows        -> the version's load batches as blocks
+ *     (common/rows-file.ts: magic, n, dim, crc32, keys, floats). A table name with capitals is
+ *     written as in rowsFileName. A staged full load's file becomes this file (adoptRows).
+ *   incoming/                                    -> staged files of loaders on this host (loadStage)
  *
  * Rows go to files, not to LevelDB: a load writes each byte once to a file (and syncs it at the seal),
  * where LevelDB wrote it to its log and again to a table, checksummed and copied on the way: 32 MB
@@ -65,9 +65,6 @@ export interface TableMeta {
 const pad = (n: number, width: number): string => String(n).padStart(width, '0');
 const versionPrefix = (table: string, version: number): string => `r!${table}!${pad(version, 16)}!`;
 
-const BLOCK_MAGIC = 0x31424b45; // "EKB1"
-const BLOCK_HEAD = 16;
-
 /**
  * `<table>@<version>.rows`. Table names are case-sensitive, and on a case-insensitive file system
  * `Emb` and `emb` would share a file: a name with capitals is written in lower case followed by `~`
@@ -86,15 +83,6 @@ function rowsFileName(table: string, version: number): string {
     name = `${table.toLowerCase()}~${mask}`;
   }
   return `${name}@${pad(version, 16)}.rows`;
-}
-
-/** The checksum of a block: its header's magic, n and dim, then the body. */
-function blockChecksum(head: Uint32Array, parts: Uint8Array[]): number {
-  let c = crc32(new Uint8Array(head.buffer, head.byteOffset, 12));
-  // zlib's crc32 answers 0 for a buffer without memory behind it (a zero-length ArrayBuffer): empty
-  // parts are left out of the chain.
-  for (const p of parts) if (p.byteLength > 0) c = crc32(p, c);
-  return c;
 }
 
 /** fsync of a directory, so that a file created or removed in it survives a machine crash. */
@@ -117,6 +105,11 @@ interface RowsWriter {
 export class ShardStore {
   private readonly db: ClassicLevel<string, Uint8Array>;
   private readonly rowsDir: string;
+  /**
+   * Where a loader on this host may write a full load's rows for this replica (and the other
+   * replicas of its group on this host) to read; emptied at every start, as no load outlives one.
+   */
+  readonly stageDir: string;
   private readonly writers = new Map<string, Promise<RowsWriter>>();
 
   constructor(readonly dir: string) {
@@ -124,6 +117,7 @@ export class ShardStore {
     // restore, in order: a block cache would only hold memory.
     this.db = new ClassicLevel<string, Uint8Array>(dir, { keyEncoding: 'utf8', valueEncoding: 'view', compression: false, cacheSize: 1 << 20 });
     this.rowsDir = join(dir, 'rows');
+    this.stageDir = resolve(dir, 'incoming');
   }
 
   async open(): Promise<void> {
@@ -137,6 +131,8 @@ export class ShardStore {
       throw new Error(`cannot open data directory ${this.dir}: ${(err as Error).message}`, { cause: err });
     }
     if ((await mkdir(this.rowsDir, { recursive: true })) !== undefined) await syncDir(this.dir);
+    await rm(this.stageDir, { recursive: true, force: true });
+    await mkdir(this.stageDir, { recursive: true });
   }
 
   async close(): Promise<void> {
@@ -176,12 +172,8 @@ export class ShardStore {
       this.writers.set(id, opening);
     }
     const w = await opening;
-    const head = new Uint32Array(BLOCK_HEAD / 4);
     const body = [bytesOf(keys.subarray(0, 2 * n)), bytesOf(values.subarray(0, n * dim))];
-    head[0] = BLOCK_MAGIC;
-    head[1] = n;
-    head[2] = dim;
-    head[3] = blockChecksum(head, body);
+    const head = blockHead(body[0]!, body[1]!, n, dim);
     const bytes = BLOCK_HEAD + n * 8 + n * dim * 4;
     const at = w.end;
     w.end += bytes;
@@ -230,6 +222,33 @@ export class ShardStore {
     // The file's directory entry, too: it was created by this load.
     await syncDir(this.rowsDir);
     return w.end;
+  }
+
+  /**
+   * Makes a staged file (a loader's, of `bytes` bytes of checked blocks) the version's rows file: a
+   * hard link, or a copy where the file system refuses one. Synced like sealRows; returns `bytes`.
+   */
+  async adoptRows(table: string, version: number, staged: string, bytes: number): Promise<number> {
+    if (bytes === 0) return this.sealRows(table, version, 0);
+    const path = this.rowsPath(table, version);
+    await unlink(path).catch((err: NodeJS.ErrnoException) => {
+      if (err.code !== 'ENOENT') throw err;
+    });
+    try {
+      await link(staged, path);
+    } catch {
+      await copyFile(staged, path);
+    }
+    const fh = await open(path, 'r');
+    try {
+      const size = (await fh.stat()).size;
+      if (size < bytes) throw new Error(`${path} holds ${size} bytes of the ${bytes} read from ${staged}`);
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    await syncDir(this.rowsDir);
+    return bytes;
   }
 
   /** The blocks of one version, in storage order. */
