@@ -256,6 +256,23 @@ test('firstNonFinite finds the first NaN or ±Infinity', () => {
   assert.equal(firstNonFinite(new Float32Array([1, 2, Infinity])), 2);
   assert.equal(firstNonFinite(new Float32Array([1, -Infinity, NaN])), 1);
   assert.equal(firstNonFinite(new Float32Array([1, 2, 3, NaN, Infinity])), 3);
+  // Every position in the four-at-a-time part and the tail, every kind of non-finite bit pattern,
+  // and a view that starts inside its buffer.
+  const one = new Uint32Array(1);
+  const bad = [0x7fc00000, 0xffc00000, 0x7f800001, 0xff800000, 0x7f800000, 0xffffffff];
+  for (const len of [1, 3, 4, 5, 8, 11, 37]) {
+    for (let at = 0; at < len; at++) {
+      for (const b of bad) {
+        const buf = new Float32Array(len + 2).fill(F32_MAX);
+        const view = buf.subarray(1, len + 1);
+        one[0] = b;
+        view[at] = new Float32Array(one.buffer)[0]!;
+        if (at + 1 < len) view[at + 1] = NaN;
+        assert.equal(firstNonFinite(view), at, `length ${len}, position ${at}, bits ${b.toString(16)}`);
+      }
+    }
+    assert.equal(firstNonFinite(new Float32Array(len).fill(-F32_MAX)), -1);
+  }
   // A NaN with a payload, and a value that overflows to Infinity on the way into float32.
   const bits = new Uint32Array([0x3f800000, 0x7fa00001]);
   assert.equal(firstNonFinite(new Float32Array(bits.buffer)), 1);

@@ -10,6 +10,7 @@ import { open, readdir, stat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { readFully } from '../common/files.js';
 import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
+import { firstNonFinite } from '../common/keys.js';
 import { MAX_DIM } from '../common/limits.js';
 
 export type LoadMode = 'full' | 'incremental';
@@ -810,14 +811,11 @@ async function* readNpyRows(part: PartInfo, dim: number, chunkRows: number, sign
         readExact(valuesFile, valuesPath, n * rowBytes, vh.dataOffset + first * rowBytes, pair?.values),
       ]);
       const values = new Float32Array(vab, 0, n * dim);
-      for (let i = 0; i < values.length; i++) {
+      const i = firstNonFinite(values);
+      if (i >= 0) {
         const v = values[i]!;
-        // v - v is 0 for finite v and NaN for NaN and ±Infinity.
-        if (v - v !== 0) {
-          const row = first + Math.floor(i / dim);
-          const what = Number.isNaN(v) ? 'NaN' : v > 0 ? 'Inf' : '-Inf';
-          throw dataError(`${valuesPath}: row ${row} column ${i % dim} is ${what}`);
-        }
+        const what = Number.isNaN(v) ? 'NaN' : v > 0 ? 'Inf' : '-Inf';
+        throw dataError(`${valuesPath}: row ${first + Math.floor(i / dim)} column ${i % dim} is ${what}`);
       }
       return { type: 'rows', chunk: { file: keysPath, firstRow: first, n, keys: new Uint32Array(kab, 0, 2 * n), values } };
     };
