@@ -75,7 +75,12 @@ export interface ReadDumpOptions {
   reuseBuffers?: boolean;
 }
 
-export const DEFAULT_CHUNK_ROWS = 65536;
+/**
+ * Rows read per chunk. The reader's buffers are fresh memory once per load, and fresh pages are
+ * dear on some VMs: 16384 rows took 4.5k page faults off a 2M-key load against 65536 (same speed
+ * otherwise, bench/RESULTS.md).
+ */
+export const DEFAULT_CHUNK_ROWS = 16384;
 /** Chunks are also cut so their values stay under this many bytes, which bounds memory at large dims. */
 export const MAX_CHUNK_BYTES = 64 * 1024 * 1024;
 /** Largest dim a dump may have. */
