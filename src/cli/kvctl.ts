@@ -101,13 +101,19 @@ program
     const mode = o.full !== undefined ? 'full' : 'incremental';
     const publish = o.publish ?? mode === 'incremental';
     const manifest = loadManifest(o.config);
+    // Connections are set up while the loader's modules load.
+    const connections = new ClusterConnections(manifest);
+    connections.connect();
     const progress = new Progress(`loading ${o.table} v${o.version}`);
     const { runLoad } = await import('../loader/loader.js');
     const r = await runLoad({
-      manifest, table: o.table, version: o.version, path: (o.full ?? o.incremental)!, mode, publish, force: o.force, staging: o.staging,
+      manifest, connections, table: o.table, version: o.version, path: (o.full ?? o.incremental)!, mode, publish, force: o.force, staging: o.staging,
       ...(o.dim !== undefined ? { dim: o.dim } : {}),
       onProgress: (rows, total) => progress.update(rows, total),
-    }).finally(() => progress.done());
+    }).finally(() => {
+      progress.done();
+      connections.close();
+    });
     const rate = Math.round((r.rows + r.deletes) / Math.max(r.ms / 1000, 1e-3));
     const what = mode === 'full'
       ? `${r.rows} keys of dim ${r.dim}`

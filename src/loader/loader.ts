@@ -38,6 +38,8 @@ export interface LoadOptions {
   signal?: AbortSignal;
   /** Called after each batch is acknowledged: rows sent so far, and the total (-1 when unknown). */
   onProgress?: (rows: number, total: number) => void;
+  /** Connections to use (and leave open); by default the load opens its own and closes them. */
+  connections?: ClusterConnections;
   /**
    * A full load's rows go through staged files to the groups whose replicas all run on this host
    * (default true): see stageGroups. false: over gRPC to every group.
@@ -144,11 +146,11 @@ export async function runLoad(options: LoadOptions): Promise<LoadResult> {
   const { manifest } = options;
   // Full batches leave from their own buffers, not from a copy grpc-js would make of each.
   await installZeroCopyRequests();
-  const conns = new ClusterConnections(manifest);
+  const conns = options.connections ?? new ClusterConnections(manifest);
   try {
     return await load(conns, options, table, version, batchRows, inflight, mode, started);
   } finally {
-    conns.close();
+    if (options.connections === undefined) conns.close();
   }
 }
 

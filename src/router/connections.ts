@@ -38,6 +38,11 @@ export class ClusterConnections {
     return this.groups.flat();
   }
 
+  /** Starts connecting to every replica now, instead of at the first call to each. */
+  connect(): void {
+    for (const c of this.all()) c.channel.getConnectivityState(true);
+  }
+
   close(): void {
     for (const c of this.all()) {
       c.lookup.close();
