@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -326,5 +326,26 @@ test('staged loads: a corrupt block, a gap and a probe that does not match are r
     await shard.publish('t', 1, false);
     await shard.loadBegin('t', 5, DIM, 'load-5', false, true);
     assert.deepEqual(await shard.loadStage('t', 5, 'load-5', s4.path, join(dir, 'staged-4.probe'), Buffer.alloc(32, 7)), { readable: false, reason: 'a delta takes its rows over gRPC' });
+  });
+});
+
+test('staged files a dead loader left are removed once idle for the load idle time; files of loads in progress stay', async () => {
+  await withShard(async (shard) => {
+    const stageDir = shard.stageDir;
+    const old = Date.now() / 1000 - 3600;
+    // Left by loads that are over: one idle for an hour, one written a moment ago (another replica
+    // of its group may still be linking it at its seal).
+    writeFileSync(join(stageDir, 'dead-load-g0.rows'), 'x');
+    utimesSync(join(stageDir, 'dead-load-g0.rows'), old, old);
+    writeFileSync(join(stageDir, 'just-sealed-g0.rows'), 'x');
+    await shard.loadBegin('t', 1, DIM, 'live', false, false);
+    writeFileSync(join(stageDir, 'live-g0.rows'), 'x');
+    utimesSync(join(stageDir, 'live-g0.rows'), old, old);
+    assert.deepEqual(readdirSync(stageDir).sort(), ['just-sealed-g0.rows', 'live-g0.rows']);
+    // The live load's own files go when it is dropped and idle.
+    await shard.loadBegin('u', 1, DIM, 'other', false, false);
+    assert.ok(existsSync(join(stageDir, 'live-g0.rows')), 'a load in progress keeps its files');
+    await shard.loadAbort('t', 1, 'live');
+    assert.deepEqual(readdirSync(stageDir).sort(), ['just-sealed-g0.rows']);
   });
 });

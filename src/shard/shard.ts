@@ -285,6 +285,7 @@ export class Shard {
       }
       // Rows left by a load of this version number that a crash cut short before they were dropped.
       await this.store.dropVersionRows(table, version);
+      await this.cleanStage(loadId);
       const now = Date.now();
       // The loader's clock, one value for every replica, so all drop the same older puts at publish.
       const createdAtMs = Number.isSafeInteger(startedAtMs) && startedAtMs > 0 ? startedAtMs : now;
@@ -433,6 +434,17 @@ export class Shard {
     }
   }
 
+  /**
+   * Removes staged files of loads no table here is taking, idle for the load idle time: a loader
+   * that died leaves its files, and they would hold disk until this replica restarts.
+   */
+  private async cleanStage(starting?: string): Promise<void> {
+    const active = [...this.tables.values()].flatMap((t) => (t.write ? [t.write.loadId] : []));
+    if (starting !== undefined) active.push(starting);
+    const removed = await this.store.cleanStage(active, this.loadIdleMs).catch(() => []);
+    if (removed.length > 0) this.log.info({ removed }, 'staged files of finished or abandoned loads removed');
+  }
+
   /** The write version of a load that still takes rows. */
   private acceptingWrite(table: string, version: number, loadId: string): WriteVersion {
     const w = this.writeVersion(table, version, loadId);
@@ -570,6 +582,7 @@ export class Shard {
     await Promise.allSettled(w.pending);
     await w.staged?.fh.close().catch(() => undefined);
     w.staged = undefined;
+    await this.cleanStage();
     await this.store.putTable(this.metaOf(t), false);
     await this.store.dropVersionRows(t.name, w.version);
   }

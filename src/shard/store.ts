@@ -1,4 +1,4 @@
-import { copyFile, link, mkdir, open, readdir, rm, unlink, type FileHandle } from 'node:fs/promises';
+import { copyFile, link, mkdir, open, readdir, rm, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { ClassicLevel } from 'classic-level';
 import { pack, unpack } from 'msgpackr';
@@ -222,6 +222,32 @@ export class ShardStore {
     // The file's directory entry, too: it was created by this load.
     await syncDir(this.rowsDir);
     return w.end;
+  }
+
+  /**
+   * Deletes files in the stage directory that belong to no load in `active` (loaders write
+   * `<loadId>-...`) and were last written over `minAgeMs` ago: what a loader that died left behind.
+   * A younger file may still be linked by another replica sealing its load. Returns their names.
+   */
+  async cleanStage(active: Iterable<string>, minAgeMs: number): Promise<string[]> {
+    const prefixes = [...active].map((id) => `${id}-`);
+    const removed: string[] = [];
+    let names: string[];
+    try {
+      names = await readdir(this.stageDir);
+    } catch {
+      return removed;
+    }
+    const before = Date.now() - minAgeMs;
+    for (const name of names) {
+      if (prefixes.some((p) => name.startsWith(p))) continue;
+      const path = join(this.stageDir, name);
+      const st = await stat(path).catch(() => undefined);
+      if (st === undefined || st.mtimeMs > before) continue;
+      await rm(path, { force: true, recursive: true });
+      removed.push(name);
+    }
+    return removed;
   }
 
   /**
