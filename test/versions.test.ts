@@ -1,5 +1,7 @@
 import assert from 'node:assert/strict';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { mkdirSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
@@ -7,7 +9,7 @@ import { EmbeddingClient } from '../src/index.js';
 import { codeOf } from './helpers/util.js';
 import { writeNpy } from '../src/loader/npy-write.js';
 import { CHANNEL_OPTIONS, EmbkvClient, type LookupResponse } from '../src/common/wire.js';
-import { TestCluster } from './helpers/cluster.js';
+import { KVCTL, TestCluster } from './helpers/cluster.js';
 import { expected, makeModel, sameBits, scramble, writeModelPart, type Model } from './helpers/model.js';
 
 const DIM = 8;
@@ -288,6 +290,40 @@ describe('versions, deltas and real-time puts on 2 groups x 2 replica processes'
     assert.equal(stale.code, 1);
     assert.match(stale.stderr, /version 9 is a delta on v5, but v8 is current/);
     await assertEveryReplica(cluster, v8, v8.keys.slice(0, 2000));
+    state.withPuts = v8;
+  });
+
+  test('the loader killed with kill -9 in a staged load: v8 serves on, --force takes the load over, and a restart drops what it staged', async () => {
+    const big = makeModel(400_000, DIM, 12, 10);
+    const dir = join(dumps, 'v10');
+    await writeModelPart(dir, big, 0, big.keys.length);
+    const incoming = join(cluster.dir, 'g0r0', 'incoming');
+    const loader = spawn(process.execPath, [KVCTL, 'load', '--config', cluster.configPath, '--table', 'emb', '--version', '10', '--full', dir, '--publish'], { stdio: 'ignore' });
+    const exited = once(loader, 'exit');
+    // Killed once rows are being staged for group 0.
+    const staged = (): boolean => readdirSync(incoming).some((n) => n.endsWith('.rows') && statSync(join(incoming, n)).size > 0);
+    const deadline = Date.now() + 20_000;
+    while (!staged() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 2));
+    assert.ok(staged(), 'the loader staged rows for group 0');
+    loader.kill('SIGKILL');
+    await exited;
+    await assertEveryReplica(cluster, state.withPuts!, state.withPuts!.keys.slice(0, 2000));
+    // The write version of the dead load is taken over.
+    const plain = await cluster.kvctl(['load', '--table', 'emb', '--version', '10', '--full', dir, '--publish']);
+    assert.equal(plain.code, 1);
+    assert.match(plain.stderr, /is being loaded .*force takes it over/);
+    const forced = await cluster.kvctl(['load', '--table', 'emb', '--version', '10', '--full', dir, '--publish', '--force']);
+    assert.equal(forced.code, 0, forced.stderr);
+    assert.match(forced.stdout, /all through staged files/);
+    await assertEveryReplica(cluster, big, big.keys.slice(0, 3000));
+    // The dead loader's file is younger than the load idle time, so it is kept until then, or until
+    // the replica restarts.
+    assert.ok(readdirSync(incoming).length > 0);
+    await cluster.stopReplica(0, 0, 'SIGKILL');
+    cluster.startReplica(0, 0);
+    await cluster.waitReady();
+    assert.deepEqual(readdirSync(incoming), []);
+    await assertEveryReplica(cluster, big, big.keys.slice(0, 3000));
   });
 });
 
