@@ -4,6 +4,7 @@ import type { Logger } from 'pino';
 import { KvError, KvErrorCode, invalidArgument, toGrpcError } from '../common/errors.js';
 import { bytesOf, floatsFromBytes, keysFromBytes } from '../common/keys.js';
 import type { Manifest } from '../common/manifest.js';
+import { YoungGcBudget } from '../common/process-tuning.js';
 import { AnswerBufferPool, SERVER_OPTIONS, embkvServerService, installZeroCopyFraming, shardControlService, type LookupRequest } from '../common/wire.js';
 import { checkTableName, checkVersion } from '../common/validate.js';
 import { Shard } from '../shard/shard.js';
@@ -38,6 +39,8 @@ export class ReplicaServer {
   private boundPort = 0;
   private readonly peerSync: PeerSync;
   private readonly answers = new AnswerBufferPool();
+  /** A minor GC every 4 MiB of lookup garbage (measured against 16 MiB and none, bench/RESULTS.md). */
+  private readonly youngGc = new YoungGcBudget(4 * 2 ** 20);
 
   constructor(private readonly options: ReplicaOptions) {
     const { manifest, group, replica } = options;
@@ -109,6 +112,8 @@ export class ReplicaServer {
       checkTableName(req.table);
       const keys = keysFromBytes(req.keys);
       callback(null, this.shard.lookup(req.table, req.version, keys, this.answers));
+      // The request's message and its HTTP/2 read buffers are garbage now (see YoungGcBudget).
+      this.youngGc.spend(2 * req.keys.byteLength);
     } catch (err) {
       callback(toGrpcError(err));
     }
