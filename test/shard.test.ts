@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -251,9 +251,9 @@ function writeStaged(path: string, batches: { keys: Uint32Array; values: Float32
   return ranges;
 }
 
-async function stage(shard: Shard, dir: string, version: number, token = Buffer.alloc(32, 7)): Promise<{ path: string; readable: boolean; reason: string }> {
-  const path = join(dir, `staged-${version}.rows`);
-  const probePath = join(dir, `staged-${version}.probe`);
+async function stage(shard: Shard, _dir: string, version: number, token = Buffer.alloc(32, 7)): Promise<{ path: string; readable: boolean; reason: string }> {
+  const path = join(shard.stageDir, `load-${version}-g0.rows`);
+  const probePath = join(shard.stageDir, `load-${version}-g0.probe`);
   writeFileSync(path, '');
   writeFileSync(probePath, Buffer.alloc(32, 7));
   return { path, ...(await shard.loadStage('t', version, `load-${version}`, path, probePath, token)) };
@@ -326,6 +326,27 @@ test('staged loads: a corrupt block, a gap and a probe that does not match are r
     await shard.publish('t', 1, false);
     await shard.loadBegin('t', 5, DIM, 'load-5', false, true);
     assert.deepEqual(await shard.loadStage('t', 5, 'load-5', s4.path, join(dir, 'staged-4.probe'), Buffer.alloc(32, 7)), { readable: false, reason: 'a delta takes its rows over gRPC' });
+  });
+});
+
+test('staged loads: only a loader\'s staged files are read, and only regular ones', async () => {
+  await withShard(async (shard, _reopen, dir) => {
+    await shard.loadBegin('t', 1, DIM, 'load-1', false, false);
+    const token = Buffer.alloc(32, 7);
+    const refusedPath = async (path: string, probePath: string): Promise<void> => {
+      await assert.rejects(shard.loadStage('t', 1, 'load-1', path, probePath, token), /must be <stage dir>\/load-1-g<group>\.rows/);
+    };
+    writeFileSync(join(dir, 'secret'), token);
+    await refusedPath('/etc/passwd', join(shard.stageDir, 'load-1-g0.probe'));
+    await refusedPath(join(shard.stageDir, 'load-2-g0.rows'), join(shard.stageDir, 'load-2-g0.probe'));
+    await refusedPath(join(shard.stageDir, 'load-1-g0.rows'), join(dir, 'secret'));
+    await refusedPath('incoming/load-1-g0.rows', 'incoming/load-1-g0.probe');
+    // A symlink in place of the file is not followed.
+    writeFileSync(join(shard.stageDir, 'load-1-g0.probe'), token);
+    symlinkSync(join(dir, 'secret'), join(shard.stageDir, 'load-1-g0.rows'));
+    const r = await shard.loadStage('t', 1, 'load-1', join(shard.stageDir, 'load-1-g0.rows'), join(shard.stageDir, 'load-1-g0.probe'), token);
+    assert.equal(r.readable, false);
+    assert.match(r.reason, /ELOOP|symbolic link/);
   });
 });
 

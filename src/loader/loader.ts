@@ -223,6 +223,10 @@ async function load(
     await streamRows(plan, conns, { table, version, loadId, rowsPerBatch, inflight, rowsPerGroup, deletesPerGroup, incremental, options, stages });
 
     await Promise.all(stages.map((st) => st?.syncing));
+    const unsynced = stages.find((st) => st?.syncError !== undefined);
+    if (unsynced !== undefined) {
+      throw new KvError(KvErrorCode.INTERNAL, `writing ${unsynced.path} to disk failed: ${unsynced.syncError!.message}`, { cause: unsynced.syncError });
+    }
     await Promise.all(
       conns.all().map((c) => call(c, 'LoadSeal', { table, version, loadId, expectedRows: rowsPerGroup[c.group]! + deletesPerGroup[c.group]! }, 120_000)),
     );
@@ -253,9 +257,10 @@ interface Stage {
   fh: FileHandle;
   /** Where the next block goes. */
   end: number;
-  /** Bytes up to which a background fdatasync has started; the one in flight. */
+  /** Bytes up to which a background fdatasync has started; the one in flight; its failure. */
   syncedTo: number;
   syncing: Promise<void> | undefined;
+  syncError: Error | undefined;
 }
 
 /**
@@ -268,8 +273,8 @@ const STAGE_SYNC_BYTES = 32 * 1024 * 1024;
 function syncInBackground(st: Stage): void {
   if (st.syncing !== undefined || st.end - st.syncedTo < STAGE_SYNC_BYTES) return;
   st.syncedTo = st.end;
-  // A failure here is not the load's: the replicas' own fsync at the seal decides.
-  st.syncing = st.fh.datasync().catch(() => undefined).then(() => {
+  // A failed write-back fails the load: once reported, the kernel may call the pages clean.
+  st.syncing = st.fh.datasync().catch((err: Error) => void (st.syncError ??= err)).then(() => {
     st.syncing = undefined;
   });
 }
@@ -286,6 +291,8 @@ function syncInBackground(st: Stage): void {
 async function stageGroups(
   conns: ClusterConnections, stageDirs: Map<ReplicaConn, string>, table: string, version: number, loadId: string, log: Logger | undefined,
 ): Promise<(Stage | undefined)[]> {
+  // Every group settles (a group that cannot be staged gets its rows over gRPC), so no file made
+  // for another group is left open when one fails.
   return Promise.all(conns.groups.map(async (replicas, g) => {
     const dir = stageDirs.get(replicas[0]!);
     if (!dir) return undefined;
@@ -298,26 +305,29 @@ async function stageGroups(
       log?.debug({ group: g, path, err: (err as Error).message }, 'rows go over gRPC: the stage directory is not writable here');
       return undefined;
     }
-    let answers: { readable: boolean; reason: string }[] = [];
+    let refused: string | undefined;
     try {
       const token = randomBytes(32);
       await writeFile(probePath, token);
-      answers = await Promise.all(replicas.map((c) => call<{ readable: boolean; reason: string }>(c, 'LoadStage', { table, version, loadId, path, probePath, token })));
+      // A replica that refuses the call (an older release, a conflict) gets the rows over gRPC,
+      // where a real conflict shows again; replicas that took the stage give it up at the first rows.
+      const answers = await Promise.allSettled(replicas.map((c) => call<{ readable: boolean; reason: string }>(c, 'LoadStage', { table, version, loadId, path, probePath, token })));
+      for (const a of answers) {
+        if (a.status === 'rejected') refused ??= (a.reason as Error).message;
+        else if (!a.value.readable) refused ??= a.value.reason;
+      }
     } catch (err) {
-      await fh.close();
-      await unlink(path).catch(() => undefined);
-      throw err;
+      refused = (err as Error).message;
     } finally {
       await unlink(probePath).catch(() => undefined);
     }
-    const refused = answers.find((a) => !a.readable);
     if (refused !== undefined) {
-      log?.info({ group: g, path, reason: refused.reason }, 'rows go over gRPC: a replica does not see the staged file');
+      log?.info({ group: g, path, reason: refused }, 'rows go over gRPC: a replica does not read the staged file');
       await fh.close();
       await unlink(path).catch(() => undefined);
       return undefined;
     }
-    return { path, fh, end: 0, syncedTo: 0, syncing: undefined };
+    return { path, fh, end: 0, syncedTo: 0, syncing: undefined, syncError: undefined };
   }));
 }
 

@@ -1,5 +1,6 @@
+import { constants } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
-import { isAbsolute } from 'node:path';
+import { basename, dirname, isAbsolute } from 'node:path';
 import type { Logger } from 'pino';
 import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
 import { readFully } from '../common/files.js';
@@ -25,8 +26,9 @@ export const DEFAULT_LOAD_IDLE_MS = 60_000;
 const MAX_PULL_BYTES = 64 * 1024 * 1024;
 /** Disk writes of one load in flight before a batch waits for the oldest. */
 const MAX_PENDING_WRITES = 8;
-/** The most bytes of a staged file one LoadRowsFrom may name. */
+/** The most bytes of a staged file one LoadRowsFrom may name, and how many may be read at once. */
 export const MAX_STAGED_READ_BYTES = 64 * 1024 * 1024;
+const MAX_STAGED_READS = 16;
 const EMPTY_KEYS = new Uint32Array(0);
 
 /** A full load whose rows a loader on this host writes to a file for this replica to read. */
@@ -37,6 +39,8 @@ interface StagedFile {
   ranges: [number, number][];
   /** Read buffers, reused. */
   scratch: ArrayBuffer[];
+  /** Ranges being read now. */
+  reading: number;
 }
 
 interface Held {
@@ -313,9 +317,9 @@ export class Shard {
       if (w.staged.ranges.length > 0) {
         throw new KvError(KvErrorCode.LOAD_CONFLICT, `load ${loadId} of ${table} v${version} takes its rows from ${w.staged.path}; LoadRows is refused`);
       }
-      const st = w.staged;
+      // Closed without waiting: nothing may come between the checks above and applying the rows.
+      void w.staged.fh.close().catch(() => undefined);
       w.staged = undefined;
-      await st.fh.close();
     }
     const n = keys.length / 2;
     const nd = deletes.length / 2;
@@ -352,11 +356,21 @@ export class Shard {
     const w = this.acceptingWrite(table, version, loadId);
     if (w.touched !== undefined) return { readable: false, reason: 'a delta takes its rows over gRPC' };
     if (w.ops > 0) return { readable: false, reason: 'rows of this load have arrived over gRPC already' };
-    if (!isAbsolute(path) || !isAbsolute(probePath)) throw invalidArgument('staged file paths must be absolute');
+    if (w.staged !== undefined && w.staged.ranges.length > 0) {
+      throw new KvError(KvErrorCode.LOAD_CONFLICT, `load ${loadId} of ${table} v${version} is reading ${w.staged.path} already`);
+    }
+    // Only files a loader stages: <stage dir>/<loadId>-g<group>.rows and .probe, in a directory
+    // named like a replica's stage directory. Not any path this process could read.
+    const stem = new RegExp(`^${loadId.replace(/[^A-Za-z0-9]/g, (c) => `\\${c}`)}-g\\d{1,5}$`);
+    const okName = (p: string, ext: string): boolean =>
+      isAbsolute(p) && basename(dirname(p)) === 'incoming' && p.endsWith(ext) && stem.test(basename(p, ext));
+    if (!okName(path, '.rows') || !okName(probePath, '.probe') || dirname(path) !== dirname(probePath)) {
+      throw invalidArgument(`a staged file must be <stage dir>/${loadId}-g<group>.rows with its .probe beside it, in a directory named incoming`);
+    }
     if (token.byteLength < 16 || token.byteLength > 64) throw invalidArgument('the probe token must hold 16 to 64 bytes');
     let fh: FileHandle | undefined;
     try {
-      const probe = await open(probePath, 'r');
+      const probe = await openRegular(probePath);
       try {
         const seen = new Uint8Array(token.byteLength + 1);
         const got = await readFully(probe, seen, 0);
@@ -366,14 +380,19 @@ export class Shard {
       } finally {
         await probe.close();
       }
-      fh = await open(path, 'r');
-      if (!(await fh.stat()).isFile()) throw new Error(`${path} is not a regular file`);
+      fh = await openRegular(path);
     } catch (err) {
       await fh?.close();
       return { readable: false, reason: (err as Error).message };
     }
-    await w.staged?.fh.close();
-    w.staged = { path, fh, ranges: [], scratch: [] };
+    // The load may have been dropped, failed or staged again while the files were opened.
+    if (this.tables.get(table)?.write !== w || w.failed !== undefined || w.sealing || (w.staged !== undefined && w.staged.ranges.length > 0)) {
+      await fh.close();
+      throw new KvError(KvErrorCode.LOAD_CONFLICT, `load ${loadId} of ${table} v${version} changed while its staged file was opened`);
+    }
+    const previous = w.staged;
+    w.staged = { path, fh, ranges: [], scratch: [], reading: 0 };
+    await previous?.fh.close();
     w.lastActivityMs = Date.now();
     this.log.info({ table, version, loadId, path }, 'load rows staged in a file');
     return { readable: true, reason: '' };
@@ -393,6 +412,9 @@ export class Shard {
     for (const [a, b] of st.ranges) {
       if (at < a + b && a < at + bytes) throw invalidArgument(`bytes ${at}-${at + bytes} of ${st.path} overlap bytes ${a}-${a + b}, read already`);
     }
+    if (st.reading >= MAX_STAGED_READS) {
+      throw new KvError(KvErrorCode.RESOURCE_EXHAUSTED, `${MAX_STAGED_READS} ranges of ${st.path} are being read already; wait for their answers`);
+    }
     st.ranges.push([at, bytes]);
     // The seal waits for ranges being read, as it does for rows being written.
     const read = this.readStaged(w, st, table, version, at, bytes);
@@ -403,6 +425,7 @@ export class Shard {
   }
 
   private async readStaged(w: WriteVersion, st: StagedFile, table: string, version: number, at: number, bytes: number): Promise<void> {
+    st.reading++;
     let buf = st.scratch.pop();
     if (buf === undefined || buf.byteLength < bytes) buf = new ArrayBuffer(bytes);
     try {
@@ -430,6 +453,7 @@ export class Shard {
       w.failed ??= err instanceof KvError ? err : new KvError(KvErrorCode.INTERNAL, `reading ${st.path} failed: ${(err as Error).message}`, { cause: err });
       throw err;
     } finally {
+      st.reading--;
       if (st.scratch.length < MAX_PENDING_WRITES) st.scratch.push(buf);
     }
   }
@@ -439,7 +463,9 @@ export class Shard {
    * that died leaves its files, and they would hold disk until this replica restarts.
    */
   private async cleanStage(starting?: string): Promise<void> {
-    const active = [...this.tables.values()].flatMap((t) => (t.write ? [t.write.loadId] : []));
+    // A load idle for the idle time is stalled (any new load may take it over): its files go too.
+    const now = Date.now();
+    const active = [...this.tables.values()].flatMap((t) => (t.write && now - t.write.lastActivityMs < this.loadIdleMs ? [t.write.loadId] : []));
     if (starting !== undefined) active.push(starting);
     const removed = await this.store.cleanStage(active, this.loadIdleMs).catch(() => []);
     if (removed.length > 0) this.log.info({ removed }, 'staged files of finished or abandoned loads removed');
@@ -516,8 +542,14 @@ export class Shard {
           const st = w.staged;
           const length = stagedLength(st);
           w.staged = undefined;
-          await st.fh.close();
-          w.meta.rowsBytes = await this.store.adoptRows(table, version, st.path, length);
+          try {
+            // Synced through the handle opened before the loader wrote: a write-back error that
+            // happened since is reported to it, where a handle opened now would not see it.
+            await st.fh.sync();
+            w.meta.rowsBytes = await this.store.adoptRows(table, version, st.path, length, await st.fh.stat());
+          } finally {
+            await st.fh.close();
+          }
         } else {
           w.meta.rowsBytes = await this.store.sealRows(table, version, w.meta.blocks);
         }
@@ -787,4 +819,16 @@ function stagedLength(st: StagedFile): number {
     end = at + bytes;
   }
   return end;
+}
+
+/** Opens a file for reading only if it is a regular file (not a FIFO or device, not through a symlink). */
+async function openRegular(path: string): Promise<FileHandle> {
+  const fh = await open(path, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
+  try {
+    if (!(await fh.stat()).isFile()) throw new Error(`${path} is not a regular file`);
+  } catch (err) {
+    await fh.close();
+    throw err;
+  }
+  return fh;
 }

@@ -254,21 +254,26 @@ export class ShardStore {
    * Makes a staged file (a loader's, of `bytes` bytes of checked blocks) the version's rows file: a
    * hard link, or a copy where the file system refuses one. Synced like sealRows; returns `bytes`.
    */
-  async adoptRows(table: string, version: number, staged: string, bytes: number): Promise<number> {
+  async adoptRows(table: string, version: number, staged: string, bytes: number, read: { dev: number; ino: number }): Promise<number> {
     if (bytes === 0) return this.sealRows(table, version, 0);
     const path = this.rowsPath(table, version);
     await unlink(path).catch((err: NodeJS.ErrnoException) => {
       if (err.code !== 'ENOENT') throw err;
     });
+    let linked = true;
     try {
       await link(staged, path);
     } catch {
+      linked = false;
       await copyFile(staged, path);
     }
     const fh = await open(path, 'r');
     try {
-      const size = (await fh.stat()).size;
-      if (size < bytes) throw new Error(`${path} holds ${size} bytes of the ${bytes} read from ${staged}`);
+      const st = await fh.stat();
+      if (st.size < bytes) throw new Error(`${path} holds ${st.size} bytes of the ${bytes} read from ${staged}`);
+      // The name must still lead to the file that was read (a link) or have been copied from it.
+      const source = linked ? st : await stat(staged);
+      if (source.dev !== read.dev || source.ino !== read.ino) throw new Error(`${staged} was replaced while it was read`);
       await fh.sync();
     } finally {
       await fh.close();
