@@ -370,3 +370,22 @@ test('staged files a dead loader left are removed once idle for the load idle ti
     assert.deepEqual(readdirSync(stageDir).sort(), ['just-sealed-g0.rows']);
   });
 });
+
+test('a stalled staged load lets its file go: its handle is closed and the load failed, so the space is freed', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'embkv-shard-'));
+  const store = new ShardStore(dir);
+  await store.open();
+  try {
+    const shard = new Shard(store, { keepVersions: 2, logger: pino({ level: 'silent' }), loadIdleMs: 50 });
+    await shard.loadBegin('t', 1, DIM, 'load-1', false, false);
+    assert.equal((await stage(shard, dir, 1)).readable, true);
+    await new Promise((r) => setTimeout(r, 80));
+    // Another table's load looks at the stage directory: load-1 has been idle for longer than 50 ms.
+    await shard.loadBegin('u', 1, DIM, 'load-u', false, false);
+    await assert.rejects(shard.loadRowsFrom('t', 1, 'load-1', 0, 100), /stalled .* staged file was let go/);
+    assert.deepEqual(readdirSync(shard.stageDir).filter((n) => n.startsWith('load-1-')), [], 'the idle files are removed');
+  } finally {
+    await store.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -465,7 +465,21 @@ export class Shard {
   private async cleanStage(starting?: string): Promise<void> {
     // A load idle for the idle time is stalled (any new load may take it over): its files go too.
     const now = Date.now();
-    const active = [...this.tables.values()].flatMap((t) => (t.write && now - t.write.lastActivityMs < this.loadIdleMs ? [t.write.loadId] : []));
+    const active: string[] = [];
+    for (const t of this.tables.values()) {
+      const w = t.write;
+      if (w === undefined) continue;
+      if (now - w.lastActivityMs < this.loadIdleMs) {
+        active.push(w.loadId);
+      } else if (w.staged !== undefined && !w.sealing) {
+        // A stalled load's handle on its staged file would keep the file's disk space after its
+        // name is gone: the load is failed (a loader that comes back is told so) and the handle closed.
+        const st = w.staged;
+        w.staged = undefined;
+        w.failed ??= new KvError(KvErrorCode.ABORTED, `load ${w.loadId} of ${t.name} v${w.version} stalled for ${Math.round((now - w.lastActivityMs) / 1000)} s; its staged file was let go`);
+        void st.fh.close().catch(() => undefined);
+      }
+    }
     if (starting !== undefined) active.push(starting);
     const removed = await this.store.cleanStage(active, this.loadIdleMs).catch(() => []);
     if (removed.length > 0) this.log.info({ removed }, 'staged files of finished or abandoned loads removed');
