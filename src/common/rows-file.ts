@@ -1,3 +1,4 @@
+import type { FileHandle } from 'node:fs/promises';
 import { crc32 } from 'node:zlib';
 
 /**
@@ -31,4 +32,11 @@ export function blockHead(keys: Uint8Array, floats: Uint8Array, n: number, dim: 
   head[2] = dim;
   head[3] = blockChecksum(head, [keys, floats]);
   return head;
+}
+
+/** Writes a block of n rows at byte `at` of a file (one writev); `path` names the file in errors. */
+export async function writeBlock(fh: FileHandle, path: string, at: number, keys: Uint8Array, floats: Uint8Array, n: number, dim: number): Promise<void> {
+  const bytes = blockBytes(n, dim);
+  const { bytesWritten } = await fh.writev([new Uint8Array(blockHead(keys, floats, n, dim).buffer), keys, floats], at);
+  if (bytesWritten !== bytes) throw new Error(`short write to ${path}: ${bytesWritten} of ${bytes} bytes`);
 }

@@ -276,6 +276,17 @@ export class AnswerBufferPool {
   };
 }
 
+/**
+ * The gRPC frame of a message that starts 5 bytes into its buffer: flag 0 (not compressed) and the
+ * big-endian length written into those 5 bytes, and the whole returned as a view, without a copy.
+ */
+function frameInPlace(message: Buffer): Buffer {
+  const framed = Buffer.from(message.buffer, message.byteOffset - 5, message.byteLength + 5);
+  framed[0] = 0;
+  framed.writeUInt32BE(message.byteLength, 1);
+  return framed;
+}
+
 /** Pooled answer buffers that may be framed in place, with what to do once their stream closes. */
 const preframed = new WeakMap<ArrayBuffer, () => void>();
 let zeroCopyFraming = false;
@@ -323,12 +334,9 @@ export function installZeroCopyFraming(): boolean {
       const sent = preframed.get(ab);
       if (sent !== undefined) {
         preframed.delete(ab);
-        const framed = Buffer.from(ab, 0, value.byteLength + 5);
-        framed[0] = 0;
-        framed.writeUInt32BE(value.byteLength, 1);
         this.stream.once('close', sent);
         framedInPlace++;
-        return framed;
+        return frameInPlace(value);
       }
     }
     return original.call(this, value);
@@ -384,11 +392,8 @@ export async function installZeroCopyRequests(): Promise<boolean> {
   if (zeroCopyRequests) return true;
   proto.writeMessage = function (this: unknown, message: Buffer, compress: boolean): Promise<Buffer> {
     if (!compress && Buffer.isBuffer(message) && message.byteOffset === 5 && preframedRequests.has(message.buffer as ArrayBuffer)) {
-      const framed = Buffer.from(message.buffer, 0, message.byteLength + 5);
-      framed[0] = 0;
-      framed.writeUInt32BE(message.byteLength, 1);
       requestsFramed++;
-      return Promise.resolve(framed);
+      return Promise.resolve(frameInPlace(message));
     }
     return original.call(this, message, compress);
   };

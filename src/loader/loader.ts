@@ -5,7 +5,7 @@ import type { Logger } from 'pino';
 import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
 import { keyAt } from '../common/keys.js';
 import type { Manifest } from '../common/manifest.js';
-import { blockBytes, blockHead } from '../common/rows-file.js';
+import { blockBytes, writeBlock } from '../common/rows-file.js';
 import { checkTableName, checkVersion } from '../common/validate.js';
 import { LoadRowsMessage, encodeLoadRowsRequest, installZeroCopyRequests } from '../common/wire.js';
 import { ClusterConnections, type ReplicaConn } from '../router/connections.js';
@@ -369,8 +369,7 @@ async function streamRows(plan: DumpPlan, conns: ClusterConnections, ctx: Stream
         const at = st.end;
         const bytes = blockBytes(b.n, dim);
         st.end += bytes;
-        const { bytesWritten } = await st.fh.writev([new Uint8Array(blockHead(keys, values, b.n, dim).buffer), keys, values], at);
-        if (bytesWritten !== bytes) throw new KvError(KvErrorCode.INTERNAL, `short write to ${st.path}: ${bytesWritten} of ${bytes} bytes`);
+        await writeBlock(st.fh, st.path, at, keys, values, b.n, dim);
         syncInBackground(st);
         await Promise.all(conns.groups[g]!.map((c) => call(c, 'LoadRowsFrom', { table: ctx.table, version: ctx.version, loadId: ctx.loadId, at, bytes }, 120_000)));
       } else {

@@ -318,8 +318,7 @@ export class Shard {
         throw new KvError(KvErrorCode.LOAD_CONFLICT, `load ${loadId} of ${table} v${version} takes its rows from ${w.staged.path}; LoadRows is refused`);
       }
       // Closed without waiting: nothing may come between the checks above and applying the rows.
-      void w.staged.fh.close().catch(() => undefined);
-      w.staged = undefined;
+      void letGoStage(w);
     }
     const n = keys.length / 2;
     const nd = deletes.length / 2;
@@ -474,10 +473,8 @@ export class Shard {
       } else if (w.staged !== undefined && !w.sealing) {
         // A stalled load's handle on its staged file would keep the file's disk space after its
         // name is gone: the load is failed (a loader that comes back is told so) and the handle closed.
-        const st = w.staged;
-        w.staged = undefined;
         w.failed ??= new KvError(KvErrorCode.ABORTED, `load ${w.loadId} of ${t.name} v${w.version} stalled for ${Math.round((now - w.lastActivityMs) / 1000)} s; its staged file was let go`);
-        void st.fh.close().catch(() => undefined);
+        void letGoStage(w);
       }
     }
     if (starting !== undefined) active.push(starting);
@@ -626,8 +623,7 @@ export class Shard {
     w.failed ??= new KvError(KvErrorCode.ABORTED, `load of ${t.name} v${w.version} was aborted`);
     t.write = undefined;
     await Promise.allSettled(w.pending);
-    await w.staged?.fh.close().catch(() => undefined);
-    w.staged = undefined;
+    await letGoStage(w);
     await this.cleanStage();
     await this.store.putTable(this.metaOf(t), false);
     await this.store.dropVersionRows(t.name, w.version);
@@ -833,6 +829,13 @@ function stagedLength(st: StagedFile): number {
     end = at + bytes;
   }
   return end;
+}
+
+/** Drops a write version's staged file, if it has one, and closes the handle on it. */
+async function letGoStage(w: WriteVersion): Promise<void> {
+  const st = w.staged;
+  w.staged = undefined;
+  await st?.fh.close().catch(() => undefined);
 }
 
 /** Opens a file for reading only if it is a regular file (not a FIFO or device, not through a symlink). */

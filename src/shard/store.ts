@@ -3,7 +3,7 @@ import { join, resolve } from 'node:path';
 import { ClassicLevel } from 'classic-level';
 import { pack, unpack } from 'msgpackr';
 import { readFully } from '../common/files.js';
-import { BLOCK_HEAD, BLOCK_MAGIC, blockChecksum, blockHead } from '../common/rows-file.js';
+import { BLOCK_HEAD, BLOCK_MAGIC, blockBytes, blockChecksum, writeBlock } from '../common/rows-file.js';
 import { bytesOf, floatsFromBytes, keysFromBytes } from '../common/keys.js';
 
 /**
@@ -172,14 +172,9 @@ export class ShardStore {
       this.writers.set(id, opening);
     }
     const w = await opening;
-    const body = [bytesOf(keys.subarray(0, 2 * n)), bytesOf(values.subarray(0, n * dim))];
-    const head = blockHead(body[0]!, body[1]!, n, dim);
-    const bytes = BLOCK_HEAD + n * 8 + n * dim * 4;
     const at = w.end;
-    w.end += bytes;
-    const write = w.fh.writev([new Uint8Array(head.buffer), ...body], at).then(({ bytesWritten }) => {
-      if (bytesWritten !== bytes) throw new Error(`short write to ${this.rowsPath(table, version)}: ${bytesWritten} of ${bytes} bytes`);
-    });
+    w.end += blockBytes(n, dim);
+    const write = writeBlock(w.fh, this.rowsPath(table, version), at, bytesOf(keys.subarray(0, 2 * n)), bytesOf(values.subarray(0, n * dim)), n, dim);
     w.writes.add(write);
     try {
       await write;
