@@ -5,6 +5,8 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { after, before, describe, test } from 'node:test';
 import { EmbeddingClient, stringKey } from '../src/index.js';
+import { loadManifest } from '../src/common/manifest.js';
+import { runLoad } from '../src/loader/loader.js';
 import { writeNpy } from '../src/loader/npy-write.js';
 import { freePorts, KVCTL, TestCluster } from './helpers/cluster.js';
 import { expected, makeModel, makeRequest, sameBits, writeModelPart, writeModelText, type Model } from './helpers/model.js';
@@ -360,6 +362,31 @@ describe('a cluster of 2 groups x 2 replica processes', () => {
     } finally {
       mkdirSync(incoming(1, 0), { recursive: true });
     }
+  });
+
+  test('a staged load names its blocks to the replicas a few at a time; a key repeated in a later block is told by its file and row', async () => {
+    const manifest = loadManifest(cluster.configPath);
+    const m = makeModel(9000, DIM, 24, 5);
+    mkdirSync(join(dumps, 'rng1'));
+    await writeModelPart(join(dumps, 'rng1', 'a'), m, 0, 9000);
+    // Blocks of 300 rows (~40 KB) named ~100 KB at a time: each group's file is ~15 blocks in ~6 ranges.
+    const small = { manifest, table: 'rng', batchRows: 300, stageRangeBytes: 100_000, publish: true };
+    const r = await runLoad({ ...small, version: 1, path: join(dumps, 'rng1') });
+    assert.equal(r.stagedGroups, 2);
+    assert.equal(r.rows, 9000);
+    const req = makeRequest(m, 3000);
+    const got = await client.getEmbeddings(req, { table: 'rng' });
+    assert.equal(got.version, 1);
+    assert.deepEqual(got.found, expected(m, req).found);
+    assert.ok(sameBits(got.values, expected(m, req).values), 'vectors differ');
+
+    const dup = makeModel(9000, DIM, 25, 5);
+    dup.keys[8000] = dup.keys[10]!;
+    mkdirSync(join(dumps, 'rng2'));
+    await writeModelPart(join(dumps, 'rng2', 'b'), dup, 0, 9000);
+    await assert.rejects(runLoad({ ...small, version: 2, path: join(dumps, 'rng2') }), /b\.keys\.npy: row (8000|10): key \d+ is repeated within this load/);
+    assert.equal((await client.getEmbeddings(req, { table: 'rng' })).version, 1, 'the refused load changed nothing served');
+    await assert.rejects(runLoad({ ...small, version: 2, path: join(dumps, 'rng1'), stageRangeBytes: 0 }), /stageRangeBytes must be an integer/);
   });
 
   test('replicas killed with kill -9 serve their tables again from their own disk', async () => {

@@ -281,6 +281,33 @@ test('staged loads: rows read from the loader\'s file in any order, adopted as t
   });
 });
 
+test('staged loads: a range of several blocks is read block by block; a refused row is told by its block and row', async () => {
+  await withShard(async (shard, _reopen, dir) => {
+    await shard.loadBegin('t', 1, DIM, 'load-1', false, false);
+    const { path } = await stage(shard, dir, 1);
+    const dup = rows(50, 5000);
+    dup.keys[2 * 7] = 42; // key 42 is row 41 of the first block
+    const ranges = writeStaged(path, [rows(300, 1), rows(200, 1000), dup]);
+    // The first two blocks in one range.
+    assert.equal(await shard.loadRowsFrom('t', 1, 'load-1', 0, ranges[1]![0] + ranges[1]![1]), 500);
+    // The third block repeats a key: the refusal names the block and its row.
+    const end = ranges[2]![0] + ranges[2]![1];
+    await assert.rejects(shard.loadRowsFrom('t', 1, 'load-1', ranges[2]![0], ranges[2]![1]), (err: Error & { detail?: unknown }) => {
+      assert.match(err.message, new RegExp(`key 42 is repeated within this load`));
+      assert.deepEqual(err.detail, { row: 7, block: ranges[2]![0], key: '42' });
+      return true;
+    });
+    await shard.loadAbort('t', 1, 'load-1');
+
+    // A range past the end of the file: the blocks before the end are read, then it is refused.
+    await shard.loadBegin('t', 2, DIM, 'load-2', false, false);
+    const s2 = await stage(shard, dir, 2);
+    writeStaged(s2.path, [rows(300, 1), rows(200, 1000)]);
+    await assert.rejects(shard.loadRowsFrom('t', 2, 'load-2', 0, end), new RegExp(`ends at byte ${ranges[2]![0]}; the loader named bytes up to ${end}`));
+    await shard.loadAbort('t', 2, 'load-2');
+  });
+});
+
 test('staged loads: a corrupt block, a gap and a probe that does not match are refused; LoadRows takes over an unused stage', async () => {
   await withShard(async (shard, _reopen, dir) => {
     // The probe holds another token: this replica does not see the loader's file system.

@@ -34,6 +34,8 @@ export interface LoadOptions {
   batchRows?: number;
   /** LoadRows calls in flight per shard group. */
   inflightPerGroup?: number;
+  /** Bytes of a staged file's blocks named to its replicas in one LoadRowsFrom (default 4 MiB). */
+  stageRangeBytes?: number;
   logger?: Logger;
   signal?: AbortSignal;
   /** Called after each batch is acknowledged: rows sent so far, and the total (-1 when unknown). */
@@ -69,37 +71,18 @@ interface RowSource {
 }
 
 /**
- * One group's batch under construction. Upserts are written straight into a LoadRows message laid
- * out for a full batch, which is sent as is when full; batches are reused once every replica of the
- * group has acknowledged them, so a load allocates its buffers once.
+ * Where each row of a batch came from, for messages. A staged batch's buffers are reused once its
+ * block is written; its origins stay until the replicas have taken the block.
  */
-class Batch {
-  n = 0;
-  nd = 0;
-  readonly msg: LoadRowsMessage;
-  readonly keys: Uint32Array;
-  readonly values: Float32Array;
-  readonly values64: Float64Array;
-  /** A delta's deletes (allocated for deltas only). */
-  readonly deletes: Uint32Array;
+class RowOrigins {
   /** Source of row i (upserts first, then deletes at size + j): an index into `sources` and the index within it. */
   private readonly sourceOf: Uint32Array;
   private readonly indexIn: Int32Array;
   private sources: RowSource[] = [];
 
-  constructor(readonly size: number, readonly dim: number, table: string, version: number, loadId: string, deletes: boolean) {
-    this.msg = new LoadRowsMessage(table, version, loadId, size, dim);
-    this.keys = this.msg.keys;
-    this.values = this.msg.values;
-    // 8-byte aligned by construction (LoadRowsMessage); used for even dims only.
-    this.values64 = new Float64Array(this.values.buffer, this.values.byteOffset, this.values.length >>> 1);
-    this.deletes = new Uint32Array(deletes ? 2 * size : 0);
-    this.sourceOf = new Uint32Array(2 * size);
-    this.indexIn = new Int32Array(2 * size);
-  }
-
-  get full(): boolean {
-    return this.n === this.size || this.nd === this.size;
+  constructor(size: number, deletes: boolean) {
+    this.sourceOf = new Uint32Array(deletes ? 2 * size : size);
+    this.indexIn = new Int32Array(deletes ? 2 * size : size);
   }
 
   /** Records that batch row `at` is row `i` of `chunk`. */
@@ -122,9 +105,45 @@ class Batch {
   }
 
   reset(): void {
+    this.sources = [];
+  }
+}
+
+/**
+ * One group's batch under construction. Upserts are written straight into a LoadRows message laid
+ * out for a full batch, which is sent as is when full; batches are reused once every replica of the
+ * group has acknowledged them (or, staged, once their block is written), so a load allocates its
+ * buffers once.
+ */
+class Batch {
+  n = 0;
+  nd = 0;
+  readonly msg: LoadRowsMessage;
+  readonly keys: Uint32Array;
+  readonly values: Float32Array;
+  readonly values64: Float64Array;
+  /** A delta's deletes (allocated for deltas only). */
+  readonly deletes: Uint32Array;
+  origins: RowOrigins;
+
+  constructor(readonly size: number, readonly dim: number, table: string, version: number, loadId: string, readonly withDeletes: boolean) {
+    this.msg = new LoadRowsMessage(table, version, loadId, size, dim);
+    this.keys = this.msg.keys;
+    this.values = this.msg.values;
+    // 8-byte aligned by construction (LoadRowsMessage); used for even dims only.
+    this.values64 = new Float64Array(this.values.buffer, this.values.byteOffset, this.values.length >>> 1);
+    this.deletes = new Uint32Array(withDeletes ? 2 * size : 0);
+    this.origins = new RowOrigins(size, withDeletes);
+  }
+
+  get full(): boolean {
+    return this.n === this.size || this.nd === this.size;
+  }
+
+  reset(): void {
     this.n = 0;
     this.nd = 0;
-    this.sources = [];
+    this.origins.reset();
   }
 }
 
@@ -142,6 +161,8 @@ export async function runLoad(options: LoadOptions): Promise<LoadResult> {
   const inflight = options.inflightPerGroup ?? DEFAULT_INFLIGHT_PER_GROUP;
   if (!Number.isInteger(batchRows) || batchRows < 1) throw invalidArgument('batchRows must be a positive integer');
   if (!Number.isInteger(inflight) || inflight < 1 || inflight > 64) throw invalidArgument('inflightPerGroup must be an integer in [1, 64]');
+  const rangeBytes = options.stageRangeBytes ?? DEFAULT_STAGE_RANGE_BYTES;
+  if (!Number.isInteger(rangeBytes) || rangeBytes < 1 || rangeBytes > 16 * 1024 * 1024) throw invalidArgument('stageRangeBytes must be an integer in [1, 16 MiB]');
   const mode = options.mode ?? 'full';
   const { manifest } = options;
   // Full batches leave from their own buffers, not from a copy grpc-js would make of each.
@@ -263,6 +284,21 @@ interface Stage {
   syncError: Error | undefined;
 }
 
+/** A block written to a staged file: where, how many rows, and where they came from. */
+interface WrittenBlock {
+  at: number;
+  bytes: number;
+  n: number;
+  origins: RowOrigins;
+  written: Promise<void>;
+}
+
+/**
+ * Blocks are named to the replicas this many bytes at a time (one LoadRowsFrom for several blocks;
+ * replicas read a range block by block): a call costs the loader ~1 ms of CPU.
+ */
+export const DEFAULT_STAGE_RANGE_BYTES = 4 * 1024 * 1024;
+
 /**
  * A staged file is written back to disk as it grows, by an fdatasync every this many bytes, so that
  * the replicas' fsync at the seal finds little left to write (2M keys on 8 groups, ~34 MB a file:
@@ -360,37 +396,91 @@ async function streamRows(plan: DumpPlan, conns: ClusterConnections, ctx: Stream
   let failure: unknown;
   let sent = 0;
 
+  /** Tracks a group's write or call in flight; its failure stops the load. */
+  const track = (g: number, work: Promise<void>): void => {
+    const set = pending[g]!;
+    const p: Promise<void> = work.then(
+      () => void set.delete(p),
+      (err: unknown) => {
+        set.delete(p);
+        failure ??= err;
+      },
+    );
+    set.add(p);
+  };
+
+  const acknowledged = (g: number, rows: number, deletes: number): void => {
+    ctx.rowsPerGroup[g]! += rows;
+    ctx.deletesPerGroup[g]! += deletes;
+    sent += rows + deletes;
+    ctx.options.onProgress?.(sent, plan.totalRows);
+  };
+
   const send = async (g: number, b: Batch): Promise<void> => {
     const keys = new Uint8Array(b.keys.buffer, b.keys.byteOffset, b.n * 8);
     const values = new Uint8Array(b.values.buffer, b.values.byteOffset, b.n * dim * 4);
-    const st = ctx.stages[g];
     try {
-      if (st !== undefined) {
-        // Staged (full loads only, so no deletes): the batch becomes a block of the group's file.
-        const at = st.end;
-        const bytes = blockBytes(b.n, dim);
-        st.end += bytes;
-        await writeBlock(st.fh, st.path, at, keys, values, b.n, dim);
-        syncInBackground(st);
-        await Promise.all(conns.groups[g]!.map((c) => call(c, 'LoadRowsFrom', { table: ctx.table, version: ctx.version, loadId: ctx.loadId, at, bytes }, 120_000)));
-      } else {
-        // A full batch of upserts goes as laid out; anything else (the last batch of a group, a
-        // delta's deletes) is encoded to its size.
-        const req = b.n === b.size && b.nd === 0 ? b.msg.buf : encodeLoadRowsRequest({
-          table: ctx.table, version: ctx.version, loadId: ctx.loadId, keys, values,
-          deletes: new Uint8Array(b.deletes.buffer, b.deletes.byteOffset, b.nd * 8),
-        });
-        await Promise.all(conns.groups[g]!.map((c) => call(c, 'LoadRows', req, 120_000)));
-      }
+      // A full batch of upserts goes as laid out; anything else (the last batch of a group, a
+      // delta's deletes) is encoded to its size.
+      const req = b.n === b.size && b.nd === 0 ? b.msg.buf : encodeLoadRowsRequest({
+        table: ctx.table, version: ctx.version, loadId: ctx.loadId, keys, values,
+        deletes: new Uint8Array(b.deletes.buffer, b.deletes.byteOffset, b.nd * 8),
+      });
+      await Promise.all(conns.groups[g]!.map((c) => call(c, 'LoadRows', req, 120_000)));
     } catch (err) {
       throw explainRowError(err, b, ctx.incremental ? 'delta' : 'load');
     }
-    ctx.rowsPerGroup[g]! += b.n;
-    ctx.deletesPerGroup[g]! += b.nd;
-    sent += b.n + b.nd;
+    acknowledged(g, b.n, b.nd);
     b.reset();
     spare[g]!.push(b);
-    ctx.options.onProgress?.(sent, plan.totalRows);
+  };
+
+  // Staged groups (full loads only, so no deletes): each batch becomes a block of the group's file,
+  // and its buffers are reused once written. Written blocks are named to the replicas a range of
+  // stageRangeBytes at a time: one call for several blocks.
+  const rangeBytes = ctx.options.stageRangeBytes ?? DEFAULT_STAGE_RANGE_BYTES;
+  const unnamed: WrittenBlock[][] = Array.from({ length: G }, () => []);
+  const spareOrigins: RowOrigins[] = [];
+
+  const stage = (g: number, st: Stage, b: Batch): void => {
+    const at = st.end;
+    const bytes = blockBytes(b.n, dim);
+    st.end += bytes;
+    const written = writeBlock(
+      st.fh, st.path, at, new Uint8Array(b.keys.buffer, b.keys.byteOffset, b.n * 8), new Uint8Array(b.values.buffer, b.values.byteOffset, b.n * dim * 4), b.n, dim,
+    ).then(() => {
+      syncInBackground(st);
+      b.reset();
+      spare[g]!.push(b);
+    });
+    unnamed[g]!.push({ at, bytes, n: b.n, origins: b.origins, written });
+    b.origins = spareOrigins.pop() ?? new RowOrigins(b.size, false);
+    track(g, written);
+    if (at + bytes - unnamed[g]![0]!.at >= rangeBytes) nameRange(g);
+  };
+
+  const nameRange = (g: number): void => {
+    const blocks = unnamed[g]!;
+    if (blocks.length === 0) return;
+    unnamed[g] = [];
+    const at = blocks[0]!.at;
+    const last = blocks[blocks.length - 1]!;
+    const bytes = last.at + last.bytes - at;
+    track(g, (async () => {
+      await Promise.all(blocks.map((x) => x.written));
+      try {
+        await Promise.all(conns.groups[g]!.map((c) => call(c, 'LoadRowsFrom', { table: ctx.table, version: ctx.version, loadId: ctx.loadId, at, bytes }, 120_000)));
+      } catch (err) {
+        throw explainStagedError(err, blocks);
+      }
+      let rows = 0;
+      for (const x of blocks) {
+        rows += x.n;
+        x.origins.reset();
+        spareOrigins.push(x.origins);
+      }
+      acknowledged(g, rows, 0);
+    })());
   };
 
   const flush = async (g: number): Promise<void> => {
@@ -400,14 +490,9 @@ async function streamRows(plan: DumpPlan, conns: ClusterConnections, ctx: Stream
     while (set.size >= ctx.inflight) await Promise.race(set);
     if (failure !== undefined) throw failure;
     batches[g] = newBatch(g);
-    const p: Promise<void> = send(g, b).then(
-      () => void set.delete(p),
-      (err: unknown) => {
-        set.delete(p);
-        failure ??= err;
-      },
-    );
-    set.add(p);
+    const st = ctx.stages[g];
+    if (st !== undefined) stage(g, st, b);
+    else track(g, send(g, b));
   };
 
   let groupOf = new Uint16Array(0);
@@ -426,7 +511,7 @@ async function streamRows(plan: DumpPlan, conns: ClusterConnections, ctx: Stream
         const at = b.nd;
         b.deletes[2 * at] = chunk.keys[2 * i]!;
         b.deletes[2 * at + 1] = chunk.keys[2 * i + 1]!;
-        b.from(b.size + at, chunk, i);
+        b.origins.from(b.size + at, chunk, i);
         b.nd = at + 1;
         if (b.full) await flush(g);
       }
@@ -443,7 +528,10 @@ async function streamRows(plan: DumpPlan, conns: ClusterConnections, ctx: Stream
       if (batches[g]!.full) await flush(g);
     }
   }
-  for (let g = 0; g < G; g++) if (failure === undefined) await flush(g);
+  for (let g = 0; g < G; g++) {
+    if (failure === undefined) await flush(g);
+    nameRange(g);
+  }
   await Promise.all(pending.flatMap((s) => [...s]));
   if (failure !== undefined) throw failure;
 }
@@ -479,11 +567,24 @@ function placeRows(chunk: RowChunk, from: number, groupOf: Uint16Array, batches:
       const stop = src + dim;
       while (src < stop) bv[dst++] = cv[src++]!;
     }
-    b.from(at, chunk, i);
+    b.origins.from(at, chunk, i);
     b.n = at + 1;
     if (at + 1 === b.size) return i + 1;
   }
   return chunk.n;
+}
+
+/** A replica's refusal of a row of a staged range, told as the file and row the row came from. */
+function explainStagedError(err: unknown, blocks: WrittenBlock[]): unknown {
+  if (!(err instanceof KvError) || typeof err.detail?.['row'] !== 'number' || typeof err.detail['block'] !== 'number') return err;
+  const r = err.detail['row'];
+  const x = blocks.find((b) => b.at === err.detail!['block']);
+  if (x === undefined || r < 0 || r >= x.n) return err;
+  const where = x.origins.where(r);
+  if (err.code === KvErrorCode.DUPLICATE_KEY && typeof err.detail['key'] === 'string') {
+    return new KvError(KvErrorCode.DUPLICATE_KEY, `${where}: key ${err.detail['key']} is repeated within this load`, { cause: err });
+  }
+  return new KvError(err.code, `${where}: ${err.message}`, { cause: err });
 }
 
 /** A replica's refusal of a batch row, told as the file and row the row came from. */
@@ -494,7 +595,7 @@ function explainRowError(err: unknown, b: Batch, what: 'delta' | 'load'): unknow
   if (r < 0 || r >= b.n + b.nd) return err;
   const at = r < b.n ? r : b.size + (r - b.n);
   const key = r < b.n ? keyAt(b.keys, r) : keyAt(b.deletes, r - b.n);
-  const where = b.where(at);
+  const where = b.origins.where(at);
   if (err.code === KvErrorCode.DUPLICATE_KEY) {
     return new KvError(KvErrorCode.DUPLICATE_KEY, `${where}: key ${key} is repeated within this ${what}`, { cause: err });
   }

@@ -423,29 +423,41 @@ export class Shard {
     return w.ops;
   }
 
+  /**
+   * Reads a range block by block: its header, then its body into a reused buffer, so a range of
+   * many blocks costs one call and memory for one block.
+   */
   private async readStaged(w: WriteVersion, st: StagedFile, table: string, version: number, at: number, bytes: number): Promise<void> {
     st.reading++;
-    let buf = st.scratch.pop();
-    if (buf === undefined || buf.byteLength < bytes) buf = new ArrayBuffer(bytes);
+    let buf = st.scratch.pop() ?? new ArrayBuffer(0);
+    const dim = w.data.dim;
     try {
-      const got = await readFully(st.fh, new Uint8Array(buf, 0, bytes), at);
-      if (got < bytes) throw new KvError(KvErrorCode.INVALID_DATA, `${st.path} ends at byte ${at + got}; the loader named bytes up to ${at + bytes}`);
-      if (w.failed !== undefined) throw w.failed;
-      const dim = w.data.dim;
       for (let p = 0; p < bytes;) {
-        const head = new Uint32Array(buf, p, BLOCK_HEAD / 4);
+        const where = at + p;
+        const badBlock = (): KvError => new KvError(KvErrorCode.INVALID_DATA, `${st.path}: no block of rows of dim ${dim} at byte ${where}`);
+        if (p + BLOCK_HEAD > bytes) throw badBlock();
+        const head = new Uint32Array(BLOCK_HEAD / 4);
+        await this.readStagedBytes(st, new Uint8Array(head.buffer), where, at + bytes);
         const n = head[1]!;
-        if (p + BLOCK_HEAD > bytes || head[0] !== BLOCK_MAGIC || head[2] !== dim || n > MAX_LOAD_BATCH_ROWS || p + blockBytes(n, dim) > bytes) {
-          throw new KvError(KvErrorCode.INVALID_DATA, `${st.path}: no block of rows of dim ${dim} at byte ${at + p}`);
+        if (head[0] !== BLOCK_MAGIC || head[2] !== dim || n > MAX_LOAD_BATCH_ROWS || p + blockBytes(n, dim) > bytes) throw badBlock();
+        const body = blockBytes(n, dim) - BLOCK_HEAD;
+        if (buf.byteLength < body) buf = new ArrayBuffer(body);
+        await this.readStagedBytes(st, new Uint8Array(buf, 0, body), where + BLOCK_HEAD, at + bytes);
+        if (w.failed !== undefined) throw w.failed;
+        if (blockChecksum(head, [new Uint8Array(buf, 0, n * 8), new Uint8Array(buf, n * 8, n * dim * 4)]) !== head[3]) {
+          throw new KvError(KvErrorCode.INVALID_DATA, `${st.path}: checksum mismatch in the block at byte ${where}`);
         }
-        const keys = new Uint32Array(buf, p + BLOCK_HEAD, 2 * n);
-        const values = new Float32Array(buf, p + BLOCK_HEAD + n * 8, n * dim);
-        if (blockChecksum(head, [new Uint8Array(buf, p + BLOCK_HEAD, n * 8), new Uint8Array(buf, p + BLOCK_HEAD + n * 8, n * dim * 4)]) !== head[3]) {
-          throw new KvError(KvErrorCode.INVALID_DATA, `${st.path}: checksum mismatch in the block at byte ${at + p}`);
+        const keys = new Uint32Array(buf, 0, 2 * n);
+        try {
+          this.applyRows(w, table, version, keys, new Float32Array(buf, n * 8, n * dim), EMPTY_KEYS);
+        } catch (err) {
+          // The loader tells a refused row by its block (a range holds many) and its key.
+          const row = err instanceof KvError ? err.detail?.['row'] : undefined;
+          if (typeof row === 'number' && row >= 0 && row < n) Object.assign((err as KvError).detail!, { block: where, key: String(keyAt(keys, row)) });
+          throw err;
         }
-        this.applyRows(w, table, version, keys, values, EMPTY_KEYS);
         w.meta.blocks++;
-        p += blockBytes(n, dim);
+        p += BLOCK_HEAD + body;
       }
     } catch (err) {
       // Blocks before the bad one are applied already: the load cannot go on.
@@ -453,8 +465,14 @@ export class Shard {
       throw err;
     } finally {
       st.reading--;
-      if (st.scratch.length < MAX_PENDING_WRITES) st.scratch.push(buf);
+      if (st.scratch.length < MAX_STAGED_READS) st.scratch.push(buf);
     }
+  }
+
+  /** Fills `into` from byte `at` of a staged file; the loader named bytes up to `end`. */
+  private async readStagedBytes(st: StagedFile, into: Uint8Array, at: number, end: number): Promise<void> {
+    const got = await readFully(st.fh, into, at);
+    if (got < into.byteLength) throw new KvError(KvErrorCode.INVALID_DATA, `${st.path} ends at byte ${at + got}; the loader named bytes up to ${end}`);
   }
 
   /**
