@@ -220,28 +220,43 @@ async function load(
   let stages: (Stage | undefined)[] = [];
   try {
     log?.info({ path: plan.path, parts: plan.parts.length, dim: plan.dim, rows: plan.totalRows, mode }, 'load starting');
-    const results = await Promise.allSettled(
-      conns.all().map(async (c) => {
-        // Keys spread evenly over the groups; 5% over the mean leaves room for the spread.
-        const expectedRows = plan.totalRows > 0 && !incremental ? Math.ceil((plan.totalRows / G) * 1.05) : 0;
-        const r = await call<{ baseVersion: number; stageDir: string }>(c, 'LoadBegin', {
-          table, version, dim: plan.dim, loadId, force: options.force ?? false, incremental, expectedRows, startedAtMs: started,
-        });
-        stageDirs.set(c, r.stageDir);
-        return { c, base: r.baseVersion };
-      }),
-    );
-    begun = results.flatMap((r) => (r.status === 'fulfilled' ? [r.value.c] : []));
-    const refused = results.find((r) => r.status === 'rejected');
-    if (refused) throw (refused as PromiseRejectedResult).reason;
-    const bases = new Set(results.map((r) => (r as PromiseFulfilledResult<{ base: number }>).value.base));
-    if (bases.size > 1) {
-      throw new KvError(KvErrorCode.LOAD_CONFLICT, `replicas would apply the delta to different versions (${[...bases].join(', ')}); finish the publish first`);
+    // The write versions open (and staged files are set up) while the first rows are read; the
+    // first batch to leave waits for them.
+    const opening = (async (): Promise<number> => {
+      const results = await Promise.allSettled(
+        conns.all().map(async (c) => {
+          // Keys spread evenly over the groups; 5% over the mean leaves room for the spread.
+          const expectedRows = plan.totalRows > 0 && !incremental ? Math.ceil((plan.totalRows / G) * 1.05) : 0;
+          const r = await call<{ baseVersion: number; stageDir: string }>(c, 'LoadBegin', {
+            table, version, dim: plan.dim, loadId, force: options.force ?? false, incremental, expectedRows, startedAtMs: started,
+          });
+          stageDirs.set(c, r.stageDir);
+          return { c, base: r.baseVersion };
+        }),
+      );
+      begun = results.flatMap((r) => (r.status === 'fulfilled' ? [r.value.c] : []));
+      const refused = results.find((r) => r.status === 'rejected');
+      if (refused) throw (refused as PromiseRejectedResult).reason;
+      const bases = new Set(results.map((r) => (r as PromiseFulfilledResult<{ base: number }>).value.base));
+      if (bases.size > 1) {
+        throw new KvError(KvErrorCode.LOAD_CONFLICT, `replicas would apply the delta to different versions (${[...bases].join(', ')}); finish the publish first`);
+      }
+      if (!incremental && options.staging !== false) stages = await stageGroups(conns, stageDirs, table, version, loadId, log);
+      return [...bases][0] ?? 0;
+    })();
+    const opened = opening.then(() => stages);
+    // Both are awaited below in every case: a failure is reported from there.
+    opening.catch(() => undefined);
+    opened.catch(() => undefined);
+    try {
+      await streamRows(plan, conns, { table, version, loadId, rowsPerBatch, inflight, rowsPerGroup, deletesPerGroup, incremental, options, opened });
+    } catch (err) {
+      // A refused LoadBegin is the failure to report; either way the write versions are open or
+      // refused before they are dropped.
+      await opening;
+      throw err;
     }
-    const baseVersion = [...bases][0] ?? 0;
-
-    if (!incremental && options.staging !== false) stages = await stageGroups(conns, stageDirs, table, version, loadId, log);
-    await streamRows(plan, conns, { table, version, loadId, rowsPerBatch, inflight, rowsPerGroup, deletesPerGroup, incremental, options, stages });
+    const baseVersion = await opening;
 
     await Promise.all(stages.map((st) => st?.syncing));
     const unsynced = stages.find((st) => st?.syncError !== undefined);
@@ -378,8 +393,8 @@ interface StreamContext {
   deletesPerGroup: number[];
   incremental: boolean;
   options: LoadOptions;
-  /** Per group: its staged file, or undefined for rows over gRPC. */
-  stages: (Stage | undefined)[];
+  /** Once the write versions are open: per group, its staged file, or undefined for rows over gRPC. */
+  opened: Promise<(Stage | undefined)[]>;
 }
 
 async function streamRows(plan: DumpPlan, conns: ClusterConnections, ctx: StreamContext): Promise<void> {
@@ -490,7 +505,7 @@ async function streamRows(plan: DumpPlan, conns: ClusterConnections, ctx: Stream
     while (set.size >= ctx.inflight) await Promise.race(set);
     if (failure !== undefined) throw failure;
     batches[g] = newBatch(g);
-    const st = ctx.stages[g];
+    const st = (await ctx.opened)[g];
     if (st !== undefined) stage(g, st, b);
     else track(g, send(g, b));
   };
