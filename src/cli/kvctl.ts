@@ -4,7 +4,6 @@ import { Command, InvalidArgumentError } from 'commander';
 // Each command imports what it runs when it runs (a replica's storage engine, the router, the
 // loader): kvctl starts in about half the time that loading every module took.
 import { KvError, KvErrorCode, fromGrpcError } from '../common/errors.js';
-import { rootLogger } from '../common/log.js';
 import { DEFAULT_CONFIG_PATH, loadManifest, localManifest, type Manifest } from '../common/manifest.js';
 import { publishVersion, statusAll } from '../loader/cluster-ops.js';
 import { ClusterConnections } from '../router/connections.js';
@@ -54,7 +53,7 @@ program
   .option('--data <dir>', 'data directory (default ./data/gGrR)')
   .action(async (o: { config: string; group: number; replica: number; data?: string }) => {
     const manifest = loadManifest(o.config);
-    const { ReplicaServer } = await import('../replica/server.js');
+    const [{ ReplicaServer }, { rootLogger }] = await Promise.all([import('../replica/server.js'), import('../common/log.js')]);
     const server = new ReplicaServer({
       manifest, group: o.group, replica: o.replica, dataDir: o.data ?? `data/g${o.group}r${o.replica}`, logger: rootLogger('embkv'),
     });
@@ -219,7 +218,7 @@ program
   .option('--host <h>', 'address to listen on', '127.0.0.1')
   .option('--stats-interval-ms <ms>', 'log per-group stats this often (0: never; kvctl status --router shows them any time)', intArg('--stats-interval-ms', 0, 86_400_000), 60_000)
   .action(async (o: { config: string; port: number; host: string; statsIntervalMs: number }) => {
-    const { RouterServer } = await import('../router/server.js');
+    const [{ RouterServer }, { rootLogger }] = await Promise.all([import('../router/server.js'), import('../common/log.js')]);
     const router = new RouterServer({
       manifest: loadManifest(o.config), host: o.host, port: o.port, logger: rootLogger('embkv'), statsIntervalMs: o.statsIntervalMs,
     });
