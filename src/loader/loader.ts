@@ -140,6 +140,15 @@ class Batch {
     return this.n === this.size || this.nd === this.size;
   }
 
+  /** The upserts' keys and values as bytes. */
+  keyBytes(): Uint8Array {
+    return new Uint8Array(this.keys.buffer, this.keys.byteOffset, this.n * 8);
+  }
+
+  valueBytes(): Uint8Array {
+    return new Uint8Array(this.values.buffer, this.values.byteOffset, this.n * this.dim * 4);
+  }
+
   reset(): void {
     this.n = 0;
     this.nd = 0;
@@ -402,7 +411,8 @@ async function streamRows(plan: DumpPlan, conns: ClusterConnections, ctx: Stream
   const G = manifest.groups.length;
   const dim = plan.dim;
   const groupOfPartition = groupTable(manifest.partitions, G);
-  // Batches acknowledged by their group, ready for reuse (at most inflight + 1 per group exist).
+  // Batches ready for reuse: acknowledged by their group, or staged and written (at most inflight + 1
+  // per group exist).
   const spare: Batch[][] = Array.from({ length: G }, () => []);
   const newBatch = (g: number): Batch =>
     spare[g]!.pop() ?? new Batch(ctx.rowsPerBatch, dim, ctx.table, ctx.version, ctx.loadId, ctx.incremental);
@@ -432,13 +442,11 @@ async function streamRows(plan: DumpPlan, conns: ClusterConnections, ctx: Stream
   };
 
   const send = async (g: number, b: Batch): Promise<void> => {
-    const keys = new Uint8Array(b.keys.buffer, b.keys.byteOffset, b.n * 8);
-    const values = new Uint8Array(b.values.buffer, b.values.byteOffset, b.n * dim * 4);
     try {
       // A full batch of upserts goes as laid out; anything else (the last batch of a group, a
       // delta's deletes) is encoded to its size.
       const req = b.n === b.size && b.nd === 0 ? b.msg.buf : encodeLoadRowsRequest({
-        table: ctx.table, version: ctx.version, loadId: ctx.loadId, keys, values,
+        table: ctx.table, version: ctx.version, loadId: ctx.loadId, keys: b.keyBytes(), values: b.valueBytes(),
         deletes: new Uint8Array(b.deletes.buffer, b.deletes.byteOffset, b.nd * 8),
       });
       await Promise.all(conns.groups[g]!.map((c) => call(c, 'LoadRows', req, 120_000)));
@@ -461,15 +469,13 @@ async function streamRows(plan: DumpPlan, conns: ClusterConnections, ctx: Stream
     const at = st.end;
     const bytes = blockBytes(b.n, dim);
     st.end += bytes;
-    const written = writeBlock(
-      st.fh, st.path, at, new Uint8Array(b.keys.buffer, b.keys.byteOffset, b.n * 8), new Uint8Array(b.values.buffer, b.values.byteOffset, b.n * dim * 4), b.n, dim,
-    ).then(() => {
+    const written = writeBlock(st.fh, st.path, at, b.keyBytes(), b.valueBytes(), b.n, dim).then(() => {
       syncInBackground(st);
       b.reset();
       spare[g]!.push(b);
     });
     unnamed[g]!.push({ at, bytes, n: b.n, origins: b.origins, written });
-    b.origins = spareOrigins.pop() ?? new RowOrigins(b.size, false);
+    b.origins = spareOrigins.pop() ?? new RowOrigins(b.size, b.withDeletes);
     track(g, written);
     if (at + bytes - unnamed[g]![0]!.at >= rangeBytes) nameRange(g);
   };
@@ -595,9 +601,13 @@ function explainStagedError(err: unknown, blocks: WrittenBlock[]): unknown {
   const r = err.detail['row'];
   const x = blocks.find((b) => b.at === err.detail!['block']);
   if (x === undefined || r < 0 || r >= x.n) return err;
-  const where = x.origins.where(r);
-  if (err.code === KvErrorCode.DUPLICATE_KEY && typeof err.detail['key'] === 'string') {
-    return new KvError(KvErrorCode.DUPLICATE_KEY, `${where}: key ${err.detail['key']} is repeated within this load`, { cause: err });
+  return rowError(err, x.origins.where(r), String(err.detail['key'] ?? ''), 'load');
+}
+
+/** A refusal of one row, told by where it came from (a repeated key is the data's fault, not a replica's). */
+function rowError(err: KvError, where: string, key: string, what: 'delta' | 'load'): KvError {
+  if (err.code === KvErrorCode.DUPLICATE_KEY && key !== '') {
+    return new KvError(KvErrorCode.DUPLICATE_KEY, `${where}: key ${key} is repeated within this ${what}`, { cause: err });
   }
   return new KvError(err.code, `${where}: ${err.message}`, { cause: err });
 }
@@ -610,9 +620,5 @@ function explainRowError(err: unknown, b: Batch, what: 'delta' | 'load'): unknow
   if (r < 0 || r >= b.n + b.nd) return err;
   const at = r < b.n ? r : b.size + (r - b.n);
   const key = r < b.n ? keyAt(b.keys, r) : keyAt(b.deletes, r - b.n);
-  const where = b.origins.where(at);
-  if (err.code === KvErrorCode.DUPLICATE_KEY) {
-    return new KvError(KvErrorCode.DUPLICATE_KEY, `${where}: key ${key} is repeated within this ${what}`, { cause: err });
-  }
-  return new KvError(err.code, `${where}: ${err.message}`, { cause: err });
+  return rowError(err, b.origins.where(at), String(key), what);
 }
