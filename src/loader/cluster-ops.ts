@@ -70,6 +70,14 @@ export async function publishVersion(conns: ClusterConnections, table: string, v
   if (missing.length > 0) {
     throw new KvError(KvErrorCode.VERSION_NOT_FOUND, `cannot ${rollback ? 'roll back to' : 'publish'} ${table} v${version}: ${missing.join('; ')}`);
   }
+  return switchVersion(conns, table, version, rollback);
+}
+
+/**
+ * The Publish calls alone, without first asking every replica for its status: for a loader whose
+ * LoadSeal calls have just been answered, by every replica, that the version is sealed there.
+ */
+export async function switchVersion(conns: ClusterConnections, table: string, version: number, rollback: boolean): Promise<{ previous: number[] }> {
   const res = await Promise.all(conns.all().map((c) => call<{ previousVersion: number }>(c, 'Publish', { table, version, rollback })));
   return { previous: res.map((r) => r.previousVersion) };
 }

@@ -10,7 +10,7 @@ import { checkTableName, checkVersion } from '../common/validate.js';
 import { LoadRowsMessage, encodeLoadRowsRequest, installZeroCopyRequests } from '../common/wire.js';
 import { ClusterConnections, type ReplicaConn } from '../router/connections.js';
 import { assignGroups, groupTable } from '../router/partition.js';
-import { call, publishVersion, statusAll } from './cluster-ops.js';
+import { call, statusAll, switchVersion } from './cluster-ops.js';
 import { planDump, readDump, type DeleteChunk, type DumpPlan, type RowChunk } from './sources.js';
 
 export const DEFAULT_BATCH_ROWS = 8192;
@@ -279,7 +279,9 @@ async function load(
     const rows = rowsPerGroup.reduce((a, b) => a + b, 0);
     const deletes = deletesPerGroup.reduce((a, b) => a + b, 0);
     log?.info({ rows, deletes, ms: Date.now() - started }, 'load sealed on every replica');
-    if (options.publish) await publishVersion(conns, table, version, false);
+    // Every replica has just answered its LoadSeal: the version is sealed everywhere, so the
+    // publish needs no round of Status calls first.
+    if (options.publish) await switchVersion(conns, table, version, false);
     const stagedGroups = stages.filter((st) => st !== undefined).length;
     return { rows, deletes, baseVersion, rowsPerGroup, dim: plan.dim, ms: Date.now() - started, published: options.publish ?? false, stagedGroups };
   } catch (err) {
