@@ -3,6 +3,7 @@ import type * as grpc from '@grpc/grpc-js';
 import { KvError, KvErrorCode } from '../common/errors.js';
 import type { PackedKeys } from '../common/keys.js';
 import type { Manifest } from '../common/manifest.js';
+import { installPooledReceive, releaseReceived } from '../common/pooled-receive.js';
 import type { LookupResponse } from '../common/wire.js';
 import { ClusterConnections } from './connections.js';
 import { GroupCaller } from './group-caller.js';
@@ -67,6 +68,8 @@ export class Fanout {
     this.policy = policy ?? parseReplicaPolicy({});
     this.groupOfPartition = groupTable(manifest.partitions, manifest.groups.length);
     this.callers = this.conns.groups.map((replicas, g) => new GroupCaller(g, replicas, this.policy));
+    // Answers are received into reused buffers, given back below once placed.
+    installPooledReceive();
   }
 
   close(): void {
@@ -156,6 +159,8 @@ export class Fanout {
       }
       const out = (req.alloc ?? defaultAlloc)(n, dim, version);
       placeAll(answers, groups, groupOf, n, G, dim, out.values, out.found, out.dirty === true);
+      // Nothing reads the answers after this: their buffers go back to the receive pool.
+      for (const a of answers) releaseReceived(a.found.buffer);
       return { version, dim, values: out.values, found: out.found };
     } catch (err) {
       ctl.abort();
