@@ -1,6 +1,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
 import { createRequire } from 'node:module';
+import { promisify } from 'node:util';
 import * as grpc from '@grpc/grpc-js';
 import { POOLED_MESSAGE_BYTES, installPooledReceive, receivePoolStats } from '../src/common/pooled-receive.js';
 import { AnswerBufferPool, allocLookupResponse, embkvServerService, type LookupRequest } from '../src/common/wire.js';
@@ -141,4 +143,22 @@ test('the SDK receives answers into pooled buffers and reuses them once placed: 
     await client.close();
     server.forceShutdown();
   }
+});
+
+test('an SDK process that only looks up never loads proto-loader (its heap, walked by every mark-compact, stays smaller)', async () => {
+  // A process of its own: this one has loaded the control service already.
+  const sdk = new URL('../src/index.js', import.meta.url).href;
+  const script = `
+    import { createRequire } from 'node:module';
+    const { EmbeddingClient } = await import(${JSON.stringify(sdk)});
+    const client = new EmbeddingClient({ config: { partitions: 4, groups: [{ replicas: ['127.0.0.1:1'] }] }, deadlineMs: 300 });
+    const code = await client.getEmbeddings([1n, 2n], { table: 't' }).then(() => 'answered', (e) => e.code);
+    await client.close();
+    const loaded = Object.keys(createRequire(import.meta.url).cache).filter((f) => f.includes('proto-loader') || f.includes('protobufjs'));
+    console.log(JSON.stringify({ code, loaded }));
+  `;
+  const { stdout } = await promisify(execFile)(process.execPath, ['--input-type=module', '-e', script]);
+  const r = JSON.parse(stdout) as { code: string; loaded: string[] };
+  assert.ok(r.code === 'KV_UNAVAILABLE' || r.code === 'KV_DEADLINE_EXCEEDED', `the lookup failed as expected (${r.code})`);
+  assert.deepEqual(r.loaded, []);
 });

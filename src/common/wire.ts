@@ -1,7 +1,6 @@
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
-import * as protoLoader from '@grpc/proto-loader';
 import { invalidArgument } from './errors.js';
 
 /**
@@ -569,10 +568,18 @@ export const EMBKV_CLIENT_SERVICE = {
 } satisfies grpc.ServiceDefinition;
 
 let controlPackage: grpc.GrpcObject | undefined;
+/**
+ * The control package, parsed from the .proto on first use. proto-loader (and protobufjs under it) is
+ * loaded only then: an SDK process that only looks up never loads it, and its heap, which every
+ * mark-compact walks, stays ~2 MB smaller.
+ */
 function protoPackage(): grpc.GrpcObject {
-  controlPackage ??= grpc.loadPackageDefinition(
-    protoLoader.loadSync(PROTO_PATH, { keepCase: false, longs: Number, enums: String, defaults: true, oneofs: true }),
-  );
+  if (controlPackage === undefined) {
+    const protoLoader = createRequire(import.meta.url)('@grpc/proto-loader') as typeof import('@grpc/proto-loader');
+    controlPackage = grpc.loadPackageDefinition(
+      protoLoader.loadSync(PROTO_PATH, { keepCase: false, longs: Number, enums: String, defaults: true, oneofs: true }),
+    );
+  }
   return controlPackage;
 }
 

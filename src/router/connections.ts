@@ -9,29 +9,40 @@ export interface ReplicaConn {
   address: string;
   channel: grpc.Channel;
   lookup: grpc.Client;
-  control: grpc.Client;
+  /** Made at first use (see protoPackage in common/wire.ts): a client that only looks up never needs it. */
+  readonly control: grpc.Client;
+}
+
+class Conn implements ReplicaConn {
+  private controlStub: grpc.Client | undefined;
+  readonly lookup: grpc.Client;
+
+  constructor(readonly group: number, readonly replica: number, readonly address: string, readonly channel: grpc.Channel, private readonly creds: grpc.ChannelCredentials) {
+    this.lookup = new EmbkvClient(address, creds, { channelOverride: channel });
+  }
+
+  get control(): grpc.Client {
+    if (this.controlStub === undefined) {
+      const Control = shardControlClientConstructor();
+      this.controlStub = new Control(this.address, this.creds, { channelOverride: this.channel });
+    }
+    return this.controlStub;
+  }
+
+  close(): void {
+    this.lookup.close();
+    this.controlStub?.close();
+    this.channel.close();
+  }
 }
 
 export class ClusterConnections {
   /** groups[g][r] */
-  readonly groups: ReplicaConn[][];
+  readonly groups: readonly ReplicaConn[][];
 
   constructor(readonly manifest: Manifest) {
-    const Control = shardControlClientConstructor();
     const creds = grpc.credentials.createInsecure();
-    this.groups = manifest.groups.map((g, gi) =>
-      g.replicas.map((address, ri) => {
-        const channel = new grpc.Channel(address, creds, CHANNEL_OPTIONS);
-        return {
-          group: gi,
-          replica: ri,
-          address,
-          channel,
-          lookup: new EmbkvClient(address, creds, { channelOverride: channel }),
-          control: new Control(address, creds, { channelOverride: channel }),
-        };
-      }),
-    );
+    this.groups = manifest.groups.map((g, gi) => g.replicas.map((address, ri) => new Conn(gi, ri, address, new grpc.Channel(address, creds, CHANNEL_OPTIONS), creds)));
   }
 
   all(): ReplicaConn[] {
@@ -44,11 +55,7 @@ export class ClusterConnections {
   }
 
   close(): void {
-    for (const c of this.all()) {
-      c.lookup.close();
-      c.control.close();
-      c.channel.close();
-    }
+    for (const c of this.groups.flat() as Conn[]) c.close();
   }
 }
 
