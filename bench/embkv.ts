@@ -3,14 +3,10 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
-import { waitForCluster } from '../src/cli/demo.js';
 import { Supervisor } from '../src/cli/supervisor.js';
 import { EmbeddingClientImpl } from '../src/client/client.js';
 import type { EmbeddingsResult } from '../src/client/client.js';
 import type { Manifest } from '../src/common/manifest.js';
-import { statusAll } from '../src/loader/cluster-ops.js';
-import { runLoad } from '../src/loader/loader.js';
-import { ClusterConnections } from '../src/router/connections.js';
 import { timeRequests, type RequestFigures } from './measure.js';
 import { fillRequest, requestBuffer, verifyAnswer, type Model } from './model.js';
 import { freePorts, type Resources } from './resources.js';
@@ -67,16 +63,53 @@ const say = (line: string): void => void process.stderr.write(`${line}\n`);
 
 const KVCTL = fileURLToPath(new URL('../src/cli/kvctl.js', import.meta.url));
 
+/** A replica's entry in `kvctl status --json`. */
+interface StatusEntry {
+  address: string;
+  error?: string;
+  status?: { rssBytes: number; tables: { name: string; versions: { version: number; bytes: number }[] }[] };
+}
+
+/**
+ * Every replica's status, asked by `kvctl status --json` in a process of its own: the bench process
+ * is the SDK client, and a ranking service that only looks up never loads the control service (see
+ * protoPackage in src/common/wire.ts); status calls from here would load it into the heap that its
+ * garbage collections walk.
+ */
+async function kvctlStatus(configPath: string): Promise<StatusEntry[]> {
+  let stdout: string;
+  try {
+    ({ stdout } = await promisify(execFile)(process.execPath, [KVCTL, 'status', '--config', configPath, '--json'], { maxBuffer: 16 << 20 }));
+  } catch (err) {
+    // Exit 1 when a replica does not answer; the JSON still lists every replica.
+    stdout = (err as { stdout?: string }).stdout ?? '';
+    if (stdout === '') throw err;
+  }
+  return JSON.parse(stdout) as StatusEntry[];
+}
+
+/** Waits until every replica answers `kvctl status`. */
+async function waitForReplicas(configPath: string, timeoutMs: number): Promise<void> {
+  const until = Date.now() + timeoutMs;
+  for (;;) {
+    const down = (await kvctlStatus(configPath)).filter((s) => s.error !== undefined || s.status === undefined);
+    if (down.length === 0) return;
+    if (Date.now() > until) throw new Error(`replicas not up after ${timeoutMs} ms: ${down.map((d) => d.address).join(', ')}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
 /**
  * `kvctl load --publish` in a process of its own, as a user runs it; its own rate (rows / its time
  * from the first call to the publish). A load inside the bench process would leave that process's
  * heap shaped by the loader's buffers, and the bench is the SDK client next: its first requests then
  * cost more or less than a client's would (bench/RESULTS.md, 2026-11-24, staged loads).
  */
-async function kvctlLoad(configPath: string, modelDir: string): Promise<{ rows: number; keysPerSec: number; wallMs: number }> {
+async function kvctlLoad(configPath: string, modelDir: string, version = 1, publish = true): Promise<{ rows: number; keysPerSec: number; wallMs: number }> {
   const started = Date.now();
-  const { stdout } = await promisify(execFile)(process.execPath, [KVCTL, 'load', '--config', configPath, '--table', TABLE, '--version', '1', '--full', modelDir, '--publish'], { maxBuffer: 1 << 20 });
-  const m = /loaded \S+ v1: (\d+) keys of dim \d+ in [\d.]+ s \((\d+) rows\/s\)/.exec(stdout);
+  const args = [KVCTL, 'load', '--config', configPath, '--table', TABLE, '--version', String(version), '--full', modelDir, ...(publish ? ['--publish'] : [])];
+  const { stdout } = await promisify(execFile)(process.execPath, args, { maxBuffer: 1 << 20 });
+  const m = new RegExp(`loaded \\S+ v${version}: (\\d+) keys of dim \\d+ in [\\d.]+ s \\((\\d+) rows/s\\)`).exec(stdout);
   if (m === null) throw new Error(`kvctl load said: ${stdout}`);
   return { rows: Number(m[1]), keysPerSec: Number(m[2]), wallMs: Date.now() - started };
 }
@@ -150,13 +183,13 @@ export async function runEmbkv(cfg: EmbkvConfig, model: Model, modelDir: string,
   let client: EmbeddingClientImpl | undefined;
   try {
     sup.start();
-    await waitForCluster(manifest, 60_000);
+    await waitForReplicas(configPath, 60_000);
     checkReplicas();
     say(`  cluster up: ${cfg.groups} groups x ${cfg.replicas} replicas, ${manifest.partitions} partitions (logs in ${dataDir})`);
 
     // The replicas' rss before they hold anything, so the growth per stored key can be reported
     // apart from each process's fixed cost (runtime, gRPC, LevelDB).
-    const rssEmpty = await totalRss(manifest);
+    const rssEmpty = await totalRss(configPath);
     const load = await kvctlLoad(configPath, modelDir);
     if (load.rows !== model.n) throw new Error(`kvctl load loaded ${load.rows} rows, the model has ${model.n}`);
     checkReplicas();
@@ -215,19 +248,14 @@ export async function runEmbkv(cfg: EmbkvConfig, model: Model, modelDir: string,
     }
 
     // Memory while serving, after the requests: every replica's rss and the version's arrays.
-    const conns = new ClusterConnections(manifest);
     let rssBytes = 0;
     let versionBytes = 0;
-    try {
-      for (const s of await statusAll(conns, 10_000)) {
-        if (s.error || !s.status) throw new Error(`status of ${s.conn.address}: ${s.error?.message ?? 'no answer'}`);
-        rssBytes += Number(s.status.rssBytes);
-        const v = s.status.tables.find((t) => t.name === TABLE)?.versions.find((x) => Number(x.version) === 1);
-        if (v === undefined) throw new Error(`status of ${s.conn.address} lists no ${TABLE} v1`);
-        versionBytes += Number(v.bytes);
-      }
-    } finally {
-      conns.close();
+    for (const s of await kvctlStatus(configPath)) {
+      if (s.error !== undefined || s.status === undefined) throw new Error(`status of ${s.address}: ${s.error ?? 'no answer'}`);
+      rssBytes += Number(s.status.rssBytes);
+      const v = s.status.tables.find((t) => t.name === TABLE)?.versions.find((x) => Number(x.version) === 1);
+      if (v === undefined) throw new Error(`status of ${s.address} lists no ${TABLE} v1`);
+      versionBytes += Number(v.bytes);
     }
     // --during-load (after memory is read, so v2 does not count): version 2 (the same files) loads into a write version while requests keep
     // coming; they are answered by v1, unchanged, and timed.
@@ -236,7 +264,7 @@ export async function runEmbkv(cfg: EmbkvConfig, model: Model, modelDir: string,
       const latencies: number[] = [];
       let done = false;
       const started = Date.now();
-      const loading = runLoad({ manifest, table: TABLE, version: 2, path: modelDir, publish: false }).finally(() => (done = true));
+      const loading = kvctlLoad(configPath, modelDir, 2, false).finally(() => (done = true));
       for (let r = 0; !done || latencies.length < 5; r++) {
         fillRequest(req, model, r, cfg.absent);
         const t0 = performance.now();
@@ -273,16 +301,11 @@ export async function runEmbkv(cfg: EmbkvConfig, model: Model, modelDir: string,
   }
 }
 
-async function totalRss(manifest: Manifest): Promise<number> {
-  const conns = new ClusterConnections(manifest);
-  try {
-    let rss = 0;
-    for (const s of await statusAll(conns, 10_000)) {
-      if (s.error || !s.status) throw new Error(`status of ${s.conn.address}: ${s.error?.message ?? 'no answer'}`);
-      rss += Number(s.status.rssBytes);
-    }
-    return rss;
-  } finally {
-    conns.close();
+async function totalRss(configPath: string): Promise<number> {
+  let rss = 0;
+  for (const s of await kvctlStatus(configPath)) {
+    if (s.error !== undefined || s.status === undefined) throw new Error(`status of ${s.address}: ${s.error ?? 'no answer'}`);
+    rss += Number(s.status.rssBytes);
   }
+  return rss;
 }

@@ -2,7 +2,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { accessSync, constants, createWriteStream, readFileSync } from 'node:fs';
 import { connect as netConnect } from 'node:net';
 import { delimiter, join } from 'node:path';
-import { Redis } from 'ioredis';
+import type { Redis } from 'ioredis';
 import { timeRequests, type RequestFigures } from './measure.js';
 import { fillRequest, requestBuffer, verifyAnswer, type Answer, type Model } from './model.js';
 import { freePorts, type Resources } from './resources.js';
@@ -74,6 +74,9 @@ export async function runRedis(cfg: RedisConfig, model: Model, res: Resources): 
   const spawnError = new Promise<never>((_, reject) => proc.once('error', (err) => reject(new Error(`cannot start ${bin}: ${err.message}`))));
   void spawnError.catch(() => undefined);
 
+  // Imported here, not at the top: the embkv requests run first in this process, which should hold
+  // only what a ranking service using the SDK would.
+  const { Redis } = await import('ioredis');
   const redis = new Redis({ host: '127.0.0.1', port: port!, lazyConnect: true, enableAutoPipelining: false, maxRetriesPerRequest: 0, retryStrategy: () => null });
   redis.on('error', () => undefined); // connection errors surface through the commands
   try {
