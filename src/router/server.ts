@@ -4,7 +4,8 @@ import { invalidArgument, toGrpcError } from '../common/errors.js';
 import { keysFromBytes } from '../common/keys.js';
 import type { Manifest } from '../common/manifest.js';
 import { checkTableName } from '../common/validate.js';
-import { EMBKV_SERVER_SERVICE, SERVER_OPTIONS, allocLookupResponse, type LookupRequest } from '../common/wire.js';
+import { releaseReceived } from '../common/pooled-receive.js';
+import { AnswerBufferPool, SERVER_OPTIONS, allocLookupResponse, embkvServerService, installZeroCopyFraming, type LookupRequest } from '../common/wire.js';
 import { Fanout } from './fanout.js';
 import { parseReplicaPolicy, type ReplicaPolicyOptions } from './policy.js';
 import { ROUTER_STATS_SERVICE, type FanoutStats } from './stats.js';
@@ -35,6 +36,8 @@ export class RouterServer {
   private readonly log: Logger;
   private boundPort = 0;
   private statsTimer: NodeJS.Timeout | undefined;
+  /** Answer buffers, reused once their stream closes: a 150k-key answer at dim 32 is 19 MB. */
+  private readonly answers = new AnswerBufferPool();
 
   constructor(private readonly options: RouterOptions) {
     this.fanout = new Fanout(options.manifest, undefined, parseReplicaPolicy((options.policy ?? {}) as Record<string, unknown>));
@@ -46,7 +49,9 @@ export class RouterServer {
   }
 
   async start(): Promise<void> {
-    this.server.addService(EMBKV_SERVER_SERVICE, { lookup: this.onLookup.bind(this) });
+    // Answers leave from their pooled buffers, as a replica's do (see installZeroCopyFraming).
+    if (!installZeroCopyFraming()) this.log.warn('this grpc-js frames messages differently: answers are copied into frames');
+    this.server.addService(embkvServerService(this.answers), { lookup: this.onLookup.bind(this) });
     this.server.addService(ROUTER_STATS_SERVICE, {
       stats: (_call: grpc.ServerUnaryCall<unknown, FanoutStats>, cb: grpc.sendUnaryData<FanoutStats>) => cb(null, this.fanout.stats()),
     });
@@ -101,13 +106,16 @@ export class RouterServer {
           keys,
           deadline,
           signal: ctl.signal,
+          // A pooled buffer holds an earlier answer: the placement writes every row, absent ones as zeros.
           alloc: (n, dim, version) => {
-            const r = allocLookupResponse(version, dim, n);
+            const r = allocLookupResponse(version, dim, n, this.answers);
             buf = r.buf;
-            return r;
+            return { values: r.values, found: r.found, dirty: true };
           },
         });
       })
-      .then(() => callback(null, buf!), (err: unknown) => callback(toGrpcError(err)));
+      .then(() => callback(null, buf!), (err: unknown) => callback(toGrpcError(err)))
+      // The request's keys were partitioned into the fan-out's own arrays: its buffer can be reused.
+      .finally(() => releaseReceived(call.request.keys.buffer));
   }
 }
