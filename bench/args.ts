@@ -32,6 +32,12 @@ export interface BenchOptions {
   reuseOutput: boolean;
   /** --default-malloc: every process with glibc's default malloc settings instead of CLIENT_MALLOC_ENV and REPLICA_MALLOC_ENV. */
   defaultMalloc: boolean;
+  /**
+   * --cluster FILE --table NAME --model PATH: time requests against a running cluster (a `kvctl
+   * cluster up`, say) whose table NAME holds the NumPy model at PATH, instead of starting replicas
+   * and writing a model; Redis gets the same model.
+   */
+  cluster: { config: string; table: string; model: string } | undefined;
   help: boolean;
 }
 
@@ -82,6 +88,14 @@ export const USAGE = `usage: npm run bench -- [flags]
                        runs with V8's defaults, since Redis's client shares its process)
   --default-malloc     run the bench and the replicas with glibc's default malloc settings instead
                        of the ones cluster up sets (and the README recommends for SDK processes)
+  --cluster FILE --table NAME --model PATH
+                       time requests against a running cluster (e.g. one kvctl cluster up started)
+                       whose table NAME is loaded from the NumPy files at PATH (a directory or a
+                       prefix, as kvctl load takes them), instead of starting replicas and writing a
+                       random model: the requests draw their keys from those files, every answer is
+                       checked against them, and Redis (--redis) loads the same pairs. No load is
+                       timed; --keys, --dim, --groups, --replicas, --parts, --sweep, --stall and
+                       --during-load do not apply
   --append-results     append the table to bench/RESULTS.md under a dated heading
   --note TEXT          a line to put under that heading (what else ran on the machine, say)
   --help               this text`;
@@ -120,6 +134,9 @@ export function parseBenchArgs(argv: string[]): BenchOptions {
       'reuse-output': { type: 'boolean', default: false },
       'default-gc': { type: 'boolean', default: false },
       note: { type: 'string' },
+      cluster: { type: 'string' },
+      table: { type: 'string' },
+      model: { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
   });
@@ -154,8 +171,16 @@ export function parseBenchArgs(argv: string[]): BenchOptions {
     defaultGc: v['default-gc'] === true,
     duringLoad: v['during-load'] === true,
     note: typeof v['note'] === 'string' ? v['note'] : undefined,
+    cluster: undefined,
     help: v['help'] === true,
   };
+  const clusterFlags = (['cluster', 'table', 'model'] as const).filter((f) => typeof v[f] === 'string');
+  if (clusterFlags.length > 0) {
+    if (clusterFlags.length < 3) throw new Error('--cluster, --table and --model go together: the running cluster, the table to ask, and the NumPy files it was loaded from');
+    const clash = ['keys', 'dim', 'groups', 'replicas', 'parts', 'sweep', 'big', 'stall', 'during-load', 'default-gc', 'default-malloc'].filter((f) => v[f] !== undefined && v[f] !== false);
+    if (clash.length > 0) throw new Error(`--cluster times a running cluster with its own model: ${clash.map((f) => `--${f}`).join(', ')} do not apply`);
+    o.cluster = { config: v['cluster'] as string, table: v['table'] as string, model: v['model'] as string };
+  }
   if (o.stall && o.replicas < 2) throw new Error('--stall freezes replica 0 of every group: give --replicas 2 or more');
   if (o.big && !o.sweep) throw new Error('--big only adds 10M keys to --sweep; for one big run give --keys 10M');
   if (o.only === 'embkv' && v['redis'] === true) throw new Error('--only embkv and --redis contradict each other');

@@ -6,9 +6,9 @@ import { promisify } from 'node:util';
 import { Supervisor } from '../src/cli/supervisor.js';
 import { EmbeddingClientImpl } from '../src/client/client.js';
 import type { EmbeddingsResult } from '../src/client/client.js';
-import type { Manifest } from '../src/common/manifest.js';
+import { loadManifest, type Manifest } from '../src/common/manifest.js';
 import { timeRequests, type RequestFigures } from './measure.js';
-import { fillRequest, requestBuffer, verifyAnswer, type Model } from './model.js';
+import { fillRequest, requestBuffer, verifyAnswer, type Model, type RequestBuffer } from './model.js';
 import { freePorts, type Resources } from './resources.js';
 import { Staller, type StallReport } from './stall.js';
 
@@ -67,7 +67,102 @@ const KVCTL = fileURLToPath(new URL('../src/cli/kvctl.js', import.meta.url));
 interface StatusEntry {
   address: string;
   error?: string;
-  status?: { rssBytes: number; tables: { name: string; versions: { version: number; bytes: number }[] }[] };
+  status?: {
+    pid: number;
+    rssBytes: number;
+    tables: { name: string; currentVersion: number; versions: { version: number; dim: number; keys: number; bytes: number }[] }[];
+  };
+}
+
+/** Every replica's rss, and the bytes of `table` v`version` on every replica, summed. */
+function memoryOf(statuses: StatusEntry[], table: string, version: number): { rssBytes: number; versionBytes: number } {
+  let rssBytes = 0;
+  let versionBytes = 0;
+  for (const s of statuses) {
+    if (s.error !== undefined || s.status === undefined) throw new Error(`status of ${s.address}: ${s.error ?? 'no answer'}`);
+    rssBytes += Number(s.status.rssBytes);
+    const v = s.status.tables.find((t) => t.name === table)?.versions.find((x) => Number(x.version) === version);
+    if (v === undefined) throw new Error(`status of ${s.address} lists no ${table} v${version}`);
+    versionBytes += Number(v.bytes);
+  }
+  return { rssBytes, versionBytes };
+}
+
+type LookupOptions = { table: string; out?: { values: Float32Array; found: Uint8Array } };
+
+/**
+ * The timed requests through the SDK: warm-up, then `requests` of them, every answer checked against
+ * the model and required to come from `version`; with the replicas' CPU over all of them.
+ */
+async function timeLookups(
+  c: EmbeddingClientImpl, model: Model, table: string, version: number, cfg: EmbkvConfig, pids: () => readonly (number | undefined)[],
+): Promise<{ figures: RequestFigures; replicaCpuMsPerRequest: number; req: RequestBuffer; opts: LookupOptions }> {
+  const req = requestBuffer(cfg.batch);
+  const opts: LookupOptions = {
+    table,
+    ...(cfg.reuseOutput === true ? { out: { values: new Float32Array(cfg.batch * model.dim), found: new Uint8Array(cfg.batch) } } : {}),
+  };
+  const replicaCpu0 = replicasCpuMs(pids());
+  const figures = await timeRequests<EmbeddingsResult>({
+    warmup: cfg.warmup,
+    requests: cfg.requests,
+    prepare: (r) => fillRequest(req, model, r, cfg.absent),
+    call: () => c.getEmbeddings(req.keys, opts),
+    check: (a, r) => {
+      if (a.version !== version) throw new Error(`embkv request ${r}: answered version ${a.version}, expected ${version}`);
+      return verifyAnswer(`embkv request ${r}`, a, req, model, r);
+    },
+  });
+  return { figures, replicaCpuMsPerRequest: (replicasCpuMs(pids()) - replicaCpu0) / (cfg.warmup + cfg.requests), req, opts };
+}
+
+/**
+ * --cluster: the timed requests against a running cluster (a `kvctl cluster up`, say) whose `table`
+ * holds `model` (read from the NumPy files it was loaded from). Nothing is started or loaded: every
+ * replica must answer and serve the table's current version with the model's dim and row count.
+ * Replicas' CPU comes from /proc, so they must run on this host for that figure.
+ */
+export async function runEmbkvOnCluster(
+  cfg: EmbkvConfig, model: Model, configPath: string, table: string,
+): Promise<{ figures: EmbkvFigures; groups: number; replicas: number; version: number }> {
+  const manifest = loadManifest(configPath);
+  const statuses = await kvctlStatus(configPath);
+  let version = 0;
+  for (const s of statuses) {
+    if (s.error !== undefined || s.status === undefined) throw new Error(`replica ${s.address} does not answer: ${s.error ?? 'no status'}`);
+    const t = s.status.tables.find((x) => x.name === table);
+    if (t === undefined || t.currentVersion === 0) throw new Error(`replica ${s.address} serves no version of table ${table}; load the model first (kvctl load --table ${table} --version 1 --full MODEL --publish)`);
+    if (version !== 0 && t.currentVersion !== version) throw new Error(`replicas serve different versions of ${table} (${version} and ${t.currentVersion}): wait for the publish to finish`);
+    version = t.currentVersion;
+    const v = t.versions.find((x) => Number(x.version) === version)!;
+    if (v.dim !== model.dim) throw new Error(`${table} v${version} has dim ${v.dim}; the model files have dim ${model.dim}`);
+  }
+  // Keys over the groups, each counted once (from its first replica).
+  let held = 0;
+  for (const g of manifest.groups) {
+    const first = statuses.find((s) => s.address === g.replicas[0])?.status?.tables.find((x) => x.name === table);
+    held += Number(first?.versions.find((x) => Number(x.version) === version)?.keys ?? 0);
+  }
+  if (held !== model.n) throw new Error(`${table} v${version} holds ${held} keys over its groups; the model files have ${model.n} rows (give the files it was loaded from)`);
+  const pids = statuses.map((s) => s.status?.pid);
+  const client = new EmbeddingClientImpl({ config: manifest, deadlineMs: 60_000 });
+  try {
+    const { figures, replicaCpuMsPerRequest } = await timeLookups(client, model, table, version, cfg, () => pids);
+    const { rssBytes, versionBytes } = memoryOf(await kvctlStatus(configPath), table, version);
+    const copies = statuses.length / manifest.groups.length;
+    const stored = model.n * copies;
+    return {
+      figures: {
+        ...figures, replicaCpuMsPerRequest, loadMs: NaN, loadKeysPerSec: NaN, rssBytes, versionBytes,
+        rssBytesPerKey: rssBytes / stored, rssGrowthBytesPerKey: NaN, versionBytesPerKey: versionBytes / stored,
+      },
+      groups: manifest.groups.length,
+      replicas: copies,
+      version,
+    };
+  } finally {
+    await client.close();
+  }
 }
 
 /**
@@ -132,10 +227,10 @@ export function replicaBaseEnv(): NodeJS.ProcessEnv {
 /** Linux's USER_HZ: /proc/PID/stat counts CPU time in 1/100 s. */
 const TICKS_PER_SECOND = 100;
 
-/** CPU time (user + system) of every running replica of `sup`, in ms; 0 for a process already gone. */
-function replicasCpuMs(sup: Supervisor): number {
+/** CPU time (user + system) of these replica processes, in ms; 0 for a process already gone. */
+function replicasCpuMs(pids: readonly (number | undefined)[]): number {
   let ms = 0;
-  for (const pid of Object.values(sup.pids())) {
+  for (const pid of pids) {
     if (pid === undefined) continue;
     try {
       const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
@@ -197,24 +292,8 @@ export async function runEmbkv(cfg: EmbkvConfig, model: Model, modelDir: string,
     say(`  loaded and published ${model.n.toLocaleString('en-US')} keys in ${(model.n / loadKeysPerSec).toFixed(2)} s: ${Math.round(loadKeysPerSec).toLocaleString('en-US')} keys/s (kvctl load, ${(load.wallMs / 1000).toFixed(2)} s with its start)`);
 
     client = new EmbeddingClientImpl({ config: manifest, deadlineMs: 60_000 });
-    const req = requestBuffer(cfg.batch);
     const c = client;
-    const opts = {
-      table: TABLE,
-      ...(cfg.reuseOutput === true ? { out: { values: new Float32Array(cfg.batch * model.dim), found: new Uint8Array(cfg.batch) } } : {}),
-    };
-    const replicaCpu0 = replicasCpuMs(sup);
-    const figures = await timeRequests<EmbeddingsResult>({
-      warmup: cfg.warmup,
-      requests: cfg.requests,
-      prepare: (r) => fillRequest(req, model, r, cfg.absent),
-      call: () => c.getEmbeddings(req.keys, opts),
-      check: (a, r) => {
-        if (a.version !== 1) throw new Error(`embkv request ${r}: answered version ${a.version}, expected 1`);
-        return verifyAnswer(`embkv request ${r}`, a, req, model, r);
-      },
-    });
-    const replicaCpuMsPerRequest = (replicasCpuMs(sup) - replicaCpu0) / (cfg.warmup + cfg.requests);
+    const { figures, replicaCpuMsPerRequest, req, opts } = await timeLookups(c, model, TABLE, 1, cfg, () => Object.values(sup.pids()));
     checkReplicas();
 
     // --stall: the same requests again, replica 0 of every group frozen at random moments.
@@ -248,15 +327,7 @@ export async function runEmbkv(cfg: EmbkvConfig, model: Model, modelDir: string,
     }
 
     // Memory while serving, after the requests: every replica's rss and the version's arrays.
-    let rssBytes = 0;
-    let versionBytes = 0;
-    for (const s of await kvctlStatus(configPath)) {
-      if (s.error !== undefined || s.status === undefined) throw new Error(`status of ${s.address}: ${s.error ?? 'no answer'}`);
-      rssBytes += Number(s.status.rssBytes);
-      const v = s.status.tables.find((t) => t.name === TABLE)?.versions.find((x) => Number(x.version) === 1);
-      if (v === undefined) throw new Error(`status of ${s.address} lists no ${TABLE} v1`);
-      versionBytes += Number(v.bytes);
-    }
+    const { rssBytes, versionBytes } = memoryOf(await kvctlStatus(configPath), TABLE, 1);
     // --during-load (after memory is read, so v2 does not count): version 2 (the same files) loads into a write version while requests keep
     // coming; they are answered by v1, unchanged, and timed.
     let duringLoad: EmbkvFigures['duringLoad'];

@@ -1,6 +1,7 @@
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { writeNpyPair } from '../src/loader/npy-write.js';
+import { planDump, readDump } from '../src/loader/sources.js';
 
 /**
  * The benchmark's model and requests, reproducible from a seed.
@@ -163,4 +164,28 @@ export function verifyAnswer(what: string, a: Answer, req: RequestBuffer, model:
     }
   }
   return checked;
+}
+
+/**
+ * The model in NumPy files that a running cluster's table was loaded from (--cluster): read whole, as
+ * `kvctl load` reads them (any number of parts, validated the same way). `seed` drives the requests.
+ */
+export async function readModel(path: string, seed: number): Promise<Model> {
+  const plan = await planDump(path, 'full');
+  if (plan.totalRows < 0) throw new Error(`${path}: --model takes NumPy pairs (a text part has no row count to size the model by)`);
+  const n = plan.totalRows;
+  const dim = plan.dim;
+  const keys = new BigUint64Array(n);
+  const keyWords = new Uint32Array(keys.buffer);
+  const values = new Float32Array(n * dim);
+  let at = 0;
+  for await (const item of readDump(plan, { reuseBuffers: true })) {
+    if (item.type !== 'rows') continue;
+    const c = item.chunk;
+    keyWords.set(c.keys.subarray(0, 2 * c.n), 2 * at);
+    values.set(c.values.subarray(0, c.n * dim), at * dim);
+    at += c.n;
+  }
+  if (at !== n) throw new Error(`${path}: read ${at} rows, its headers promised ${n}`);
+  return { n, dim, keys, keyWords, values, seed };
 }

@@ -18,9 +18,10 @@ export interface Row {
 const ms = (x: number): string => (x < 10 ? x.toFixed(2) : x.toFixed(1));
 const count = (x: number): string =>
   x >= 1e6 && x % 1e6 === 0 ? `${x / 1e6}M` : x >= 1e3 && x % 1e3 === 0 ? `${x / 1e3}k` : String(x);
-const rate = (x: number): string => Math.round(x).toLocaleString('en-US');
-const perKey = (bytes: number, raw: number): string => `${Math.round(bytes)} (${(bytes / raw).toFixed(2)}×)`;
 const DASH = '–';
+// NaN: not measured in this run (no load and no empty baseline when the bench times a running cluster).
+const rate = (x: number): string => (Number.isNaN(x) ? DASH : Math.round(x).toLocaleString('en-US'));
+const perKey = (bytes: number, raw: number): string => (Number.isNaN(bytes) ? DASH : `${Math.round(bytes)} (${(bytes / raw).toFixed(2)}×)`);
 
 const EMBKV_HEAD = ['p50 ms', 'p90 ms', 'p99 ms', 'max ms', 'client CPU ms/req', 'GC ms/req', 'load keys/s', 'B/key rss', 'B/key rss growth', 'B/key index+vectors'];
 const REDIS_HEAD = ['redis p50 ms', 'redis p90 ms', 'redis/embkv p50', 'redis B/key used (rss)', 'redis load keys/s'];

@@ -9,8 +9,8 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { DEFAULTS, SWEEP_BIG_KEYS, SWEEP_GROUPS, SWEEP_KEYS, USAGE, parseBenchArgs, type BenchOptions } from './args.js';
 import { CLIENT_MALLOC_ENV, REPLICA_MALLOC_ENV, REPLICA_NODE_FLAGS, describeMallocEnv, mallocEnvSet, withMallocEnv } from '../src/common/process-tuning.js';
-import { ADDED_MALLOC_VARS, replicaBaseEnv, runEmbkv } from './embkv.js';
-import { makeModel, writeModel, type Model } from './model.js';
+import { ADDED_MALLOC_VARS, replicaBaseEnv, runEmbkv, runEmbkvOnCluster } from './embkv.js';
+import { makeModel, readModel, writeModel, type Model } from './model.js';
 import { REDIS_INSTALL_HINT, findRedisServer, runRedis, type RedisFigures } from './redis.js';
 import { appendResults, loadLine, machineLine, rowLine, table, type Row } from './report.js';
 import { Resources } from './resources.js';
@@ -41,19 +41,21 @@ async function main(o: BenchOptions, argv: string[], res: Resources): Promise<vo
   const loadAtStart = loadLine();
   say(`embkv bench on ${machineLine()}; load average ${loadAtStart}`);
   const inherited = Object.keys(process.env).filter((k) => k.startsWith('MALLOC_')).map((k) => `${k}=${process.env[k]}`).join(' ');
-  const malloc = o.defaultMalloc ? `glibc defaults${inherited ? ` except ${inherited} from the environment` : ''} in every process` :
+  const replicasAs = o.cluster !== undefined ? 'the replicas as their cluster started them' : '';
+  const malloc = replicasAs !== '' ? `${describeMallocEnv(CLIENT_MALLOC_ENV)} in the bench (the client), ${replicasAs}` : o.defaultMalloc ? `glibc defaults${inherited ? ` except ${inherited} from the environment` : ''} in every process` :
     `${describeMallocEnv(CLIENT_MALLOC_ENV)} in the bench (the client), ${describeMallocEnv(REPLICA_MALLOC_ENV, replicaBaseEnv())} in the replicas`;
   say(`malloc: ${malloc}`);
   const clientFlags = process.execArgv.filter((f) => f.includes('gc')).join(' ');
   const gc = `${clientFlags === '' ? 'V8 default GC threads' : clientFlags} in the bench (the client), ` +
-    `${o.defaultGc ? 'V8 default GC threads' : REPLICA_NODE_FLAGS.join(' ')} in the replicas`;
+    (replicasAs !== '' ? replicasAs : `${o.defaultGc ? 'V8 default GC threads' : REPLICA_NODE_FLAGS.join(' ')} in the replicas`);
   say(`gc: ${gc}`);
-  say(`${all.length} configuration(s); requests: ${o.requests} timed (+${o.warmup} warm-up) of ${o.batch.toLocaleString('en-US')} keys, ${(o.absent * 100).toFixed(1)}% absent, dim ${o.dim}`);
+  if (o.cluster === undefined) say(`${all.length} configuration(s); requests: ${o.requests} timed (+${o.warmup} warm-up) of ${o.batch.toLocaleString('en-US')} keys, ${(o.absent * 100).toFixed(1)}% absent, dim ${o.dim}`);
   if (o.sweep && runRedisToo) say('redis runs once per key count; its figures repeat on every row of that key count');
 
   const rows: Row[] = [];
   const extra: string[] = [];
-  const keyCounts = [...new Set(all.map((c) => c.keys))];
+  if (o.cluster !== undefined) await onCluster(o, o.cluster, res, date, rows, extra, runEmbkvToo, runRedisToo);
+  const keyCounts = o.cluster !== undefined ? [] : [...new Set(all.map((c) => c.keys))];
   for (const keys of keyCounts) {
     const t0 = performance.now();
     let model: Model | undefined = makeModel(keys, o.dim, o.seed);
@@ -106,18 +108,7 @@ async function main(o: BenchOptions, argv: string[], res: Resources): Promise<vo
       rowsHere.push(row);
     }
     if (runRedisToo) {
-      say(`\nredis: ${keys.toLocaleString('en-US')} keys, ${o.redisConcurrency} concurrent MGETs per request`);
-      redis = await runRedis(
-        { requests: o.requests, warmup: o.warmup, batch: o.batch, absent: o.absent, concurrency: o.redisConcurrency, loadBatch: o.redisBatch, reuseOutput: o.reuseOutput },
-        model,
-        res,
-      );
-      say(`  ${o.requests} requests: p50 ${redis.p50.toFixed(1)} / p90 ${redis.p90.toFixed(1)} / p99 ${redis.p99.toFixed(1)} / max ${redis.max.toFixed(1)} ms; ` +
-        `client CPU ${redis.cpuMsPerRequest.toFixed(1)} ms/req, GC ${redis.gcMsPerRequest.toFixed(1)} ms/req (${redis.gcCount} pauses, ${redis.gcMajorCount} major)`);
-      say(`  memory: used_memory ${mb(redis.usedMemoryBytes)} (${redis.usedBytesPerKey.toFixed(0)} B/key), rss ${mb(redis.rssBytes)} (${redis.rssBytesPerKey.toFixed(0)} B/key)`);
-      extra.push(`redis ${redis.version} ${keys.toLocaleString('en-US')} keys: load ${(redis.loadMs / 1000).toFixed(2)} s (MSET of ${o.redisBatch} pairs, 16 in flight); ` +
-        `requests as ${o.redisConcurrency} concurrent mgetBuffer; client CPU ${redis.cpuMsPerRequest.toFixed(1)} ms/req, GC ${redis.gcMsPerRequest.toFixed(1)} ms/req; ` +
-        `used_memory ${mb(redis.usedMemoryBytes)}, rss ${mb(redis.rssBytes)}`);
+      redis = await timeRedis(o, model, res, extra);
       for (const r of rowsHere) r.redis = redis;
     }
     for (const r of rowsHere) {
@@ -130,11 +121,58 @@ async function main(o: BenchOptions, argv: string[], res: Resources): Promise<vo
 
   process.stdout.write(`\n${table(rows)}\n`);
   if (o.appendResults) {
+    const modelLine = o.cluster !== undefined ? `model: the NumPy files at ${o.cluster.model}, table ${o.cluster.table} of the running cluster ${o.cluster.config}` : `model written as ${o.parts} NumPy parts`;
     extra.unshift(`${o.requests} timed requests (+${o.warmup} warm-up) of ${o.batch.toLocaleString('en-US')} keys, ` +
-      `${(o.absent * 100).toFixed(1)}% absent, seed ${o.seed}; model written as ${o.parts} NumPy parts`, `malloc: ${malloc}`, `gc: ${gc}`);
+      `${(o.absent * 100).toFixed(1)}% absent, seed ${o.seed}; ${modelLine}`, `malloc: ${malloc}`, `gc: ${gc}`);
     appendResults(RESULTS_PATH, rows, argv, o.note, extra, loadAtStart);
     say(`appended to ${RESULTS_PATH}`);
   }
+}
+
+/** --cluster: one row, timed against a running cluster's table and its model's NumPy files. */
+async function onCluster(
+  o: BenchOptions, c: NonNullable<BenchOptions['cluster']>, res: Resources, date: string, rows: Row[], extra: string[], runEmbkvToo: boolean, runRedisToo: boolean,
+): Promise<void> {
+  const t0 = performance.now();
+  const model = await readModel(c.model, o.seed);
+  say(`\nmodel: ${model.n.toLocaleString('en-US')} keys of dim ${model.dim} read from ${c.model} in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+  say(`requests: ${o.requests} timed (+${o.warmup} warm-up) of ${o.batch.toLocaleString('en-US')} keys, ${(o.absent * 100).toFixed(1)}% absent`);
+  const row: Row = { date, keys: model.n, dim: model.dim, batch: o.batch, groups: 0, replicas: 0 };
+  if (runEmbkvToo) {
+    say(`\nembkv: table ${c.table} of the cluster in ${c.config}`);
+    const e = await runEmbkvOnCluster({ groups: 0, replicas: 0, requests: o.requests, warmup: o.warmup, batch: o.batch, absent: o.absent, reuseOutput: o.reuseOutput }, model, c.config, c.table);
+    row.embkv = e.figures;
+    row.groups = e.groups;
+    row.replicas = e.replicas;
+    const f = e.figures;
+    say(`  ${c.table} v${e.version} on ${e.groups} groups x ${e.replicas} replicas; ${o.requests} requests: p50 ${f.p50.toFixed(1)} / p90 ${f.p90.toFixed(1)} / p99 ${f.p99.toFixed(1)} / max ${f.max.toFixed(1)} ms; ` +
+      `client CPU ${f.cpuMsPerRequest.toFixed(1)} ms/req, GC ${f.gcMsPerRequest.toFixed(1)} ms/req; replicas' CPU ${f.replicaCpuMsPerRequest.toFixed(0)} ms/req in all; ` +
+      `${f.verified.toLocaleString('en-US')} vectors checked bit-exact, every found flag checked`);
+    say(`  memory: rss ${mb(f.rssBytes)} over the replicas, index+vectors ${mb(f.versionBytes)}`);
+    extra.push(`embkv ${c.table} v${e.version}, ${model.n.toLocaleString('en-US')} keys ${e.groups}×${e.replicas} (running cluster): rss ${mb(f.rssBytes)}, index+vectors ${mb(f.versionBytes)}; ` +
+      `replicas' CPU ${f.replicaCpuMsPerRequest.toFixed(0)} ms/req in all; ${f.verified.toLocaleString('en-US')} vectors checked bit-exact`);
+  }
+  if (runRedisToo) row.redis = await timeRedis(o, model, res, extra);
+  rows.push(row);
+  say(`row: ${rowLine(row, runRedisToo)}`);
+}
+
+/** The same load and requests against a local redis-server, with its lines said and its detail kept for RESULTS. */
+async function timeRedis(o: BenchOptions, model: Model, res: Resources, extra: string[]): Promise<RedisFigures> {
+  const keys = model.n;
+  say(`\nredis: ${keys.toLocaleString('en-US')} keys, ${o.redisConcurrency} concurrent MGETs per request`);
+  const redis = await runRedis(
+    { requests: o.requests, warmup: o.warmup, batch: o.batch, absent: o.absent, concurrency: o.redisConcurrency, loadBatch: o.redisBatch, reuseOutput: o.reuseOutput },
+    model,
+    res,
+  );
+  say(`  ${o.requests} requests: p50 ${redis.p50.toFixed(1)} / p90 ${redis.p90.toFixed(1)} / p99 ${redis.p99.toFixed(1)} / max ${redis.max.toFixed(1)} ms; ` +
+    `client CPU ${redis.cpuMsPerRequest.toFixed(1)} ms/req, GC ${redis.gcMsPerRequest.toFixed(1)} ms/req (${redis.gcCount} pauses, ${redis.gcMajorCount} major)`);
+  say(`  memory: used_memory ${mb(redis.usedMemoryBytes)} (${redis.usedBytesPerKey.toFixed(0)} B/key), rss ${mb(redis.rssBytes)} (${redis.rssBytesPerKey.toFixed(0)} B/key)`);
+  extra.push(`redis ${redis.version} ${keys.toLocaleString('en-US')} keys: load ${(redis.loadMs / 1000).toFixed(2)} s (MSET of ${o.redisBatch} pairs, 16 in flight); ` +
+    `requests as ${o.redisConcurrency} concurrent mgetBuffer; client CPU ${redis.cpuMsPerRequest.toFixed(1)} ms/req, GC ${redis.gcMsPerRequest.toFixed(1)} ms/req; ` +
+    `used_memory ${mb(redis.usedMemoryBytes)}, rss ${mb(redis.rssBytes)}`);
+  return redis;
 }
 
 const argv = process.argv.slice(2);
