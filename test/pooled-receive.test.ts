@@ -4,7 +4,7 @@ import { execFile } from 'node:child_process';
 import { createRequire } from 'node:module';
 import { promisify } from 'node:util';
 import * as grpc from '@grpc/grpc-js';
-import { POOLED_MESSAGE_BYTES, installPooledReceive, receivePoolStats } from '../src/common/pooled-receive.js';
+import { POOLED_MESSAGE_BYTES, UPFRONT_MESSAGE_BYTES, installPooledReceive, receivePoolStats } from '../src/common/pooled-receive.js';
 import { AnswerBufferPool, allocLookupResponse, embkvServerService, type LookupRequest } from '../src/common/wire.js';
 import { EmbeddingClient } from '../src/index.js';
 import { VersionData } from '../src/shard/version-data.js';
@@ -71,6 +71,27 @@ test('pooled receive: messages split at any byte (inside the flag, the length or
     assert.equal(got.length, messages.length, `seed ${seed}: every message once`);
     got.forEach((m, i) => assert.ok(m.equals(framed(messages[i]!)), `seed ${seed}: message ${i} (${sizes[i]} bytes) intact`));
   }
+});
+
+test('a message above 32 MiB is collected as it arrives: its header alone takes no memory for it, and it comes out whole', () => {
+  assert.equal(installPooledReceive(), true);
+  const size = UPFRONT_MESSAGE_BYTES + 3;
+  const body = Buffer.allocUnsafe(size);
+  for (let i = 0; i < size; i += 4096) body[i] = (i >>> 12) & 255;
+  body[size - 1] = 77;
+  const whole = framed(body);
+  const allocated = receivePoolStats().allocated;
+  const d = new StreamDecoder(-1);
+  assert.deepEqual(d.write(whole.subarray(0, 5)), []);
+  assert.equal(receivePoolStats().allocated, allocated, 'no buffer taken for the announced size');
+  const got: Buffer[] = [];
+  for (let at = 5; at < whole.length; at += 1 << 20) got.push(...d.write(whole.subarray(at, Math.min(whole.length, at + (1 << 20)))));
+  // A small message right behind it still comes out on its own.
+  got.push(...d.write(framed(Buffer.from([1, 2, 3]))));
+  assert.equal(got.length, 2);
+  assert.ok(got[0]!.equals(whole), 'the large message intact');
+  assert.ok(got[1]!.equals(framed(Buffer.from([1, 2, 3]))));
+  assert.equal(receivePoolStats().allocated, allocated);
 });
 
 test('pooled receive refuses a message above the receive limit as grpc-js does, before taking any memory for it', () => {

@@ -13,12 +13,19 @@ import { createRequire } from 'node:module';
  *
  * The decoder is the same state machine as grpc-js's StreamDecoder (a 1-byte flag, a 4-byte
  * big-endian length, the message; the flag and length stay in front of the message), writing into
- * the message's buffer as chunks arrive instead of collecting them. Installed only when grpc-js's own
+ * the message's buffer as chunks arrive instead of collecting them (up to UPFRONT_MESSAGE_BYTES). Installed only when grpc-js's own
  * decoder frames a probe exactly that way.
  */
 
 /** Messages at least this large are received into pooled buffers; smaller ones as grpc-js does. */
 export const POOLED_MESSAGE_BYTES = 256 * 1024;
+
+/**
+ * Messages above this are collected as received and joined at the end, as grpc-js does, instead of
+ * taking their whole announced size when their 5-byte header arrives: a peer that announces a large
+ * message and sends nothing more holds no more memory than it sent.
+ */
+export const UPFRONT_MESSAGE_BYTES = 32 * 1024 * 1024;
 
 /** The pool keeps at most this many free buffers, and this many bytes of them. */
 const KEEP_BUFFERS = 32;
@@ -106,6 +113,9 @@ interface DecoderState {
   embkvHeadFill?: number;
   embkvMessage?: Buffer | undefined;
   embkvFill?: number;
+  /** A message above UPFRONT_MESSAGE_BYTES: its header and the parts received so far, and the bytes still to come. */
+  embkvParts?: Buffer[] | undefined;
+  embkvRemaining?: number;
 }
 
 type Write = (this: DecoderState, data: Buffer) => Buffer[];
@@ -124,6 +134,18 @@ const pooledWrite = (original: Write): Write => function (data) {
   const out: Buffer[] = [];
   let at = 0;
   while (at < data.length) {
+    const parts = this.embkvParts;
+    if (parts !== undefined) {
+      const n = Math.min(this.embkvRemaining!, data.length - at);
+      parts.push(data.subarray(at, at + n));
+      at += n;
+      this.embkvRemaining! -= n;
+      if (this.embkvRemaining === 0) {
+        out.push(Buffer.concat(parts));
+        this.embkvParts = undefined;
+      }
+      continue;
+    }
     const message = this.embkvMessage;
     if (message === undefined) {
       // The 1-byte flag and 4-byte length, possibly split across chunks.
@@ -140,6 +162,11 @@ const pooledWrite = (original: Write): Write => function (data) {
       const size = head.readUInt32BE(1);
       if (this.maxReadMessageLength !== -1 && size > this.maxReadMessageLength) {
         throw new Error(`Received message larger than max (${size} vs ${this.maxReadMessageLength})`);
+      }
+      if (size > UPFRONT_MESSAGE_BYTES) {
+        this.embkvParts = [Buffer.from(head)];
+        this.embkvRemaining = size;
+        continue;
       }
       const framed = size >= POOLED_MESSAGE_BYTES ? pool.take(size + 5) : Buffer.allocUnsafe(size + 5);
       head.copy(framed, 0, 0, 5);
