@@ -74,6 +74,16 @@ interface StatusEntry {
   };
 }
 
+/** Whether `pid` is a `kvctl serve` process of this host. */
+function isLocalReplica(pid: number): boolean {
+  try {
+    const argv = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+    return argv.some((a) => a.endsWith('kvctl.js') || a.endsWith('kvctl')) && argv.includes('serve');
+  } catch {
+    return false;
+  }
+}
+
 /** Every replica's rss, and the bytes of `table` v`version` on every replica, summed. */
 function memoryOf(statuses: StatusEntry[], table: string, version: number): { rssBytes: number; versionBytes: number } {
   let rssBytes = 0;
@@ -144,20 +154,27 @@ export async function runEmbkvOnCluster(
     held += Number(first?.versions.find((x) => Number(x.version) === version)?.keys ?? 0);
   }
   if (held !== model.n) throw new Error(`${table} v${version} holds ${held} keys over its groups; the model files have ${model.n} rows (give the files it was loaded from)`);
+  // Replicas' CPU is read from /proc here: only when every replica's pid is a kvctl serve process of
+  // this host (not a replica on another host, or in a PID namespace of its own).
   const pids = statuses.map((s) => s.status?.pid);
+  const local = pids.every((pid) => pid !== undefined && isLocalReplica(pid));
+  if (!local) say('  replicas\' CPU: not measured (not every replica is a kvctl serve process of this host)');
   const client = new EmbeddingClientImpl({ config: manifest, deadlineMs: 60_000 });
   try {
-    const { figures, replicaCpuMsPerRequest } = await timeLookups(client, model, table, version, cfg, () => pids);
-    const { rssBytes, versionBytes } = memoryOf(await kvctlStatus(configPath), table, version);
-    const copies = statuses.length / manifest.groups.length;
-    const stored = model.n * copies;
+    const timed = await timeLookups(client, model, table, version, cfg, () => pids);
+    const statusesAfter = await kvctlStatus(configPath);
+    if (local && !statusesAfter.every((s, i) => s.status?.pid === pids[i])) throw new Error('a replica restarted during the requests: its CPU and memory figures would be wrong');
+    const { rssBytes, versionBytes } = memoryOf(statusesAfter, table, version);
+    // Stored copies of keys: every replica's key count of the version (groups may differ in replicas).
+    let stored = 0;
+    for (const s of statusesAfter) stored += Number(s.status!.tables.find((x) => x.name === table)!.versions.find((x) => Number(x.version) === version)!.keys);
     return {
       figures: {
-        ...figures, replicaCpuMsPerRequest, loadMs: NaN, loadKeysPerSec: NaN, rssBytes, versionBytes,
+        ...timed.figures, replicaCpuMsPerRequest: local ? timed.replicaCpuMsPerRequest : NaN, loadMs: NaN, loadKeysPerSec: NaN, rssBytes, versionBytes,
         rssBytesPerKey: rssBytes / stored, rssGrowthBytesPerKey: NaN, versionBytesPerKey: versionBytes / stored,
       },
       groups: manifest.groups.length,
-      replicas: copies,
+      replicas: Math.round(statuses.length / manifest.groups.length),
       version,
     };
   } finally {

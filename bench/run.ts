@@ -145,12 +145,13 @@ async function onCluster(
     row.groups = e.groups;
     row.replicas = e.replicas;
     const f = e.figures;
+    const replicaCpu = Number.isNaN(f.replicaCpuMsPerRequest) ? 'not measured' : `${f.replicaCpuMsPerRequest.toFixed(0)} ms/req in all`;
     say(`  ${c.table} v${e.version} on ${e.groups} groups x ${e.replicas} replicas; ${o.requests} requests: p50 ${f.p50.toFixed(1)} / p90 ${f.p90.toFixed(1)} / p99 ${f.p99.toFixed(1)} / max ${f.max.toFixed(1)} ms; ` +
-      `client CPU ${f.cpuMsPerRequest.toFixed(1)} ms/req, GC ${f.gcMsPerRequest.toFixed(1)} ms/req; replicas' CPU ${f.replicaCpuMsPerRequest.toFixed(0)} ms/req in all; ` +
+      `client CPU ${f.cpuMsPerRequest.toFixed(1)} ms/req, GC ${f.gcMsPerRequest.toFixed(1)} ms/req; replicas' CPU ${replicaCpu}; ` +
       `${f.verified.toLocaleString('en-US')} vectors checked bit-exact, every found flag checked`);
     say(`  memory: rss ${mb(f.rssBytes)} over the replicas, index+vectors ${mb(f.versionBytes)}`);
     extra.push(`embkv ${c.table} v${e.version}, ${model.n.toLocaleString('en-US')} keys ${e.groups}×${e.replicas} (running cluster): rss ${mb(f.rssBytes)}, index+vectors ${mb(f.versionBytes)}; ` +
-      `replicas' CPU ${f.replicaCpuMsPerRequest.toFixed(0)} ms/req in all; ${f.verified.toLocaleString('en-US')} vectors checked bit-exact`);
+      `replicas' CPU ${replicaCpu}; ${f.verified.toLocaleString('en-US')} vectors checked bit-exact`);
   }
   if (runRedisToo) row.redis = await timeRedis(o, model, res, extra);
   rows.push(row);
