@@ -84,15 +84,29 @@ function isLocalReplica(pid: number): boolean {
   }
 }
 
+type ReplicaStatus = NonNullable<StatusEntry['status']>;
+
+/** Every replica's status; fails naming the first replica that did not answer. */
+function answered(statuses: StatusEntry[]): ReplicaStatus[] {
+  return statuses.map((s) => {
+    if (s.error !== undefined || s.status === undefined) throw new Error(`replica ${s.address} does not answer: ${s.error ?? 'no status'}`);
+    return s.status;
+  });
+}
+
+/** A replica's entry for `table` v`version`, if it holds it. */
+function versionOf(status: ReplicaStatus, table: string, version: number): ReplicaStatus['tables'][number]['versions'][number] | undefined {
+  return status.tables.find((t) => t.name === table)?.versions.find((x) => Number(x.version) === version);
+}
+
 /** Every replica's rss, and the bytes of `table` v`version` on every replica, summed. */
 function memoryOf(statuses: StatusEntry[], table: string, version: number): { rssBytes: number; versionBytes: number } {
   let rssBytes = 0;
   let versionBytes = 0;
-  for (const s of statuses) {
-    if (s.error !== undefined || s.status === undefined) throw new Error(`status of ${s.address}: ${s.error ?? 'no answer'}`);
-    rssBytes += Number(s.status.rssBytes);
-    const v = s.status.tables.find((t) => t.name === table)?.versions.find((x) => Number(x.version) === version);
-    if (v === undefined) throw new Error(`status of ${s.address} lists no ${table} v${version}`);
+  for (const [i, s] of answered(statuses).entries()) {
+    rssBytes += Number(s.rssBytes);
+    const v = versionOf(s, table, version);
+    if (v === undefined) throw new Error(`status of ${statuses[i]!.address} lists no ${table} v${version}`);
     versionBytes += Number(v.bytes);
   }
   return { rssBytes, versionBytes };
@@ -138,20 +152,20 @@ export async function runEmbkvOnCluster(
   const manifest = loadManifest(configPath);
   const statuses = await kvctlStatus(configPath);
   let version = 0;
-  for (const s of statuses) {
-    if (s.error !== undefined || s.status === undefined) throw new Error(`replica ${s.address} does not answer: ${s.error ?? 'no status'}`);
-    const t = s.status.tables.find((x) => x.name === table);
-    if (t === undefined || t.currentVersion === 0) throw new Error(`replica ${s.address} serves no version of table ${table}; load the model first (kvctl load --table ${table} --version 1 --full MODEL --publish)`);
+  for (const [i, s] of answered(statuses).entries()) {
+    const t = s.tables.find((x) => x.name === table);
+    const address = statuses[i]!.address;
+    if (t === undefined || t.currentVersion === 0) throw new Error(`replica ${address} serves no version of table ${table}; load the model first (kvctl load --table ${table} --version 1 --full MODEL --publish)`);
     if (version !== 0 && t.currentVersion !== version) throw new Error(`replicas serve different versions of ${table} (${version} and ${t.currentVersion}): wait for the publish to finish`);
     version = t.currentVersion;
-    const v = t.versions.find((x) => Number(x.version) === version)!;
-    if (v.dim !== model.dim) throw new Error(`${table} v${version} has dim ${v.dim}; the model files have dim ${model.dim}`);
+    const dim = versionOf(s, table, version)!.dim;
+    if (dim !== model.dim) throw new Error(`${table} v${version} has dim ${dim}; the model files have dim ${model.dim}`);
   }
   // Keys over the groups, each counted once (from its first replica).
   let held = 0;
   for (const g of manifest.groups) {
-    const first = statuses.find((s) => s.address === g.replicas[0])?.status?.tables.find((x) => x.name === table);
-    held += Number(first?.versions.find((x) => Number(x.version) === version)?.keys ?? 0);
+    const first = statuses.find((s) => s.address === g.replicas[0])!.status!;
+    held += Number(versionOf(first, table, version)!.keys);
   }
   if (held !== model.n) throw new Error(`${table} v${version} holds ${held} keys over its groups; the model files have ${model.n} rows (give the files it was loaded from)`);
   // Replicas' CPU is read from /proc here: only when every replica's pid is a kvctl serve process of
@@ -167,7 +181,7 @@ export async function runEmbkvOnCluster(
     const { rssBytes, versionBytes } = memoryOf(statusesAfter, table, version);
     // Stored copies of keys: every replica's key count of the version (groups may differ in replicas).
     let stored = 0;
-    for (const s of statusesAfter) stored += Number(s.status!.tables.find((x) => x.name === table)!.versions.find((x) => Number(x.version) === version)!.keys);
+    for (const st of answered(statusesAfter)) stored += Number(versionOf(st, table, version)!.keys);
     return {
       figures: {
         ...timed.figures, replicaCpuMsPerRequest: local ? timed.replicaCpuMsPerRequest : NaN, loadMs: NaN, loadKeysPerSec: NaN, rssBytes, versionBytes,
@@ -390,10 +404,5 @@ export async function runEmbkv(cfg: EmbkvConfig, model: Model, modelDir: string,
 }
 
 async function totalRss(configPath: string): Promise<number> {
-  let rss = 0;
-  for (const s of await kvctlStatus(configPath)) {
-    if (s.error !== undefined || s.status === undefined) throw new Error(`status of ${s.address}: ${s.error ?? 'no answer'}`);
-    rss += Number(s.status.rssBytes);
-  }
-  return rss;
+  return answered(await kvctlStatus(configPath)).reduce((sum, s) => sum + Number(s.rssBytes), 0);
 }

@@ -41,13 +41,14 @@ async function main(o: BenchOptions, argv: string[], res: Resources): Promise<vo
   const loadAtStart = loadLine();
   say(`embkv bench on ${machineLine()}; load average ${loadAtStart}`);
   const inherited = Object.keys(process.env).filter((k) => k.startsWith('MALLOC_')).map((k) => `${k}=${process.env[k]}`).join(' ');
-  const replicasAs = o.cluster !== undefined ? 'the replicas as their cluster started them' : '';
-  const malloc = replicasAs !== '' ? `${describeMallocEnv(CLIENT_MALLOC_ENV)} in the bench (the client), ${replicasAs}` : o.defaultMalloc ? `glibc defaults${inherited ? ` except ${inherited} from the environment` : ''} in every process` :
-    `${describeMallocEnv(CLIENT_MALLOC_ENV)} in the bench (the client), ${describeMallocEnv(REPLICA_MALLOC_ENV, replicaBaseEnv())} in the replicas`;
+  // With --cluster the replicas are not the bench's (and --default-malloc and --default-gc are refused).
+  const replicasAs = o.cluster !== undefined ? 'the replicas as their cluster started them' : undefined;
+  const malloc = o.defaultMalloc ? `glibc defaults${inherited ? ` except ${inherited} from the environment` : ''} in every process` :
+    `${describeMallocEnv(CLIENT_MALLOC_ENV)} in the bench (the client), ${replicasAs ?? `${describeMallocEnv(REPLICA_MALLOC_ENV, replicaBaseEnv())} in the replicas`}`;
   say(`malloc: ${malloc}`);
   const clientFlags = process.execArgv.filter((f) => f.includes('gc')).join(' ');
   const gc = `${clientFlags === '' ? 'V8 default GC threads' : clientFlags} in the bench (the client), ` +
-    (replicasAs !== '' ? replicasAs : `${o.defaultGc ? 'V8 default GC threads' : REPLICA_NODE_FLAGS.join(' ')} in the replicas`);
+    (replicasAs ?? `${o.defaultGc ? 'V8 default GC threads' : REPLICA_NODE_FLAGS.join(' ')} in the replicas`);
   say(`gc: ${gc}`);
   if (o.cluster === undefined) say(`${all.length} configuration(s); requests: ${o.requests} timed (+${o.warmup} warm-up) of ${o.batch.toLocaleString('en-US')} keys, ${(o.absent * 100).toFixed(1)}% absent, dim ${o.dim}`);
   if (o.sweep && runRedisToo) say('redis runs once per key count; its figures repeat on every row of that key count');

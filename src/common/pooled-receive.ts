@@ -13,8 +13,8 @@ import { createRequire } from 'node:module';
  *
  * The decoder is the same state machine as grpc-js's StreamDecoder (a 1-byte flag, a 4-byte
  * big-endian length, the message; the flag and length stay in front of the message), writing into
- * the message's buffer as chunks arrive instead of collecting them (up to UPFRONT_MESSAGE_BYTES). Installed only when grpc-js's own
- * decoder frames a probe exactly that way.
+ * the message's buffer as chunks arrive instead of collecting them (up to UPFRONT_MESSAGE_BYTES).
+ * Installed only when grpc-js's own decoder frames a probe exactly that way.
  */
 
 /** Messages at least this large are received into pooled buffers; smaller ones as grpc-js does. */

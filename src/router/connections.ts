@@ -39,10 +39,12 @@ class Conn implements ReplicaConn {
 export class ClusterConnections {
   /** groups[g][r] */
   readonly groups: readonly ReplicaConn[][];
+  private readonly conns: Conn[][];
 
   constructor(readonly manifest: Manifest) {
     const creds = grpc.credentials.createInsecure();
-    this.groups = manifest.groups.map((g, gi) => g.replicas.map((address, ri) => new Conn(gi, ri, address, new grpc.Channel(address, creds, CHANNEL_OPTIONS), creds)));
+    this.conns = manifest.groups.map((g, gi) => g.replicas.map((address, ri) => new Conn(gi, ri, address, new grpc.Channel(address, creds, CHANNEL_OPTIONS), creds)));
+    this.groups = this.conns;
   }
 
   all(): ReplicaConn[] {
@@ -55,7 +57,7 @@ export class ClusterConnections {
   }
 
   close(): void {
-    for (const c of this.groups.flat() as Conn[]) c.close();
+    for (const c of this.conns.flat()) c.close();
   }
 }
 
