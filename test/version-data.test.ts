@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { SLAB_ROWS, VersionData } from '../src/shard/version-data.js';
+import { homeSlot, SLAB_ROWS, VersionData } from '../src/shard/version-data.js';
 import { mulberry32 } from './helpers/util.js';
 
 
@@ -342,4 +342,57 @@ test('a sealed version of 100k keys of dim 32 holds less than 300 bytes a key', 
   appendInBatches(w, d, [100_000]);
   w.seal();
   assert.ok(w.bytes / d.n < 300, `presized: ${(w.bytes / d.n).toFixed(1)} bytes a key`);
+});
+
+test('homeSlot spreads keys over any slot count, never past its end', () => {
+  const rnd = mulberry32(11);
+  const extremes: [number, number][] = [[0, 0], [0xffffffff, 0xffffffff], [0xffffffff, 0], [0, 0xffffffff]];
+  for (const cap of [1, 3, 1000, 1429, 2 ** 21 + 1, 1_431_655_765]) {
+    for (const [lo, hi] of extremes) assert.ok(homeSlot(lo, hi, cap) < cap);
+    for (let i = 0; i < 20_000; i++) {
+      const s = homeSlot(rnd(), rnd(), cap);
+      assert.ok(Number.isInteger(s) && s >= 0 && s < cap, `slot ${s} of ${cap}`);
+    }
+  }
+  // 100k keys over 1000 slots: about 100 each.
+  const counts = new Uint32Array(1000);
+  for (let i = 0; i < 100_000; i++) counts[homeSlot(i, 7, 1000)]!++;
+  assert.ok(Math.min(...counts) > 50 && Math.max(...counts) < 160, `${Math.min(...counts)}..${Math.max(...counts)} keys a slot`);
+});
+
+test('a version presized for its rows holds them in about 17 bytes of index a key', () => {
+  const d = makeDataset(250_000, 32, 5);
+  const v = new VersionData(d.dim, d.n);
+  appendInBatches(v, d, [8192]);
+  v.seal();
+  const index = v.bytes - d.n * d.dim * 4;
+  assert.ok(index / d.n < 18, `${(index / d.n).toFixed(1)} bytes of index a key`);
+});
+
+test('probe chains that wrap past the last slot survive deletes on both sides of the wrap', () => {
+  const dim = 2;
+  const v = new VersionData(dim, 700); // 1000 slots
+  const rnd = mulberry32(3);
+  // Keys whose probes start in the last three slots or the first two, so chains run over the end.
+  const keys: [number, number][] = [];
+  while (keys.length < 60) {
+    const lo = rnd();
+    const hi = rnd();
+    const s = homeSlot(lo, hi, 1000);
+    if (s >= 997 || s <= 1) keys.push([lo, hi]);
+  }
+  const packed = new Uint32Array(keys.flat());
+  const values = new Float32Array(keys.length * dim).map((_, i) => i);
+  assert.equal(v.append(packed, values, keys.length), -1);
+  const gone = new Set([0, 1, 5, 17, 30, 31, 44, 59]);
+  const del = new Uint32Array([...gone].flatMap((i) => keys[i]!));
+  assert.equal(v.delete(del, gone.size), gone.size);
+  const out = new Float32Array(keys.length * dim);
+  const found = new Uint8Array(keys.length);
+  v.lookup(packed, keys.length, out, found);
+  for (let i = 0; i < keys.length; i++) {
+    assert.equal(found[i], gone.has(i) ? 0 : 1, `key ${i}`);
+    if (!gone.has(i)) assert.deepEqual([...out.subarray(i * dim, i * dim + dim)], [i * dim, i * dim + 1], `key ${i}`);
+  }
+  assert.equal(v.count, keys.length - gone.size);
 });

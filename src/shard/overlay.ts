@@ -16,13 +16,13 @@ const MAX_LOAD = 0.7;
 export class Overlay {
   count = 0;
   private slots: Uint32Array;
-  private mask: number;
+  private cap: number;
   private rows: Float32Array;
   private order: Float64Array;
 
   constructor(readonly dim: number) {
     this.slots = new Uint32Array(MIN_SLOTS * 3);
-    this.mask = MIN_SLOTS - 1;
+    this.cap = MIN_SLOTS;
     this.rows = new Float32Array(64 * dim);
     this.order = new Float64Array(64);
   }
@@ -41,11 +41,11 @@ export class Overlay {
     const dim = this.dim;
     let applied = 0;
     for (let i = 0; i < n; i++) {
-      if (this.count + 1 > (this.mask + 1) * MAX_LOAD) this.grow();
+      if (this.count + 1 > this.cap * MAX_LOAD) this.grow();
       const lo = keys[2 * i]!;
       const hi = keys[2 * i + 1]!;
       const slots = this.slots;
-      const s = probeSlot(slots, this.mask, lo, hi);
+      const s = probeSlot(slots, this.cap, lo, hi);
       let row = slots[3 * s + 2]! - 1;
       if (row >= 0) {
         if (this.order[row]! > order) continue;
@@ -68,10 +68,10 @@ export class Overlay {
     if (this.count === 0) return;
     const dim = this.dim;
     const slots = this.slots;
-    const mask = this.mask;
+    const cap = this.cap;
     const rows = this.rows;
     for (let i = 0; i < n; i++) {
-      const row1 = slots[3 * probeSlot(slots, mask, keys[2 * i]!, keys[2 * i + 1]!) + 2]!;
+      const row1 = slots[3 * probeSlot(slots, cap, keys[2 * i]!, keys[2 * i + 1]!) + 2]!;
       if (row1 === 0) continue;
       let src = (row1 - 1) * dim;
       let dst = i * dim;
@@ -96,9 +96,8 @@ export class Overlay {
   }
 
   private grow(): void {
-    const cap = (this.mask + 1) * 2;
-    this.slots = rehashSlots(this.slots, cap);
-    this.mask = cap - 1;
+    this.cap *= 2;
+    this.slots = rehashSlots(this.slots, this.cap);
   }
 
 

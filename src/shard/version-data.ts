@@ -3,6 +3,8 @@
  *
  *   slots (open addressing, linear probing, 3 words a slot, load ≤ 0.7):
  *     [ keyLo | keyHi | row+1 ] [ keyLo | keyHi | row+1 ] ...      row+1 = 0: empty slot
+ *     A key's probe starts at its hash scaled to the slot count (see homeSlot), so a table sized
+ *     for a load's rows holds them at a load near 0.7 instead of 0.35-0.7 with a power of two.
  *   slabs:   Float32Array[SLAB_ROWS * dim] per slab; row r lives in slabs[r >> SLAB_SHIFT]
  *
  * A version is written only while it is the write version (`sealed === false`); once sealed it is
@@ -25,25 +27,36 @@ export function slotHash(lo: number, hi: number): number {
   return h >>> 0;
 }
 
+/** 2^-32: scales a 32-bit hash to [0, 1). */
+const HASH_SCALE = 2 ** -32;
+
 /**
- * The slot of key (lo, hi) in an open-addressing slot array (3 words a slot: lo, hi, row + 1; 0 =
- * empty) with linear probing: the slot holding the key, or the empty slot that ends its chain, where
- * it would be inserted. `slots[3 * s + 2] === 0` tells which.
+ * Where key (lo, hi)'s probe starts among `cap` slots: its 32-bit hash times cap / 2^32, so any slot
+ * count works (a multiply where a power of two would take a mask). The product is below 2^32 * cap
+ * by at least cap and rounds below it, so the slot is always < cap.
  */
-export function probeSlot(slots: Uint32Array, mask: number, lo: number, hi: number): number {
-  let s = slotHash(lo, hi) & mask;
-  while (slots[3 * s + 2] !== 0 && (slots[3 * s] !== lo || slots[3 * s + 1] !== hi)) s = (s + 1) & mask;
+export function homeSlot(lo: number, hi: number, cap: number): number {
+  return (slotHash(lo, hi) * cap * HASH_SCALE) | 0;
+}
+
+/**
+ * The slot of key (lo, hi) in an open-addressing array of `cap` slots (3 words a slot: lo, hi,
+ * row + 1; 0 = empty) with linear probing: the slot holding the key, or the empty slot that ends its
+ * chain, where it would be inserted. `slots[3 * s + 2] === 0` tells which.
+ */
+export function probeSlot(slots: Uint32Array, cap: number, lo: number, hi: number): number {
+  let s = homeSlot(lo, hi, cap);
+  while (slots[3 * s + 2] !== 0 && (slots[3 * s] !== lo || slots[3 * s + 1] !== hi)) if (++s === cap) s = 0;
   return s;
 }
 
 /** A slot array of `cap` slots (3 words each, third word 0 = empty) holding the entries of `old`. */
 export function rehashSlots(old: Uint32Array, cap: number): Uint32Array {
   const slots = new Uint32Array(cap * 3);
-  const mask = cap - 1;
   for (let o = 0; o < old.length; o += 3) {
     if (old[o + 2] === 0) continue;
-    let s = slotHash(old[o]!, old[o + 1]!) & mask;
-    while (slots[3 * s + 2] !== 0) s = (s + 1) & mask;
+    let s = homeSlot(old[o]!, old[o + 1]!, cap);
+    while (slots[3 * s + 2] !== 0) if (++s === cap) s = 0;
     slots[3 * s] = old[o]!;
     slots[3 * s + 1] = old[o + 1]!;
     slots[3 * s + 2] = old[o + 2]!;
@@ -51,10 +64,9 @@ export function rehashSlots(old: Uint32Array, cap: number): Uint32Array {
   return slots;
 }
 
+/** Slots for `rows` rows at a load of at most MAX_LOAD. */
 function slotsFor(rows: number): number {
-  let cap = MIN_SLOTS;
-  while (cap * MAX_LOAD < rows) cap *= 2;
-  return cap;
+  return Math.max(MIN_SLOTS, Math.ceil(rows / MAX_LOAD));
 }
 
 export class VersionData {
@@ -67,7 +79,8 @@ export class VersionData {
   /** The first row this version owns; rows below it are shared with the base, read-only. */
   private ownFrom = 0;
   private slots: Uint32Array;
-  private mask: number;
+  /** Slots in `slots`. */
+  private cap: number;
   private slabs: Float32Array[] = [];
   /** For an even dim, once sealed: the slabs as Float64 pairs, copied two floats at a time. */
   private slabs64: Float64Array[] | undefined;
@@ -80,7 +93,7 @@ export class VersionData {
     this.dim = dim;
     const cap = slotsFor(expectedRows);
     this.slots = new Uint32Array(cap * 3);
-    this.mask = cap - 1;
+    this.cap = cap;
   }
 
   /** A writable version holding the same entries, sharing this sealed version's vectors. */
@@ -88,7 +101,7 @@ export class VersionData {
     if (!this.sealed) throw new Error('derive from an unsealed version');
     const d = new VersionData(this.dim);
     d.slots = this.slots.slice();
-    d.mask = this.mask;
+    d.cap = this.cap;
     d.slabs = this.slabs.slice();
     d.count = this.count;
     d.rows = this.slabs.length << SLAB_SHIFT;
@@ -112,7 +125,7 @@ export class VersionData {
 
   /** The row of a key, or -1. */
   find(lo: number, hi: number): number {
-    return this.slots[3 * probeSlot(this.slots, this.mask, lo, hi) + 2]! - 1;
+    return this.slots[3 * probeSlot(this.slots, this.cap, lo, hi) + 2]! - 1;
   }
 
   /**
@@ -135,11 +148,11 @@ export class VersionData {
     const row0 = this.rows;
     let stop = -1;
     for (let i = 0; i < n; i++) {
-      if (this.count + 1 > (this.mask + 1) * MAX_LOAD) this.grow();
+      if (this.count + 1 > this.cap * MAX_LOAD) this.grow();
       const lo = keys[2 * i]!;
       const hi = keys[2 * i + 1]!;
       const slots = this.slots;
-      const s = probeSlot(slots, this.mask, lo, hi);
+      const s = probeSlot(slots, this.cap, lo, hi);
       const existed = slots[3 * s + 2] !== 0;
       if (existed && !replace) {
         stop = i;
@@ -174,9 +187,9 @@ export class VersionData {
     if (this.sealed) throw new Error('delete from a sealed version');
     let removed = 0;
     const slots = this.slots;
-    const mask = this.mask;
+    const cap = this.cap;
     for (let i = 0; i < n; i++) {
-      const s = probeSlot(slots, mask, keys[2 * i]!, keys[2 * i + 1]!);
+      const s = probeSlot(slots, cap, keys[2 * i]!, keys[2 * i + 1]!);
       if (slots[3 * s + 2] === 0) continue;
       this.removeSlot(s);
       removed++;
@@ -187,10 +200,10 @@ export class VersionData {
 
   private removeSlot(hole: number): void {
     const slots = this.slots;
-    const mask = this.mask;
-    let s = (hole + 1) & mask;
+    const cap = this.cap;
+    let s = hole + 1 === cap ? 0 : hole + 1;
     while (slots[3 * s + 2] !== 0) {
-      const home = slotHash(slots[3 * s]!, slots[3 * s + 1]!) & mask;
+      const home = homeSlot(slots[3 * s]!, slots[3 * s + 1]!, cap);
       // Move the entry back into the hole if its home is not cyclically within (hole, s].
       const movable = hole <= s ? home <= hole || home > s : home <= hole && home > s;
       if (movable) {
@@ -199,7 +212,7 @@ export class VersionData {
         slots[3 * hole + 2] = slots[3 * s + 2]!;
         hole = s;
       }
-      s = (s + 1) & mask;
+      if (++s === cap) s = 0;
     }
     slots[3 * hole] = 0;
     slots[3 * hole + 1] = 0;
@@ -219,11 +232,9 @@ export class VersionData {
   }
 
   private grow(): void {
-    const cap = (this.mask + 1) * 2;
-    this.slots = rehashSlots(this.slots, cap);
-    this.mask = cap - 1;
+    this.cap *= 2;
+    this.slots = rehashSlots(this.slots, this.cap);
   }
-
 
   /**
    * Looks up n packed keys, writing each vector to `out[i*dim ...]` and 1/0 to `found[i]`; rows of
@@ -274,7 +285,7 @@ export class VersionData {
     const half = this.dim >>> 1;
     const rows = this.blockRows;
     const slots = this.slots;
-    const mask = this.mask;
+    const cap = this.cap;
     let hits = 0;
     let touch = 0;
     for (let base = 0; base < n; base += BLOCK) {
@@ -287,7 +298,7 @@ export class VersionData {
         h ^= h >>> 15;
         h = Math.imul(h, 0x2c1b3c6d);
         h ^= h >>> 12;
-        let sl = (h >>> 0) & mask;
+        let sl = ((h >>> 0) * cap * HASH_SCALE) | 0; // homeSlot()
         let r = -1;
         for (;;) {
           const row1 = slots[3 * sl + 2]!;
@@ -296,7 +307,7 @@ export class VersionData {
             r = row1 - 1;
             break;
           }
-          sl = (sl + 1) & mask;
+          if (++sl === cap) sl = 0;
         }
         rows[i - base] = r;
         if (r >= 0) touch += slabs[r >>> SLAB_SHIFT]![(r & SLAB_MASK) * half]!;
@@ -337,14 +348,14 @@ export class VersionData {
 /** A set of keys (open addressing on the halves), for refusing a key repeated within one delta. */
 export class KeySet {
   private slots: Uint32Array = new Uint32Array(MIN_SLOTS * 3);
-  private mask = MIN_SLOTS - 1;
+  private cap = MIN_SLOTS;
   size = 0;
 
   /** Adds a key; false if it was there already. */
   add(lo: number, hi: number): boolean {
-    if (this.size + 1 > (this.mask + 1) * MAX_LOAD) this.grow();
+    if (this.size + 1 > this.cap * MAX_LOAD) this.grow();
     const slots = this.slots;
-    const s = probeSlot(slots, this.mask, lo, hi);
+    const s = probeSlot(slots, this.cap, lo, hi);
     if (slots[3 * s + 2] !== 0) return false;
     slots[3 * s] = lo;
     slots[3 * s + 1] = hi;
@@ -354,10 +365,8 @@ export class KeySet {
   }
 
   private grow(): void {
-    const cap = (this.mask + 1) * 2;
-    this.slots = rehashSlots(this.slots, cap);
-    this.mask = cap - 1;
+    this.cap *= 2;
+    this.slots = rehashSlots(this.slots, this.cap);
   }
-
 }
 
