@@ -26,7 +26,7 @@ export interface BenchOptions {
   stall: boolean;
   /** --during-load: time requests again while a second version loads into a write version. */
   duringLoad: boolean;
-  /** --default-gc: replicas with V8's default (parallel, concurrent) GC threads. */
+  /** --default-gc: replicas with V8's default GC settings (parallel, concurrent GC threads; young generation). */
   defaultGc: boolean;
   /** --reuse-output: embkv's requests write into one reused pair of result arrays (the SDK's `out`). */
   reuseOutput: boolean;
@@ -83,9 +83,10 @@ export const USAGE = `usage: npm run bench -- [flags]
                        (SIGSTOP) for 60 ms at random moments, a fifth of the time; needs --replicas 2+
   --reuse-output       every request writes into one reused pair of result arrays (getEmbeddings'
                        out option for embkv; the same arrays for Redis's MGET replies)
-  --default-gc         run the replicas with V8's default GC threads instead of the
-                       --single-threaded-gc that cluster up gives them (the bench itself always
-                       runs with V8's defaults, since Redis's client shares its process)
+  --default-gc         run the replicas with V8's default GC settings instead of the
+                       --single-threaded-gc --max-semi-space-size=2 that cluster up gives them (the
+                       bench itself always runs with V8's defaults, since Redis's client shares
+                       its process)
   --default-malloc     run the bench and the replicas with glibc's default malloc settings instead
                        of the ones cluster up sets (and the README recommends for SDK processes)
   --cluster FILE --table NAME --model PATH

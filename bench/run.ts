@@ -48,7 +48,7 @@ async function main(o: BenchOptions, argv: string[], res: Resources): Promise<vo
   say(`malloc: ${malloc}`);
   const clientFlags = process.execArgv.filter((f) => f.includes('gc')).join(' ');
   const gc = `${clientFlags === '' ? 'V8 default GC threads' : clientFlags} in the bench (the client), ` +
-    (replicasAs ?? `${o.defaultGc ? 'V8 default GC threads' : REPLICA_NODE_FLAGS.join(' ')} in the replicas`);
+    (replicasAs ?? `${o.defaultGc ? 'V8 default GC settings' : REPLICA_NODE_FLAGS.join(' ')} in the replicas`);
   say(`gc: ${gc}`);
   if (o.cluster === undefined) say(`${all.length} configuration(s); requests: ${o.requests} timed (+${o.warmup} warm-up) of ${o.batch.toLocaleString('en-US')} keys, ${(o.absent * 100).toFixed(1)}% absent, dim ${o.dim}`);
   if (o.sweep && runRedisToo) say('redis runs once per key count; its figures repeat on every row of that key count');

@@ -308,6 +308,37 @@ test('staged loads: a range of several blocks is read block by block; a refused 
   });
 });
 
+test('staged loads: a block that spans two slabs is read into both; a NaN in its second part is told by its row', async () => {
+  await withShard(async (shard, _reopen, dir) => {
+    // Rows 0-9999, then 10000-19999: the second block crosses the slab boundary at row 16384.
+    await shard.loadBegin('t', 1, DIM, 'load-1', false, false);
+    const s1 = await stage(shard, dir, 1);
+    const r1 = writeStaged(s1.path, [rows(10_000, 1), rows(10_000, 20_001)]);
+    for (const [at, bytes] of r1) await shard.loadRowsFrom('t', 1, 'load-1', at, bytes);
+    assert.equal(await shard.loadSeal('t', 1, 'load-1', 20_000), 20_000);
+    await shard.publish('t', 1, false);
+    const keys = [1, 10_000, 20_001, 26_384, 26_385, 30_000, 5];
+    const q = new Uint32Array(keys.flatMap((k) => [k, 0]));
+    const r = decodeLookupResponse(shard.lookup('t', 0, q));
+    assert.deepEqual(Array.from(r.found), [1, 1, 1, 1, 1, 1, 1]);
+    for (let i = 0; i < keys.length; i++) assert.deepEqual(Array.from(r.values.subarray(i * DIM, (i + 1) * DIM)), Array(DIM).fill(keys[i]), `key ${keys[i]}`);
+
+    // A NaN in row 9000 of a block whose rows 6384 on fall in the next slab.
+    await shard.loadBegin('t', 2, DIM, 'load-2', false, false);
+    const s2 = await stage(shard, dir, 2);
+    const bad = rows(10_000, 20_001);
+    bad.values[9000 * DIM + 1] = NaN;
+    const r2 = writeStaged(s2.path, [rows(10_000, 1), bad]);
+    await shard.loadRowsFrom('t', 2, 'load-2', r2[0]![0], r2[0]![1]);
+    await assert.rejects(shard.loadRowsFrom('t', 2, 'load-2', r2[1]![0], r2[1]![1]), (err: Error & { detail?: unknown }) => {
+      assert.match(err.message, /batch row 9000 \(key 29001\) holds NaN/);
+      assert.deepEqual(err.detail, { row: 9000, block: r2[1]![0], key: '29001' });
+      return true;
+    });
+    await shard.loadAbort('t', 2, 'load-2');
+  });
+});
+
 test('staged loads: a corrupt block, a gap and a probe that does not match are refused; LoadRows takes over an unused stage', async () => {
   await withShard(async (shard, _reopen, dir) => {
     // The probe holds another token: this replica does not see the loader's file system.
