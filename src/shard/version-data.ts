@@ -1,3 +1,5 @@
+import { LookupArena } from './wasm-kernel.js';
+
 /**
  * One version of one table on one replica: keys and vectors in packed typed arrays.
  *
@@ -11,6 +13,10 @@
  * read-only for as long as it is kept, so lookups never take a lock. A delta version is derived from
  * a sealed one: it copies the slots and shares the sealed slabs, appending its own rows to new slabs,
  * so the base keeps serving unchanged while the delta is applied.
+ *
+ * A full version (not derived) of a dim that is a multiple of 4 keeps its slabs in WebAssembly
+ * memory (LookupArena), and once sealed its slots too: its lookups then run in the WebAssembly
+ * kernel. A derived version's rows span its base's memory and its own, so it looks up in JavaScript.
  */
 export const SLAB_SHIFT = 14;
 export const SLAB_ROWS = 1 << SLAB_SHIFT;
@@ -84,6 +90,18 @@ export class VersionData {
   private slabs: Float32Array[] = [];
   /** For an even dim, once sealed: the slabs as Float64 pairs, copied two floats at a time. */
   private slabs64: Float64Array[] | undefined;
+  /** Where a full version's slabs live (undefined: in JavaScript arrays); sealed, its lookups run there. */
+  private arena: LookupArena | undefined;
+  /** No arena for this version: derived, a dim the kernel does not take, or one outgrown. */
+  private noArena = false;
+  /** The arena's buffer the slab views were taken from. */
+  private arenaBuffer: ArrayBuffer | undefined;
+  /** The rows this version was sized for (its arena starts that large). */
+  private readonly expectedRows: number;
+  /** Where slab 0 starts in the arena (slab i follows at i slab lengths). */
+  private rowsOff = 0;
+  /** Where the slot table starts in the arena, while it lives there (a detached view forgets it). */
+  private slotsOff: number | undefined;
   // Rows found in the current block of the lookup kernel, reused across calls.
   private readonly blockRows = new Int32Array(BLOCK);
   /** Where the kernels store what they read to touch rows. */
@@ -92,8 +110,11 @@ export class VersionData {
   constructor(dim: number, expectedRows = 0) {
     this.dim = dim;
     const cap = slotsFor(expectedRows);
-    this.slots = new Uint32Array(cap * 3);
     this.cap = cap;
+    this.expectedRows = expectedRows;
+    // Sized for a load: the slot table goes into the arena now, ahead of the rows (no copy at seal).
+    this.slotsOff = expectedRows > 0 ? this.openArena()?.alloc(cap * 12) : undefined;
+    this.slots = this.slotsOff !== undefined ? new Uint32Array(this.arena!.buffer, this.slotsOff, cap * 3) : new Uint32Array(cap * 3);
   }
 
   /** A writable version holding the same entries, sharing this sealed version's vectors. */
@@ -106,6 +127,7 @@ export class VersionData {
     d.count = this.count;
     d.rows = this.slabs.length << SLAB_SHIFT;
     d.ownFrom = d.rows;
+    d.noArena = true;
     return d;
   }
 
@@ -121,6 +143,11 @@ export class VersionData {
     let b = this.slots.byteLength;
     for (let s = this.ownFrom >>> SLAB_SHIFT; s < this.slabs.length; s++) b += this.slabs[s]!.byteLength;
     return b;
+  }
+
+  /** Which kernel answers this version's lookups: WebAssembly once a full version is sealed in its arena. */
+  get kernel(): 'wasm' | 'js' {
+    return this.sealed && this.arena !== undefined ? 'wasm' : 'js';
   }
 
   /** The row of a key, or -1. */
@@ -175,7 +202,7 @@ export class VersionData {
     while (i < count) {
       const row = row0 + i;
       const slabIdx = row >>> SLAB_SHIFT;
-      if (slabIdx === this.slabs.length) this.slabs.push(new Float32Array(SLAB_ROWS * dim));
+      if (slabIdx === this.slabs.length) this.slabs.push(this.newSlab());
       const m = Math.min(count - i, SLAB_ROWS - (row & SLAB_MASK));
       this.slabs[slabIdx]!.set(values.subarray(i * dim, (i + m) * dim), (row & SLAB_MASK) * dim);
       i += m;
@@ -223,7 +250,19 @@ export class VersionData {
   seal(): void {
     if (this.sealed) return;
     const last = this.slabs.length - 1;
-    if (last >= 0 && last >= this.ownFrom >>> SLAB_SHIFT) {
+    if (this.arena !== undefined) {
+      // Slots and the kernel's scratch go into the arena after the slabs; it never grows again.
+      const slots = this.arena.seal(this.slots, this.cap, this.rowsOff);
+      if (slots === undefined) this.leaveArena();
+      else {
+        this.slots = slots;
+        this.slotsOff = undefined; // sealed: the arena never grows again, the view stays
+        this.viewSlabs();
+        // The last slab's view ends at its last row; the pages past it were never written.
+        if (last >= 0) this.slabs[last] = this.slabs[last]!.subarray(0, (this.rows - (last << SLAB_SHIFT)) * this.dim);
+      }
+    }
+    if (this.arena === undefined && last >= 0 && last >= this.ownFrom >>> SLAB_SHIFT) {
       const used = (this.rows - (last << SLAB_SHIFT)) * this.dim;
       this.slabs[last] = this.slabs[last]!.slice(0, used);
     }
@@ -231,9 +270,60 @@ export class VersionData {
     this.sealed = true;
   }
 
+  /** A slab for the next rows: in the arena for a full version, else a JavaScript array. */
+  private newSlab(): Float32Array {
+    const floats = SLAB_ROWS * this.dim;
+    if (!this.noArena) {
+      const arena = this.openArena();
+      const off = arena?.alloc(floats * 4);
+      if (off !== undefined) {
+        if (this.slabs.length === 0) this.rowsOff = off;
+        this.viewSlabs();
+        return new Float32Array(arena!.buffer, off, floats);
+      }
+      // No kernel for this dim, or past what one arena holds: JavaScript arrays from here on.
+      if (this.arena !== undefined) this.leaveArena();
+      this.noArena = true;
+    }
+    return new Float32Array(floats);
+  }
+
+  /** This version's arena, made at first use (whole slabs for the rows expected: unwritten pages cost address space only). */
+  private openArena(): LookupArena | undefined {
+    if (this.arena === undefined && !this.noArena) {
+      this.arena = LookupArena.create(this.dim, Math.ceil(this.expectedRows / SLAB_ROWS) * SLAB_ROWS, this.cap);
+      if (this.arena === undefined) this.noArena = true;
+      else this.arenaBuffer = this.arena.buffer;
+    }
+    return this.arena;
+  }
+
+  /** Takes the views into the arena again after its memory grew (slab i is at rowsOff + i slab lengths). */
+  private viewSlabs(): void {
+    const buffer = this.arena!.buffer;
+    if (buffer === this.arenaBuffer) return;
+    this.arenaBuffer = buffer;
+    const floats = SLAB_ROWS * this.dim;
+    for (let i = 0; i < this.slabs.length; i++) this.slabs[i] = new Float32Array(buffer, this.rowsOff + i * floats * 4, floats);
+    if (this.slotsOff !== undefined) this.slots = new Uint32Array(buffer, this.slotsOff, this.cap * 3);
+  }
+
+  /** Moves the slabs out of the arena into JavaScript arrays and drops it. */
+  private leaveArena(): void {
+    this.viewSlabs();
+    this.slabs = this.slabs.map((f) => f.slice());
+    if (this.slotsOff !== undefined) this.slots = this.slots.slice();
+    this.slotsOff = undefined;
+    this.arena = undefined;
+    this.arenaBuffer = undefined;
+    this.noArena = true;
+  }
+
   private grow(): void {
     this.cap *= 2;
     this.slots = rehashSlots(this.slots, this.cap);
+    // The new table lives in JavaScript until seal() copies it into the arena.
+    this.slotsOff = undefined;
   }
 
   /**
@@ -242,6 +332,7 @@ export class VersionData {
    * block first, touching each row, then copy, so the CPU overlaps the cache misses.
    */
   lookup(keys: Uint32Array, n: number, out: Float32Array, found: Uint8Array): number {
+    if (this.sealed && this.arena !== undefined) return this.arena.lookup(keys, n, out, found);
     if (this.slabs64 !== undefined && (out.byteOffset & 7) === 0) {
       return this.lookup64(keys, n, new Float64Array(out.buffer, out.byteOffset, out.length / 2), found, this.slabs64);
     }

@@ -1,0 +1,150 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { SLAB_ROWS, VersionData } from '../src/shard/version-data.js';
+import { LOOKUP_KERNEL_WASM } from '../src/shard/wasm-kernel-bytes.js';
+import { mulberry32 } from './helpers/util.js';
+
+/** n distinct random keys and rows of random finite floats. */
+function dataset(n: number, dim: number, seed: number): { keys: Uint32Array; values: Float32Array } {
+  const rnd = mulberry32(seed);
+  const keys = new Uint32Array(2 * n);
+  const seen = new Set<bigint>();
+  for (let i = 0; i < n;) {
+    const lo = rnd();
+    const hi = i % 5 === 0 ? 0 : rnd();
+    const k = (BigInt(hi) << 32n) | BigInt(lo);
+    if (seen.has(k)) continue;
+    seen.add(k);
+    keys[2 * i] = lo;
+    keys[2 * i + 1] = hi;
+    i++;
+  }
+  const values = new Float32Array(n * dim);
+  const bits = new Uint32Array(values.buffer);
+  for (let i = 0; i < bits.length; i++) bits[i] = rnd() & 0xbf7fffff; // exponent never all ones: finite
+  return { keys, values };
+}
+
+/** A request of `q` keys drawn from `keys`, every 7th one absent. */
+function request(keys: Uint32Array, q: number, seed: number): Uint32Array {
+  const rnd = mulberry32(seed);
+  const n = keys.length / 2;
+  const req = new Uint32Array(2 * q);
+  for (let i = 0; i < q; i++) {
+    const r = rnd() % n;
+    req[2 * i] = keys[2 * r]!;
+    req[2 * i + 1] = keys[2 * r + 1]! ^ (i % 7 === 3 ? 0x80000000 : 0);
+  }
+  return req;
+}
+
+function expected(keys: Uint32Array, values: Float32Array, dim: number, req: Uint32Array): { out: Float32Array; found: Uint8Array } {
+  const at = new Map<string, number>();
+  for (let i = 0; i < keys.length / 2; i++) at.set(`${keys[2 * i]}:${keys[2 * i + 1]}`, i);
+  const q = req.length / 2;
+  const out = new Float32Array(q * dim);
+  const found = new Uint8Array(q);
+  for (let i = 0; i < q; i++) {
+    const r = at.get(`${req[2 * i]}:${req[2 * i + 1]}`);
+    if (r === undefined) continue;
+    found[i] = 1;
+    out.set(values.subarray(r * dim, (r + 1) * dim), i * dim);
+  }
+  return { out, found };
+}
+
+const bitsOf = (f: Float32Array): Uint32Array => new Uint32Array(f.buffer, f.byteOffset, f.length);
+
+test('the embedded kernel is src/shard/lookup-kernel.wat compiled (npm run build:kernel)', async () => {
+  const { compileKernel } = (await import('../../scripts/build-kernel.mjs' as string)) as { compileKernel: (p: string) => Promise<Buffer> };
+  const bytes = await compileKernel('src/shard/lookup-kernel.wat');
+  assert.equal(bytes.toString('base64'), LOOKUP_KERNEL_WASM, 'run npm run build:kernel');
+  assert.ok(readFileSync('src/shard/lookup-kernel.wat', 'utf8').includes('(func (export "lookup")'));
+});
+
+test('a sealed full version answers from the WebAssembly kernel, bit-exact, over several slabs and in chunks', () => {
+  for (const [dim, n, q] of [[32, 3 * SLAB_ROWS + 1234, 10_000], [4, 40_000, 4096 * 2 + 5], [12, 5000, 3]] as const) {
+    const d = dataset(n, dim, dim);
+    const v = new VersionData(dim, n);
+    assert.equal(v.append(d.keys, d.values, n), -1);
+    assert.equal(v.kernel, 'js', 'a write version looks up in JavaScript');
+    v.seal();
+    assert.equal(v.kernel, 'wasm', `dim ${dim}`);
+    const req = request(d.keys, q, 99);
+    const want = expected(d.keys, d.values, dim, req);
+    // `out` and `found` hold garbage before: absent rows must come back zeroed.
+    const out = new Float32Array(q * dim).fill(7);
+    const found = new Uint8Array(q).fill(9);
+    const hits = v.lookup(req, q, out, found);
+    assert.deepEqual(found, want.found, `dim ${dim}: found flags`);
+    assert.deepEqual(bitsOf(out), bitsOf(want.out), `dim ${dim}: vectors`);
+    assert.equal(hits, want.found.reduce((a, b) => a + b, 0));
+    assert.equal(v.bytes, v.count * dim * 4 + Math.ceil(Math.ceil(n * 1) / 0.7) * 12, `dim ${dim}: bytes are the rows and the slots`);
+  }
+});
+
+test('dims the kernel does not take, and versions derived from a sealed one, look up in JavaScript, bit-exact', () => {
+  const odd = new VersionData(6, 100);
+  const d6 = dataset(100, 6, 1);
+  odd.append(d6.keys, d6.values, 100);
+  odd.seal();
+  assert.equal(odd.kernel, 'js');
+
+  const dim = 8;
+  const n = SLAB_ROWS + 100;
+  const d = dataset(n, dim, 2);
+  const base = new VersionData(dim, n);
+  base.append(d.keys, d.values, n);
+  base.seal();
+  assert.equal(base.kernel, 'wasm');
+  // A delta replaces the first 10 rows and adds 5.
+  const delta = base.derive();
+  const extra = dataset(15, dim, 3);
+  const upKeys = new Uint32Array([...d.keys.subarray(0, 20), ...extra.keys.subarray(0, 10)]);
+  delta.upsert(upKeys, extra.values, 15);
+  delta.seal();
+  assert.equal(delta.kernel, 'js');
+  const keys = new Uint32Array([...d.keys.subarray(0, 20), ...extra.keys.subarray(0, 10), ...d.keys.subarray(40, 60)]);
+  const vals = new Float32Array([...extra.values, ...d.values.subarray(20 * dim, 30 * dim)]);
+  const req = request(keys, 2000, 5);
+  const want = expected(keys, vals, dim, req);
+  const out = new Float32Array(2000 * dim);
+  const found = new Uint8Array(2000);
+  delta.lookup(req, 2000, out, found);
+  assert.deepEqual(found, want.found);
+  assert.deepEqual(bitsOf(out), bitsOf(want.out));
+  // The base still answers its own rows, unchanged.
+  const req0 = request(d.keys, 3000, 6);
+  const want0 = expected(d.keys, d.values, dim, req0);
+  const out0 = new Float32Array(3000 * dim);
+  const found0 = new Uint8Array(3000);
+  base.lookup(req0, 3000, out0, found0);
+  assert.deepEqual(found0, want0.found);
+  assert.deepEqual(bitsOf(out0), bitsOf(want0.out));
+});
+
+test('a version that outgrows the rows it was sized for moves its slots out, grows its arena, and still answers bit-exact', () => {
+  const dim = 16;
+  const n = 60_000;
+  const d = dataset(n, dim, 8);
+  const v = new VersionData(dim, 20_000); // sized for a third of what comes
+  for (let at = 0; at < n; at += 7000) {
+    const m = Math.min(7000, n - at);
+    assert.equal(v.append(d.keys.subarray(2 * at, 2 * (at + m)), d.values.subarray(at * dim, (at + m) * dim), m), -1);
+  }
+  v.seal();
+  assert.equal(v.kernel, 'wasm');
+  assert.equal(v.count, n);
+  const req = request(d.keys, 9000, 4);
+  const want = expected(d.keys, d.values, dim, req);
+  const out = new Float32Array(9000 * dim);
+  const found = new Uint8Array(9000);
+  v.lookup(req, 9000, out, found);
+  assert.deepEqual(found, want.found);
+  assert.deepEqual(bitsOf(out), bitsOf(want.out));
+  // forEach sees every row through the arena's views.
+  let seen = 0;
+  v.forEach(() => seen++);
+  assert.equal(seen, n);
+});
