@@ -70,7 +70,13 @@ export class LookupArena {
   static create(dim: number, expectedRows = 0, slots = 0): LookupArena | undefined {
     if (dim <= 0 || dim % 4 !== 0) return undefined;
     const mod = kernelModule();
-    return mod === undefined ? undefined : new LookupArena(mod, dim, expectedRows * dim * 4 + slots * 12 + CHUNK * (dim * 4 + 9) + 4 * 64);
+    if (mod === undefined) return undefined;
+    try {
+      return new LookupArena(mod, dim, expectedRows * dim * 4 + slots * 12 + CHUNK * (dim * 4 + 9) + 4 * 64);
+    } catch {
+      // No address space for another memory (each reserves its 4 GiB): this version uses JavaScript arrays.
+      return undefined;
+    }
   }
 
   /** The memory's current buffer (a new one after each growth). */
@@ -91,7 +97,13 @@ export class LookupArena {
     if (end > ARENA_MAX_BYTES) return undefined;
     const have = this.memory.buffer.byteLength;
     // Grow in steps of at least 16 MiB: address space, not memory, until written.
-    if (end > have) this.memory.grow(Math.max(Math.ceil((end - have) / PAGE), Math.min(256, ARENA_MAX_BYTES / PAGE - have / PAGE)));
+    if (end > have) {
+      try {
+        this.memory.grow(Math.max(Math.ceil((end - have) / PAGE), Math.min(256, ARENA_MAX_BYTES / PAGE - have / PAGE)));
+      } catch {
+        return undefined; // the system refused the memory: the caller moves to JavaScript arrays
+      }
+    }
     this.used = end;
     return off;
   }
