@@ -1,5 +1,6 @@
 // The lookup kernel alone, in one process: 150k random present keys from a 1M-key dim-32 version.
-// `node dist/bench/kernel.js` prints the median of 15 runs for each copy path.
+// `node dist/bench/kernel.js` prints the median of 15 runs for each kernel: a write version's
+// (JavaScript, float32 copies) and a sealed one's (WebAssembly, src/shard/lookup-kernel.wat).
 import { randomFillSync } from 'node:crypto';
 import { VersionData } from '../src/shard/version-data.js';
 
@@ -34,4 +35,4 @@ function median(label: string): void {
 
 median('write version (float32 copies)');
 v.seal();
-median('sealed version (float64 pairs)');
+median(`sealed version (${v.kernel === 'wasm' ? 'WebAssembly' : 'JavaScript, float64 pairs'})`);
