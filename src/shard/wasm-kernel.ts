@@ -96,10 +96,12 @@ export class LookupArena {
     const end = off + bytes;
     if (end > ARENA_MAX_BYTES) return undefined;
     const have = this.memory.buffer.byteLength;
-    // Grow in steps of at least 16 MiB: address space, not memory, until written.
+    // Grow by at least a quarter (16 MiB at first): address space, not memory, until written, and
+    // few growths, each of which V8 counts as new external memory.
     if (end > have) {
       try {
-        this.memory.grow(Math.max(Math.ceil((end - have) / PAGE), Math.min(256, ARENA_MAX_BYTES / PAGE - have / PAGE)));
+        const step = Math.max(256, Math.ceil(have / PAGE / 4));
+        this.memory.grow(Math.max(Math.ceil((end - have) / PAGE), Math.min(step, ARENA_MAX_BYTES / PAGE - have / PAGE)));
       } catch {
         return undefined; // the system refused the memory: the caller moves to JavaScript arrays
       }
