@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { SLAB_ROWS, VersionData } from '../src/shard/version-data.js';
 import { LOOKUP_KERNEL_WASM } from '../src/shard/wasm-kernel-bytes.js';
+import { LookupArena } from '../src/shard/wasm-kernel.js';
 import { mulberry32 } from './helpers/util.js';
 
 /** n distinct random keys and rows of random finite floats. */
@@ -147,4 +148,11 @@ test('a version that outgrows the rows it was sized for moves its slots out, gro
   let seen = 0;
   v.forEach(() => seen++);
   assert.equal(seen, n);
+});
+
+test('a version expected past what one WebAssembly memory holds stays in JavaScript arrays', () => {
+  // 300M rows of dim 4 are 4.8 GB: more than one memory takes (nothing is allocated to find out).
+  assert.equal(LookupArena.create(4, 300_000_000, 0), undefined);
+  assert.notEqual(LookupArena.create(4, 1000, 2000), undefined);
+  assert.equal(LookupArena.create(6, 1000, 2000), undefined, 'dim 6: rows are not whole 16-byte moves');
 });

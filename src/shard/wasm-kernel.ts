@@ -71,8 +71,12 @@ export class LookupArena {
     if (dim <= 0 || dim % 4 !== 0) return undefined;
     const mod = kernelModule();
     if (mod === undefined) return undefined;
+    const bytes = expectedRows * dim * 4 + slots * 12 + CHUNK * (dim * 4 + 9) + 4 * 64;
+    // A version expected past what one memory holds starts in JavaScript arrays rather than fill
+    // the memory and move out of it.
+    if (bytes > ARENA_MAX_BYTES) return undefined;
     try {
-      return new LookupArena(mod, dim, expectedRows * dim * 4 + slots * 12 + CHUNK * (dim * 4 + 9) + 4 * 64);
+      return new LookupArena(mod, dim, bytes);
     } catch {
       // No address space for another memory (each reserves its 4 GiB): this version uses JavaScript arrays.
       return undefined;
