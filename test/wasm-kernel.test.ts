@@ -156,3 +156,42 @@ test('a version expected past what one WebAssembly memory holds stays in JavaScr
   assert.notEqual(LookupArena.create(4, 1000, 2000), undefined);
   assert.equal(LookupArena.create(6, 1000, 2000), undefined, 'dim 6: rows are not whole 16-byte moves');
 });
+
+test('a probe starts where JavaScript starts it, also where the hash times the slot count rounds (past 2^53)', () => {
+  // Sized for 2M rows: 2,857,143 slots. This key's hash (3992533753) times that count rounds up to
+  // the next multiple of 2^32 in doubles, so an exact multiply would start its probe a slot early.
+  const v = new VersionData(4, 2_000_000);
+  const key = new Uint32Array([460979979, 0]);
+  assert.equal(v.append(key, new Float32Array([1, 2, 3, 4]), 1), -1);
+  v.seal();
+  assert.equal(v.kernel, 'wasm');
+  const out = new Float32Array(4);
+  const found = new Uint8Array(1);
+  assert.equal(v.lookup(key, 1, out, found), 1);
+  assert.deepEqual([...out], [1, 2, 3, 4]);
+});
+
+test('a growth the system refuses mid-load moves the rows to JavaScript arrays and the load goes on', () => {
+  const dim = 4;
+  const n = 2 * SLAB_ROWS + 10;
+  const d = dataset(n, dim, 12);
+  const v = new VersionData(dim, SLAB_ROWS); // sized for one slab: the second needs a growth
+  const grow = WebAssembly.Memory.prototype.grow;
+  WebAssembly.Memory.prototype.grow = (): number => {
+    throw new RangeError('refused');
+  };
+  try {
+    assert.equal(v.append(d.keys, d.values, n), -1);
+  } finally {
+    WebAssembly.Memory.prototype.grow = grow;
+  }
+  v.seal();
+  assert.equal(v.kernel, 'js');
+  const req = request(d.keys, 5000, 13);
+  const want = expected(d.keys, d.values, dim, req);
+  const out = new Float32Array(5000 * dim);
+  const found = new Uint8Array(5000);
+  v.lookup(req, 5000, out, found);
+  assert.deepEqual(found, want.found);
+  assert.deepEqual(bitsOf(out), bitsOf(want.out));
+});

@@ -5,7 +5,7 @@
 ;;   keys:  n packed keys (lo, hi uint32 pairs)          slots: cap slots of 3 uint32 (lo, hi, row + 1; 0 = empty)
 ;;   rows:  row r at rows + r * rowBytes                   out:   n rows written, absent ones zeroed
 ;;   found: n bytes, 1 or 0                                blk:   64 bytes of scratch (16 rows)
-;; The probe is VersionData's: slotHash, scaled to the slot count, linear probing. Blocks of 16 keys:
+;; The probe is VersionData's: slotHash, scaled to the slot count in doubles, linear probing. Blocks of 16 keys:
 ;; find and touch the rows of the whole block first, then copy them 16 bytes at a time, so the CPU
 ;; overlaps the cache misses. rowBytes is a multiple of 16.
 (module
@@ -30,7 +30,10 @@
           (local.set $h (i32.xor (local.get $h) (i32.shr_u (local.get $h) (i32.const 15))))
           (local.set $h (i32.mul (local.get $h) (i32.const 0x2c1b3c6d)))
           (local.set $h (i32.xor (local.get $h) (i32.shr_u (local.get $h) (i32.const 12))))
-          (local.set $s (i32.wrap_i64 (i64.shr_u (i64.mul (i64.extend_i32_u (local.get $h)) (i64.extend_i32_u (local.get $cap))) (i64.const 32))))
+          ;; homeSlot(): h * cap * 2^-32 in doubles, as JavaScript computes it (the product rounds
+          ;; once past 2^53, so an exact integer multiply could start a probe one slot early).
+          (local.set $s (i32.trunc_f64_u (f64.mul (f64.mul (f64.convert_i32_u (local.get $h)) (f64.convert_i32_u (local.get $cap)))
+                                                  (f64.const 0x1p-32))))
           (local.set $r (i32.const -1))
           (block $hit (loop $probe
             (local.set $p (i32.add (local.get $slots) (i32.mul (local.get $s) (i32.const 12))))

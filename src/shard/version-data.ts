@@ -202,7 +202,11 @@ export class VersionData {
     while (i < count) {
       const row = row0 + i;
       const slabIdx = row >>> SLAB_SHIFT;
-      if (slabIdx === this.slabs.length) this.slabs.push(this.newSlab());
+      if (slabIdx === this.slabs.length) {
+        // newSlab() may replace this.slabs (moving out of the arena): push to the array it leaves.
+        const slab = this.newSlab();
+        this.slabs.push(slab);
+      }
       const m = Math.min(count - i, SLAB_ROWS - (row & SLAB_MASK));
       this.slabs[slabIdx]!.set(values.subarray(i * dim, (i + m) * dim), (row & SLAB_MASK) * dim);
       i += m;
