@@ -57,6 +57,22 @@ function expected(keys: Uint32Array, values: Float32Array, dim: number, req: Uin
 
 const bitsOf = (f: Float32Array): Uint32Array => new Uint32Array(f.buffer, f.byteOffset, f.length);
 
+/**
+ * Looks up q keys drawn from `keys` (every 7th absent) into arrays holding garbage, and checks
+ * every found flag and every vector's bits against the dataset; returns the hits lookup counted.
+ */
+function checkLookups(v: VersionData, keys: Uint32Array, values: Float32Array, dim: number, q: number, seed: number, label = ''): number {
+  const req = request(keys, q, seed);
+  const want = expected(keys, values, dim, req);
+  const out = new Float32Array(q * dim).fill(7);
+  const found = new Uint8Array(q).fill(9);
+  const hits = v.lookup(req, q, out, found);
+  assert.deepEqual(found, want.found, `${label} found flags`);
+  assert.deepEqual(bitsOf(out), bitsOf(want.out), `${label} vectors`);
+  assert.equal(hits, want.found.reduce((a, b) => a + b, 0), `${label} hits`);
+  return hits;
+}
+
 test('the embedded kernel is src/shard/lookup-kernel.wat compiled (npm run build:kernel)', async () => {
   const { compileKernel } = (await import('../../scripts/build-kernel.mjs' as string)) as { compileKernel: (p: string) => Promise<Buffer> };
   const bytes = await compileKernel('src/shard/lookup-kernel.wat');
@@ -72,15 +88,8 @@ test('a sealed full version answers from the WebAssembly kernel, bit-exact, over
     assert.equal(v.kernel, 'js', 'a write version looks up in JavaScript');
     v.seal();
     assert.equal(v.kernel, 'wasm', `dim ${dim}`);
-    const req = request(d.keys, q, 99);
-    const want = expected(d.keys, d.values, dim, req);
     // `out` and `found` hold garbage before: absent rows must come back zeroed.
-    const out = new Float32Array(q * dim).fill(7);
-    const found = new Uint8Array(q).fill(9);
-    const hits = v.lookup(req, q, out, found);
-    assert.deepEqual(found, want.found, `dim ${dim}: found flags`);
-    assert.deepEqual(bitsOf(out), bitsOf(want.out), `dim ${dim}: vectors`);
-    assert.equal(hits, want.found.reduce((a, b) => a + b, 0));
+    checkLookups(v, d.keys, d.values, dim, q, 99, `dim ${dim}:`);
     assert.equal(v.bytes, v.count * dim * 4 + Math.ceil(Math.ceil(n * 1) / 0.7) * 12, `dim ${dim}: bytes are the rows and the slots`);
   }
 });
@@ -108,21 +117,9 @@ test('dims the kernel does not take, and versions derived from a sealed one, loo
   assert.equal(delta.kernel, 'js');
   const keys = new Uint32Array([...d.keys.subarray(0, 20), ...extra.keys.subarray(0, 10), ...d.keys.subarray(40, 60)]);
   const vals = new Float32Array([...extra.values, ...d.values.subarray(20 * dim, 30 * dim)]);
-  const req = request(keys, 2000, 5);
-  const want = expected(keys, vals, dim, req);
-  const out = new Float32Array(2000 * dim);
-  const found = new Uint8Array(2000);
-  delta.lookup(req, 2000, out, found);
-  assert.deepEqual(found, want.found);
-  assert.deepEqual(bitsOf(out), bitsOf(want.out));
+  checkLookups(delta, keys, vals, dim, 2000, 5, 'delta:');
   // The base still answers its own rows, unchanged.
-  const req0 = request(d.keys, 3000, 6);
-  const want0 = expected(d.keys, d.values, dim, req0);
-  const out0 = new Float32Array(3000 * dim);
-  const found0 = new Uint8Array(3000);
-  base.lookup(req0, 3000, out0, found0);
-  assert.deepEqual(found0, want0.found);
-  assert.deepEqual(bitsOf(out0), bitsOf(want0.out));
+  checkLookups(base, d.keys, d.values, dim, 3000, 6, 'base:');
 });
 
 test('a version that outgrows the rows it was sized for moves its slots out, grows its arena, and still answers bit-exact', () => {
@@ -137,13 +134,7 @@ test('a version that outgrows the rows it was sized for moves its slots out, gro
   v.seal();
   assert.equal(v.kernel, 'wasm');
   assert.equal(v.count, n);
-  const req = request(d.keys, 9000, 4);
-  const want = expected(d.keys, d.values, dim, req);
-  const out = new Float32Array(9000 * dim);
-  const found = new Uint8Array(9000);
-  v.lookup(req, 9000, out, found);
-  assert.deepEqual(found, want.found);
-  assert.deepEqual(bitsOf(out), bitsOf(want.out));
+  checkLookups(v, d.keys, d.values, dim, 9000, 4);
   // forEach sees every row through the arena's views.
   let seen = 0;
   v.forEach(() => seen++);
@@ -187,11 +178,5 @@ test('a growth the system refuses mid-load moves the rows to JavaScript arrays a
   }
   v.seal();
   assert.equal(v.kernel, 'js');
-  const req = request(d.keys, 5000, 13);
-  const want = expected(d.keys, d.values, dim, req);
-  const out = new Float32Array(5000 * dim);
-  const found = new Uint8Array(5000);
-  v.lookup(req, 5000, out, found);
-  assert.deepEqual(found, want.found);
-  assert.deepEqual(bitsOf(out), bitsOf(want.out));
+  checkLookups(v, d.keys, d.values, dim, 5000, 13);
 });

@@ -19,7 +19,12 @@ import { LOOKUP_KERNEL_WASM } from './wasm-kernel-bytes.js';
 const CHUNK = 4096;
 const PAGE = 65536;
 /** The most one version keeps in WebAssembly memory (a wasm32 memory addresses 4 GiB). */
-export const ARENA_MAX_BYTES = 3 * 2 ** 30;
+const ARENA_MAX_BYTES = 3 * 2 ** 30;
+
+/** The kernel's scratch for rows of `dim` floats: a chunk's keys, rows and found flags, and 64 bytes of block rows. */
+function scratchBytes(dim: number): number {
+  return CHUNK * 8 + CHUNK * dim * 4 + CHUNK + 64;
+}
 
 type KernelFn = (keys: number, n: number, slots: number, cap: number, rows: number, rowBytes: number, out: number, found: number, blk: number) => number;
 
@@ -42,10 +47,7 @@ interface Sealed {
   cap: number;
   slotsOff: number;
   rowsOff: number;
-  keysOff: number;
-  outOff: number;
-  foundOff: number;
-  blkOff: number;
+  /** The scratch, as views: a chunk's keys, then its rows, then its found flags, then 64 bytes of block rows. */
   keys: Uint32Array;
   out: Float32Array;
   found: Uint8Array;
@@ -56,7 +58,7 @@ export class LookupArena {
   private used = 0;
   private sealedAt: Sealed | undefined;
 
-  private constructor(private readonly module: WebAssembly.Module, readonly dim: number, expectedBytes: number) {
+  private constructor(private readonly module: WebAssembly.Module, private readonly dim: number, expectedBytes: number) {
     // Sized for the rows expected at once: V8 counts each growth of a memory as external memory
     // and started extra mark-compacts (~50 ms each in a replica) for a load that grew it slab by slab.
     const initial = Math.min(Math.ceil(expectedBytes / PAGE), ARENA_MAX_BYTES / PAGE);
@@ -71,14 +73,14 @@ export class LookupArena {
     if (dim <= 0 || dim % 4 !== 0) return undefined;
     const mod = kernelModule();
     if (mod === undefined) return undefined;
-    const bytes = expectedRows * dim * 4 + slots * 12 + CHUNK * (dim * 4 + 9) + 4 * 64;
+    const bytes = expectedRows * dim * 4 + slots * 12 + scratchBytes(dim) + 2 * 64;
     // A version expected past what one memory holds starts in JavaScript arrays rather than fill
     // the memory and move out of it.
     if (bytes > ARENA_MAX_BYTES) return undefined;
     try {
       return new LookupArena(mod, dim, bytes);
     } catch {
-      // No address space for another memory (each reserves its 4 GiB): this version uses JavaScript arrays.
+      // No address space for another memory (each reserves its maximum): this version uses JavaScript arrays.
       return undefined;
     }
   }
@@ -86,11 +88,6 @@ export class LookupArena {
   /** The memory's current buffer (a new one after each growth). */
   get buffer(): ArrayBuffer {
     return this.memory.buffer;
-  }
-
-  /** Bytes allocated so far. */
-  get bytes(): number {
-    return this.used;
   }
 
   /** Allocates `bytes` (64-byte aligned) at the end; undefined if that passes ARENA_MAX_BYTES. */
@@ -120,24 +117,20 @@ export class LookupArena {
    * undefined if it does not fit (the caller keeps its own).
    */
   seal(slots: Uint32Array, cap: number, rowsOff: number): Uint32Array | undefined {
-    const rowBytes = this.dim * 4;
     const inside = slots.buffer === this.memory.buffer;
     const slotsOff = inside ? slots.byteOffset : this.alloc(slots.byteLength);
-    const keysOff = this.alloc(CHUNK * 8);
-    const outOff = this.alloc(CHUNK * rowBytes);
-    const foundOff = this.alloc(CHUNK);
-    const blkOff = this.alloc(64);
-    if (slotsOff === undefined || keysOff === undefined || outOff === undefined || foundOff === undefined || blkOff === undefined) return undefined;
+    const scratchOff = this.alloc(scratchBytes(this.dim));
+    if (slotsOff === undefined || scratchOff === undefined) return undefined;
     const buf = this.memory.buffer;
     const view = new Uint32Array(buf, slotsOff, slots.length);
     if (!inside) view.set(slots);
     const instance = new WebAssembly.Instance(this.module, { env: { memory: this.memory } });
     this.sealedAt = {
       fn: instance.exports['lookup'] as KernelFn,
-      cap, slotsOff, rowsOff, keysOff, outOff, foundOff, blkOff,
-      keys: new Uint32Array(buf, keysOff, CHUNK * 2),
-      out: new Float32Array(buf, outOff, CHUNK * this.dim),
-      found: new Uint8Array(buf, foundOff, CHUNK),
+      cap, slotsOff, rowsOff,
+      keys: new Uint32Array(buf, scratchOff, CHUNK * 2),
+      out: new Float32Array(buf, scratchOff + CHUNK * 8, CHUNK * this.dim),
+      found: new Uint8Array(buf, scratchOff + CHUNK * 8 + CHUNK * this.dim * 4, CHUNK),
     };
     return view;
   }
@@ -154,7 +147,7 @@ export class LookupArena {
     for (let base = 0; base < n; base += CHUNK) {
       const m = Math.min(CHUNK, n - base);
       s.keys.set(keys.subarray(2 * base, 2 * (base + m)));
-      hits += s.fn(s.keysOff, m, s.slotsOff, s.cap, s.rowsOff, dim * 4, s.outOff, s.foundOff, s.blkOff);
+      hits += s.fn(s.keys.byteOffset, m, s.slotsOff, s.cap, s.rowsOff, dim * 4, s.out.byteOffset, s.found.byteOffset, s.found.byteOffset + CHUNK);
       out.set(s.out.subarray(0, m * dim), base * dim);
       found.set(s.found.subarray(0, m), base);
     }
