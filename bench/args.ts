@@ -1,4 +1,5 @@
 import { parseArgs } from 'node:util';
+import { REDIS_CLIENTS, defaultRedisClients, parseRedisClients, type RedisClientSpec } from './redis-clients.js';
 
 /** What one `npm run bench -- ...` asks for, validated. */
 export interface BenchOptions {
@@ -18,6 +19,8 @@ export interface BenchOptions {
   only: 'embkv' | 'redis' | undefined;
   redisConcurrency: number;
   redisBatch: number;
+  /** The Redis clients timed side by side (--redis-clients); the fastest is the one compared. */
+  redisClients: RedisClientSpec[];
   sweep: boolean;
   big: boolean;
   appendResults: boolean;
@@ -76,6 +79,10 @@ export const USAGE = `usage: npm run bench -- [flags]
   --only embkv|redis   run only one of the two stores (--only redis implies --redis)
   --redis-concurrency C  concurrent MGETs per request (default ${DEFAULTS.redisConcurrency})
   --redis-batch M      pairs per MSET while loading Redis (default ${DEFAULTS.redisBatch})
+  --redis-clients LIST the Node clients Redis is read with, timed side by side on the same requests;
+                       the fastest is the one embkv is compared with. Comma-separated, from
+                       ${REDIS_CLIENTS.join(', ')}; CLIENT:N for N connections, CLIENT alone for 1
+                       and --redis-concurrency connections (default: all three, both ways)
   --sweep              run keys 1M, 2M x groups 1, 4, 8, 16 (ignores --keys and --groups)
   --big                with --sweep, also 10M keys (needs several GB of RAM)
   --during-load        then time requests again while version 2 of the model loads (reads stay on v1)
@@ -135,6 +142,7 @@ export function parseBenchArgs(argv: string[]): BenchOptions {
       'reuse-output': { type: 'boolean', default: false },
       'default-gc': { type: 'boolean', default: false },
       note: { type: 'string' },
+      'redis-clients': { type: 'string' },
       cluster: { type: 'string' },
       table: { type: 'string' },
       model: { type: 'string' },
@@ -163,6 +171,7 @@ export function parseBenchArgs(argv: string[]): BenchOptions {
     only,
     redisConcurrency: int('redis-concurrency', DEFAULTS.redisConcurrency, 1, 1024),
     redisBatch: int('redis-batch', DEFAULTS.redisBatch, 1, 100_000),
+    redisClients: [],
     sweep: v['sweep'] === true,
     big: v['big'] === true,
     appendResults: v['append-results'] === true,
@@ -175,6 +184,7 @@ export function parseBenchArgs(argv: string[]): BenchOptions {
     cluster: undefined,
     help: v['help'] === true,
   };
+  o.redisClients = typeof v['redis-clients'] === 'string' ? parseRedisClients(v['redis-clients'], o.redisConcurrency) : defaultRedisClients(o.redisConcurrency);
   const clusterFlags = (['cluster', 'table', 'model'] as const).filter((f) => typeof v[f] === 'string');
   if (clusterFlags.length > 0) {
     if (clusterFlags.length < 3) throw new Error('--cluster, --table and --model go together: the running cluster, the table to ask, and the NumPy files it was loaded from');
@@ -184,6 +194,7 @@ export function parseBenchArgs(argv: string[]): BenchOptions {
   }
   if (o.stall && o.replicas < 2) throw new Error('--stall freezes replica 0 of every group: give --replicas 2 or more');
   if (o.big && !o.sweep) throw new Error('--big only adds 10M keys to --sweep; for one big run give --keys 10M');
+  if (typeof v['redis-clients'] === 'string' && !o.redis) throw new Error('--redis-clients chooses the clients of the Redis phase: give --redis too');
   if (o.only === 'embkv' && v['redis'] === true) throw new Error('--only embkv and --redis contradict each other');
   return o;
 }

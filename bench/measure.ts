@@ -55,57 +55,89 @@ export interface TimedRun<R> {
 
 /** Runs warm-up then timed requests one after another. Request numbers run 0 .. warmup + requests - 1. */
 export async function timeRequests<R>(t: TimedRun<R>): Promise<RequestFigures> {
+  const [figures] = await timeInterleaved({ warmup: t.warmup, requests: t.requests, prepare: t.prepare, series: [{ call: t.call, check: t.check }] });
+  return figures!;
+}
+
+/** One of several ways of making the same requests, timed side by side by timeInterleaved. */
+export interface Series<R> {
+  call: () => Promise<R>;
+  check: (answer: R, r: number) => number;
+}
+
+export interface InterleavedRun<R> {
+  warmup: number;
+  requests: number;
+  /** Prepares request r (outside the timed windows); every series then makes that request. */
+  prepare: (r: number) => void;
+  series: readonly Series<R>[];
+}
+
+/**
+ * Every series makes request r, one after another, before any makes request r + 1; the series that
+ * goes first moves on by one each request. A machine that gets slower or faster during the run then
+ * weighs on every series alike, so their figures compare within the run.
+ */
+export async function timeInterleaved<R>(t: InterleavedRun<R>): Promise<RequestFigures[]> {
   observeGc();
   gcEntries.length = 0;
-  const windows: [number, number][] = [];
-  const latencies: number[] = [];
-  let cpuMicros = 0;
-  let verified = 0;
+  const k = t.series.length;
+  const windows: [number, number][][] = t.series.map(() => []);
+  const latencies: number[][] = t.series.map(() => []);
+  const cpuMicros: number[] = t.series.map(() => 0);
+  const verified: number[] = t.series.map(() => 0);
   for (let r = 0; r < t.warmup + t.requests; r++) {
     t.prepare(r);
     const timed = r >= t.warmup;
-    const cpu0 = process.cpuUsage();
-    const t0 = performance.now();
-    const answer = await t.call();
-    const t1 = performance.now();
-    const cpu = process.cpuUsage(cpu0);
-    if (timed) {
-      latencies.push(t1 - t0);
-      windows.push([t0, t1]);
-      cpuMicros += cpu.user + cpu.system;
+    for (let j = 0; j < k; j++) {
+      const s = (r + j) % k;
+      const series = t.series[s]!;
+      const cpu0 = process.cpuUsage();
+      const t0 = performance.now();
+      const answer = await series.call();
+      const t1 = performance.now();
+      const cpu = process.cpuUsage(cpu0);
+      if (timed) {
+        latencies[s]!.push(t1 - t0);
+        windows[s]!.push([t0, t1]);
+        cpuMicros[s]! += cpu.user + cpu.system;
+      }
+      verified[s]! += series.check(answer, r);
     }
-    verified += t.check(answer, r);
   }
   // Let the observer deliver the last entries.
   await new Promise((r) => setTimeout(r, 50));
-  let gcMs = 0;
-  let gcCount = 0;
-  let majorMs = 0;
-  let majorCount = 0;
-  for (const e of gcEntries) {
-    if (windows.some(([a, b]) => e.start >= a && e.start <= b)) {
-      gcMs += e.ms;
-      gcCount++;
-      if (e.major) {
-        majorMs += e.ms;
-        majorCount++;
+  const figures = t.series.map((_, s) => {
+    let gcMs = 0;
+    let gcCount = 0;
+    let majorMs = 0;
+    let majorCount = 0;
+    for (const e of gcEntries) {
+      if (windows[s]!.some(([a, b]) => e.start >= a && e.start <= b)) {
+        gcMs += e.ms;
+        gcCount++;
+        if (e.major) {
+          majorMs += e.ms;
+          majorCount++;
+        }
       }
     }
-  }
+    const sorted = [...latencies[s]!].sort((a, b) => a - b);
+    return {
+      requests: t.requests,
+      latenciesMs: latencies[s]!,
+      p50: percentile(sorted, 50),
+      p90: percentile(sorted, 90),
+      p99: percentile(sorted, 99),
+      max: sorted[sorted.length - 1]!,
+      cpuMsPerRequest: cpuMicros[s]! / 1000 / t.requests,
+      gcMsPerRequest: gcMs / t.requests,
+      gcCount,
+      gcMajorCount: majorCount,
+      gcMajorMsPerRequest: majorMs / t.requests,
+      verified: verified[s]!,
+    };
+  });
   gcEntries.length = 0;
-  const sorted = [...latencies].sort((a, b) => a - b);
-  return {
-    requests: t.requests,
-    latenciesMs: latencies,
-    p50: percentile(sorted, 50),
-    p90: percentile(sorted, 90),
-    p99: percentile(sorted, 99),
-    max: sorted[sorted.length - 1]!,
-    cpuMsPerRequest: cpuMicros / 1000 / t.requests,
-    gcMsPerRequest: gcMs / t.requests,
-    gcCount,
-    gcMajorCount: majorCount,
-    gcMajorMsPerRequest: majorMs / t.requests,
-    verified,
-  };
+  return figures;
 }

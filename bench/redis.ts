@@ -1,10 +1,14 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { accessSync, constants, createWriteStream, readFileSync } from 'node:fs';
+import { accessSync, closeSync, constants, createWriteStream, openSync, readFileSync, writeSync } from 'node:fs';
 import { connect as netConnect } from 'node:net';
 import { delimiter, join } from 'node:path';
 import type { Redis } from 'ioredis';
-import { timeRequests, type RequestFigures } from './measure.js';
-import { fillRequest, requestBuffer, verifyAnswer, type Answer, type Model } from './model.js';
+import { fileURLToPath } from 'node:url';
+import type { RequestFigures } from './measure.js';
+import { fillRequest, requestBuffer, type Model } from './model.js';
+import type { RedisClientSpec } from './redis-clients.js';
+import type { ReaderJob, ReaderVariant } from './redis-reader.js';
+import { VERIFY_STRIDE } from './request-file.js';
 import { freePorts, type Resources } from './resources.js';
 
 export const REDIS_INSTALL_HINT = 'apt-get install -y redis-server';
@@ -18,11 +22,17 @@ export interface RedisConfig {
   concurrency: number;
   /** Pairs per MSET while loading. */
   loadBatch: number;
+  /** The clients (and connections) the requests are timed with, side by side. */
+  clients: RedisClientSpec[];
   /** --reuse-output: every request is assembled into the same arrays, as embkv's are then. */
   reuseOutput?: boolean;
 }
 
+/** The figures of the fastest client (lowest p50), with every client's. */
 export interface RedisFigures extends RequestFigures {
+  /** The fastest client, `ioredis 5.11.1 ×8` say. */
+  client: string;
+  variants: ReaderVariant[];
   version: string;
   loadMs: number;
   loadKeysPerSec: number;
@@ -33,6 +43,8 @@ export interface RedisFigures extends RequestFigures {
 }
 
 const say = (line: string): void => void process.stderr.write(`${line}\n`);
+
+const READER = fileURLToPath(new URL('./redis-reader.js', import.meta.url));
 
 /** The redis-server binary on PATH (or /usr/bin), or undefined. */
 export function findRedisServer(): string | undefined {
@@ -75,7 +87,8 @@ export async function runRedis(cfg: RedisConfig, model: Model, res: Resources): 
   void spawnError.catch(() => undefined);
 
   // Imported here, not at the top: the embkv requests run first in this process, which should hold
-  // only what a ranking service using the SDK would.
+  // only what a ranking service using the SDK would. It only loads the pairs: the requests are
+  // timed by bench/redis-reader.ts.
   const { Redis } = await import('ioredis');
   const redis = new Redis({ host: '127.0.0.1', port: port!, lazyConnect: true, enableAutoPipelining: false, maxRetriesPerRequest: 0, retryStrategy: () => null });
   redis.on('error', () => undefined); // connection errors surface through the commands
@@ -90,21 +103,23 @@ export async function runRedis(cfg: RedisConfig, model: Model, res: Resources): 
     if (dbsize !== model.n) throw new Error(`redis holds ${dbsize} keys after the load, expected ${model.n}`);
     say(`  redis loaded ${model.n.toLocaleString('en-US')} keys in ${(loadMs / 1000).toFixed(2)} s: ${Math.round(loadKeysPerSec).toLocaleString('en-US')} keys/s`);
 
-    const req = requestBuffer(cfg.batch);
-    const reuse = cfg.reuseOutput === true ? { values: new Float32Array(cfg.batch * model.dim), found: new Uint8Array(cfg.batch) } : undefined;
-    const figures = await timeRequests<Answer>({
-      warmup: cfg.warmup,
-      requests: cfg.requests,
-      prepare: (r) => fillRequest(req, model, r, cfg.absent),
-      call: () => lookup(redis, req.keys, model.dim, cfg.concurrency, reuse),
-      check: (a, r) => verifyAnswer(`redis request ${r}`, a, req, model, r),
-    });
+    // The requests are timed in a process of their own (bench/redis-reader.ts) that holds only
+    // Redis's clients and the requests, written to a file here with what each answer must hold.
+    const requestsPath = join(dir, 'requests.bin');
+    writeRequests(requestsPath, model, cfg);
+    const variants = await runReader(
+      { port: port!, requestsPath, batch: cfg.batch, dim: model.dim, warmup: cfg.warmup, requests: cfg.requests, concurrency: cfg.concurrency, clients: cfg.clients, reuseOutput: cfg.reuseOutput === true },
+      res,
+    );
+    const best = variants.reduce((a, b) => (b.figures.p50 < a.figures.p50 ? b : a));
 
     const mem = await redis.info('memory');
     const usedMemoryBytes = Number(/used_memory:(\d+)/.exec(mem)?.[1] ?? NaN);
     const rssBytes = rssOf(proc.pid) ?? Number(/used_memory_rss:(\d+)/.exec(mem)?.[1] ?? NaN);
     return {
-      ...figures,
+      ...best.figures,
+      client: best.label,
+      variants,
       version,
       loadMs,
       loadKeysPerSec,
@@ -176,43 +191,42 @@ async function loadPairs(redis: Redis, model: Model, batch: number): Promise<num
   return performance.now() - t0;
 }
 
-/**
- * One request: `concurrency` MGETs over consecutive slices of the keys, sent together; each reply is
- * copied into one Float32Array in request order (absent keys are zeros, found 0). With `reuse`, into
- * those arrays (absent rows are then zeroed), as embkv's `out` option does.
- */
-async function lookup(
-  redis: Redis, keys: BigUint64Array, dim: number, concurrency: number, reuse?: { values: Float32Array; found: Uint8Array },
-): Promise<Answer> {
-  const n = keys.length;
-  const rowBytes = dim * 4;
-  const keyBuf = Buffer.from(keys.buffer, keys.byteOffset, keys.byteLength);
-  const values = reuse === undefined ? new Float32Array(n * dim) : reuse.values.subarray(0, n * dim);
-  const out = new Uint8Array(values.buffer, values.byteOffset, values.byteLength);
-  const found = reuse === undefined ? new Uint8Array(n) : reuse.found.subarray(0, n).fill(0);
-  const per = Math.ceil(n / concurrency);
-  const calls: Promise<void>[] = [];
-  for (let from = 0; from < n; from += per) {
-    const to = Math.min(n, from + per);
-    const args: Buffer[] = new Array<Buffer>(to - from);
-    for (let i = from; i < to; i++) args[i - from] = keyBuf.subarray(i * 8, i * 8 + 8);
-    calls.push(
-      redis.mgetBuffer(args).then((replies) => {
-        for (let j = 0; j < replies.length; j++) {
-          const v = replies[j];
-          if (v === null || v === undefined) {
-            if (reuse !== undefined) out.fill(0, (from + j) * rowBytes, (from + j + 1) * rowBytes);
-            continue;
-          }
-          if (v.length !== rowBytes) throw new Error(`redis answered ${v.length} bytes for a key, expected ${rowBytes}`);
-          out.set(v, (from + j) * rowBytes);
-          found[from + j] = 1;
-        }
-      }),
-    );
+/** Requests 0 .. warmup + requests - 1 in the layout of bench/request-file.ts. */
+function writeRequests(path: string, model: Model, cfg: RedisConfig): void {
+  const req = requestBuffer(cfg.batch);
+  const rowWords = model.dim;
+  const want = new Uint32Array(model.values.buffer, model.values.byteOffset, model.values.length);
+  const fd = openSync(path, 'w');
+  try {
+    for (let r = 0; r < cfg.warmup + cfg.requests; r++) {
+      fillRequest(req, model, r, cfg.absent);
+      writeSync(fd, new Uint8Array(req.keys.buffer, req.keys.byteOffset, req.keys.byteLength));
+      writeSync(fd, new Uint8Array(req.rows.buffer, req.rows.byteOffset, req.rows.byteLength));
+      const first = (VERIFY_STRIDE - (r % VERIFY_STRIDE)) % VERIFY_STRIDE;
+      const expected = new Uint32Array(Math.ceil(Math.max(0, cfg.batch - first) / VERIFY_STRIDE) * rowWords);
+      for (let i = first, k = 0; i < cfg.batch; i += VERIFY_STRIDE, k++) {
+        const row = req.rows[i]!;
+        if (row >= 0) expected.set(want.subarray(row * rowWords, (row + 1) * rowWords), k * rowWords);
+      }
+      writeSync(fd, new Uint8Array(expected.buffer));
+    }
+  } finally {
+    closeSync(fd);
   }
-  await Promise.all(calls);
-  return { values, found, dim };
+}
+
+/** Runs bench/redis-reader.js on `job`; its progress and errors go to this process's stderr. */
+async function runReader(job: ReaderJob, res: Resources): Promise<ReaderVariant[]> {
+  const child = spawn(process.execPath, [READER, JSON.stringify(job)], { stdio: ['ignore', 'pipe', 'inherit'] });
+  res.addProcess(child);
+  let out = '';
+  child.stdout!.setEncoding('utf8').on('data', (d: string) => (out += d));
+  const code = await new Promise<number | string>((resolve, reject) => {
+    child.once('error', reject);
+    child.once('close', (c, sig) => resolve(sig ?? c ?? -1));
+  });
+  if (code !== 0) throw new Error(`the redis reader process failed (${typeof code === 'string' ? code : `exit ${code}`})`);
+  return JSON.parse(out) as ReaderVariant[];
 }
 
 function rssOf(pid: number | undefined): number | undefined {

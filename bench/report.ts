@@ -24,7 +24,7 @@ const rate = (x: number): string => (Number.isNaN(x) ? DASH : Math.round(x).toLo
 const perKey = (bytes: number, raw: number): string => (Number.isNaN(bytes) ? DASH : `${Math.round(bytes)} (${(bytes / raw).toFixed(2)}×)`);
 
 const EMBKV_HEAD = ['p50 ms', 'p90 ms', 'p99 ms', 'max ms', 'client CPU ms/req', 'GC ms/req', 'load keys/s', 'B/key rss', 'B/key rss growth', 'B/key index+vectors'];
-const REDIS_HEAD = ['redis p50 ms', 'redis p90 ms', 'redis/embkv p50', 'redis B/key used (rss)', 'redis load keys/s'];
+const REDIS_HEAD = ['redis p50 ms', 'redis p90 ms', 'redis client (fastest)', 'redis/embkv p50', 'redis B/key used (rss)', 'redis load keys/s'];
 
 /** The markdown table of `rows`; the Redis columns appear when any row has Redis figures. */
 export function table(rows: readonly Row[]): string {
@@ -48,7 +48,7 @@ export function rowLine(r: Row, withRedis: boolean): string {
   if (withRedis) {
     const x = r.redis;
     if (x) {
-      cells.push(ms(x.p50), ms(x.p90), e ? `${(x.p50 / e.p50).toFixed(2)}×` : DASH,
+      cells.push(ms(x.p50), ms(x.p90), x.client, e ? `${(x.p50 / e.p50).toFixed(2)}×` : DASH,
         `${Math.round(x.usedBytesPerKey)} (${Math.round(x.rssBytesPerKey)})`, rate(x.loadKeysPerSec));
     } else {
       cells.push(...REDIS_HEAD.map(() => DASH));

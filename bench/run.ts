@@ -162,18 +162,24 @@ async function onCluster(
 /** The same load and requests against a local redis-server, with its lines said and its detail kept for RESULTS. */
 async function timeRedis(o: BenchOptions, model: Model, res: Resources, extra: string[]): Promise<RedisFigures> {
   const keys = model.n;
-  say(`\nredis: ${keys.toLocaleString('en-US')} keys, ${o.redisConcurrency} concurrent MGETs per request`);
+  say(`\nredis: ${keys.toLocaleString('en-US')} keys, ${o.redisConcurrency} concurrent MGETs per request, ${o.redisClients.length} clients side by side`);
   const redis = await runRedis(
-    { requests: o.requests, warmup: o.warmup, batch: o.batch, absent: o.absent, concurrency: o.redisConcurrency, loadBatch: o.redisBatch, reuseOutput: o.reuseOutput },
+    { requests: o.requests, warmup: o.warmup, batch: o.batch, absent: o.absent, concurrency: o.redisConcurrency, loadBatch: o.redisBatch, clients: o.redisClients, reuseOutput: o.reuseOutput },
     model,
     res,
   );
-  say(`  ${o.requests} requests: p50 ${redis.p50.toFixed(1)} / p90 ${redis.p90.toFixed(1)} / p99 ${redis.p99.toFixed(1)} / max ${redis.max.toFixed(1)} ms; ` +
-    `client CPU ${redis.cpuMsPerRequest.toFixed(1)} ms/req, GC ${redis.gcMsPerRequest.toFixed(1)} ms/req (${redis.gcCount} pauses, ${redis.gcMajorCount} major)`);
+  const lines = redis.variants.map((v) => {
+    const f = v.figures;
+    return `${v.label}: p50 ${f.p50.toFixed(1)} / p90 ${f.p90.toFixed(1)} / p99 ${f.p99.toFixed(1)} / max ${f.max.toFixed(1)} ms; ` +
+      `client CPU ${f.cpuMsPerRequest.toFixed(1)} ms/req, GC ${f.gcMsPerRequest.toFixed(1)} ms/req (${f.gcCount} pauses, ${f.gcMajorCount} major)` +
+      `${v.label === redis.client ? ' <- fastest' : ''}`;
+  });
+  for (const l of lines) say(`  ${l}`);
   say(`  memory: used_memory ${mb(redis.usedMemoryBytes)} (${redis.usedBytesPerKey.toFixed(0)} B/key), rss ${mb(redis.rssBytes)} (${redis.rssBytesPerKey.toFixed(0)} B/key)`);
   extra.push(`redis ${redis.version} ${keys.toLocaleString('en-US')} keys: load ${(redis.loadMs / 1000).toFixed(2)} s (MSET of ${o.redisBatch} pairs, 16 in flight); ` +
-    `requests as ${o.redisConcurrency} concurrent mgetBuffer; client CPU ${redis.cpuMsPerRequest.toFixed(1)} ms/req, GC ${redis.gcMsPerRequest.toFixed(1)} ms/req; ` +
+    `requests as ${o.redisConcurrency} concurrent MGETs, timed in a process of their own with every client side by side (request by request, in turn); ` +
     `used_memory ${mb(redis.usedMemoryBytes)}, rss ${mb(redis.rssBytes)}`);
+  for (const l of lines) extra.push(`redis ${l}`);
   return redis;
 }
 
