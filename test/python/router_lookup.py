@@ -5,6 +5,7 @@ prints JSON {version, dim, found (hex), values (hex)}
 """
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -12,15 +13,19 @@ from grpc_tools import protoc
 
 proto_dir, address, table = sys.argv[1], sys.argv[2], sys.argv[3]
 out = tempfile.mkdtemp(prefix="embkv-py-")
-rc = protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={out}", f"--grpc_python_out={out}",
-                  os.path.join(proto_dir, "embkv.proto")])
-if rc != 0:
-    sys.exit(f"protoc failed with {rc}")
-sys.path.insert(0, out)
+try:
+    rc = protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={out}", f"--grpc_python_out={out}",
+                      os.path.join(proto_dir, "embkv.proto")])
+    if rc != 0:
+        sys.exit(f"protoc failed with {rc}")
+    sys.path.insert(0, out)
 
-import grpc  # noqa: E402
-import embkv_pb2  # noqa: E402
-import embkv_pb2_grpc  # noqa: E402
+    import grpc  # noqa: E402
+    import embkv_pb2  # noqa: E402
+    import embkv_pb2_grpc  # noqa: E402
+finally:
+    # The generated stubs are imported (or failed to be): their directory is not needed any more.
+    shutil.rmtree(out, ignore_errors=True)
 
 keys = bytes.fromhex(sys.stdin.read().strip())
 channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", -1)])
