@@ -241,6 +241,13 @@ export class AnswerBufferPool {
   private readonly free = new Map<number, ArrayBuffer[]>();
   private readonly owned = new WeakSet<ArrayBuffer>();
 
+  /** Buffers back in the pool, ready to be taken again. */
+  get idle(): number {
+    let n = 0;
+    for (const list of this.free.values()) n += list.length;
+    return n;
+  }
+
   take(bytes: number): ArrayBuffer {
     let size = 65536;
     while (size < bytes) size *= 2;
