@@ -3,7 +3,7 @@ import { execFileSync, spawn } from 'node:child_process';
 import { mkdirSync, readdirSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { after, before, describe, test } from 'node:test';
+import { after, afterEach, before, describe, test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
 import { EmbeddingClient, stringKey } from '../src/index.js';
 import { loadManifest } from '../src/common/manifest.js';
@@ -57,6 +57,9 @@ describe('a cluster of 2 groups x 2 replica processes', () => {
     await client?.close();
     await cluster?.close();
   });
+
+  // A fault test that fails leaves no replica down or frozen for the tests after it.
+  afterEach(() => cluster.ensureAllUp());
 
   test('kvctl load --publish loads NumPy and text parts, and lookups are bit-exact', async () => {
     const r = await cluster.kvctl(['load', '--table', 'emb', '--version', '1', '--full', join(dumps, 'v1'), '--publish']);

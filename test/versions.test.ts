@@ -3,13 +3,16 @@ import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdirSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, before, describe, test } from 'node:test';
+import { after, afterEach, before, describe, test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
 import { EmbeddingClient } from '../src/index.js';
 import { codeOf } from './helpers/util.js';
 import { writeNpy } from '../src/loader/npy-write.js';
 import { CHANNEL_OPTIONS, EmbkvClient, type LookupResponse } from '../src/common/wire.js';
 import { KVCTL, TestCluster } from './helpers/cluster.js';
+import { parseManifest } from '../src/common/manifest.js';
+import { statusAll, type ReplicaStatus } from '../src/loader/cluster-ops.js';
+import { ClusterConnections } from '../src/router/connections.js';
 import { expected, makeModel, sameBits, scramble, writeModelPart, type Model } from './helpers/model.js';
 
 const DIM = 8;
@@ -54,6 +57,26 @@ async function assertEveryReplica(cluster: TestCluster, m: Model, keys: BigUint6
   assert.deepEqual(seen, want.found);
 }
 
+/** The Status of one replica, read directly. */
+async function statusOf(address: string): Promise<ReplicaStatus> {
+  const conns = new ClusterConnections(parseManifest({ partitions: 1, groups: [{ replicas: [address] }] }));
+  try {
+    const [s] = await statusAll(conns, 10_000);
+    if (s?.status === undefined) throw new Error(`${address}: ${s?.error?.message}`);
+    return s.status;
+  } finally {
+    conns.close();
+  }
+}
+
+/** The current version of table emb, which every replica must agree on. */
+async function currentVersions(cluster: TestCluster): Promise<number> {
+  const all = await Promise.all(cluster.manifest.groups.flatMap((g) => g.replicas).map(statusOf));
+  const current = new Set(all.map((s) => s.tables.find((t) => t.name === 'emb')?.currentVersion));
+  assert.equal(current.size, 1, `replicas disagree on the current version: ${[...current].join(', ')}`);
+  return [...current][0]!;
+}
+
 describe('versions, deltas and real-time puts on 2 groups x 2 replica processes', () => {
   let cluster: TestCluster;
   let client: EmbeddingClient;
@@ -77,6 +100,9 @@ describe('versions, deltas and real-time puts on 2 groups x 2 replica processes'
     await cluster?.close();
   });
 
+  // A fault test that fails leaves no replica down, frozen or switched for the tests after it.
+  afterEach(() => cluster.ensureAllUp());
+
   test('readers never see mixed versions through a load, publish, rollback and publish again', async () => {
     let stop = false;
     let reads = 0;
@@ -98,10 +124,15 @@ describe('versions, deltas and real-time puts on 2 groups x 2 replica processes'
       }
     };
     const readers = [reader(), reader()];
+    // After each step, the readers complete reads that start after it, however fast the machine is.
+    const readsPast = async (n: number): Promise<void> => {
+      const target = reads + n;
+      while (reads < target && errors.length === 0) await new Promise((res) => setImmediate(res));
+    };
     const step = async (args: string[]): Promise<void> => {
       const r = await cluster.kvctl(args);
       assert.equal(r.code, 0, `${args.join(' ')}: ${r.stderr}`);
-      await new Promise((res) => setTimeout(res, 200));
+      await readsPast(6);
     };
     await step(['load', '--table', 'emb', '--version', '2', '--full', join(dumps, 'v2')]);
     await step(['publish', '--table', 'emb', '--version', '2']);
@@ -260,17 +291,25 @@ describe('versions, deltas and real-time puts on 2 groups x 2 replica processes'
   test('a replica killed during a load: the load fails clearly and the last published version serves', async () => {
     const big = makeModel(200_000, DIM, 9, 6);
     await writeModelPart(join(dumps, 'v6'), big, 0, big.keys.length);
-    const load = cluster.kvctl(['load', '--table', 'emb', '--version', '6', '--full', join(dumps, 'v6'), '--publish']);
-    await new Promise((r) => setTimeout(r, 400));
-    await cluster.stopReplica(1, 1, 'SIGKILL');
-    const r = await load;
-    assert.equal(r.code, 1, `the load should fail: ${r.stdout}`);
-    assert.match(r.stderr, /group 1 replica 1/);
-    cluster.startReplica(1, 1);
-    await cluster.waitReady();
+    const before = await currentVersions(cluster);
+    // g1r1 stops answering the load once it holds 20,000 of v6's rows: the kill comes mid-load on any machine.
+    await cluster.restartReplica(1, 1, { EMBKV_TEST_FAULTS: '1', EMBKV_TEST_HOLD_LOAD: 'emb:6:20000' });
+    try {
+      const held = cluster.waitForLog(1, 1, /test switch: holding the load/);
+      const load = cluster.kvctl(['load', '--table', 'emb', '--version', '6', '--full', join(dumps, 'v6'), '--publish', '--no-staging']);
+      await held;
+      const part = (await statusOf(cluster.manifest.groups[1]!.replicas[1]!)).tables[0]!.versions.find((v) => v.version === 6);
+      assert.ok(part !== undefined && part.state === 'loading' && part.keys >= 20_000 && part.keys < big.keys.length / 2, `v6 part-loaded: ${JSON.stringify(part)}`);
+      await cluster.stopReplica(1, 1, 'SIGKILL');
+      const r = await load;
+      assert.equal(r.code, 1, `the load should fail: ${r.stdout}`);
+      assert.match(r.stderr, /group 1 replica 1/);
+    } finally {
+      await cluster.ensureAllUp();
+    }
     const st = await cluster.kvctl(['status', '--json']);
     for (const rep of JSON.parse(st.stdout) as { status: { tables: { currentVersion: number; versions: { state: string }[] }[] } }[]) {
-      assert.equal(rep.status.tables[0]!.currentVersion, 5);
+      assert.equal(rep.status.tables[0]!.currentVersion, before);
       assert.ok(rep.status.tables[0]!.versions.every((v) => v.state === 'sealed'), 'no write version left behind');
     }
     await assertEveryReplica(cluster, state.withPuts!, state.withPuts!.keys.slice(0, 3000));
@@ -280,6 +319,7 @@ describe('versions, deltas and real-time puts on 2 groups x 2 replica processes'
     const dir = join(dumps, 'd9');
     mkdirSync(dir);
     writeFileSync(join(dir, 'd.txt'), `${state.withPuts!.keys[0]}\t${Array(DIM).fill(9).join(',')}\n`);
+    const base = await currentVersions(cluster);
     const staged = await cluster.kvctl(['load', '--table', 'emb', '--version', '9', '--incremental', dir, '--no-publish']);
     assert.equal(staged.code, 0, staged.stderr);
     const v8 = makeModel(N, DIM, 5, 8);
@@ -288,7 +328,7 @@ describe('versions, deltas and real-time puts on 2 groups x 2 replica processes'
     assert.equal(full.code, 0, full.stderr);
     const stale = await cluster.kvctl(['publish', '--table', 'emb', '--version', '9']);
     assert.equal(stale.code, 1);
-    assert.match(stale.stderr, /version 9 is a delta on v5, but v8 is current/);
+    assert.match(stale.stderr, new RegExp(`version 9 is a delta on v${base}, but v8 is current`));
     await assertEveryReplica(cluster, v8, v8.keys.slice(0, 2000));
     state.withPuts = v8;
   });
@@ -298,13 +338,14 @@ describe('versions, deltas and real-time puts on 2 groups x 2 replica processes'
     const dir = join(dumps, 'v10');
     await writeModelPart(dir, big, 0, big.keys.length);
     const incoming = join(cluster.dir, 'g0r0', 'incoming');
+    // g0r0 holds the first load of v10 once it has read rows from the staged file: the loader is
+    // killed mid-load on any machine.
+    await cluster.restartReplica(0, 0, { EMBKV_TEST_FAULTS: '1', EMBKV_TEST_HOLD_LOAD: 'emb:10:1' });
+    const held = cluster.waitForLog(0, 0, /test switch: holding the load/);
     const loader = spawn(process.execPath, [KVCTL, 'load', '--config', cluster.configPath, '--table', 'emb', '--version', '10', '--full', dir, '--publish'], { stdio: 'ignore' });
     const exited = once(loader, 'exit');
-    // Killed once rows are being staged for group 0.
-    const staged = (): boolean => readdirSync(incoming).some((n) => n.endsWith('.rows') && statSync(join(incoming, n)).size > 0);
-    const deadline = Date.now() + 20_000;
-    while (!staged() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 2));
-    assert.ok(staged(), 'the loader staged rows for group 0');
+    await held;
+    assert.ok(readdirSync(incoming).some((n) => n.endsWith('.rows') && statSync(join(incoming, n)).size > 0), 'the loader staged rows for group 0');
     loader.kill('SIGKILL');
     await exited;
     await assertEveryReplica(cluster, state.withPuts!, state.withPuts!.keys.slice(0, 2000));

@@ -60,6 +60,9 @@ program
     await server.start();
     await untilSignal();
     await server.close();
+    // Closed: calls drained, store closed, logs written synchronously. Nothing else may hold the
+    // process (the supervisor's IPC channel would, a stray timer could).
+    process.exit(0);
   });
 
 const cluster = program.command('cluster').description('a local cluster');

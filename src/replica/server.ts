@@ -23,6 +23,9 @@ export interface ReplicaOptions {
 
 type State = 'new' | 'opening' | 'open' | 'closing' | 'closed';
 
+/** The longest a stop waits for calls in flight: each is waited for up to its own deadline, at most this. */
+export const DEFAULT_DRAIN_MS = 10_000;
+
 /**
  * One shard replica process: restores its tables from its own disk, then serves Lookup, the control
  * RPCs of the loader and operators, and grpc.health.v1.
@@ -45,6 +48,12 @@ export class ReplicaServer {
    * rather than 4 took ~45 MB off 8 replicas, for no CPU measurable above the noise.
    */
   private readonly youngGc = new YoungGcBudget(2 ** 20);
+  /** Calls admitted and not yet answered, with their deadlines (ms since the epoch; Infinity for none). */
+  private readonly inFlight = new Map<object, number>();
+  private drained: (() => void) | undefined;
+  /** Set when a call's stream could not be watched: a stop then gives answers a moment to leave. */
+  private untracked = false;
+  private heldLoad = false;
 
   constructor(private readonly options: ReplicaOptions) {
     const { manifest, group, replica } = options;
@@ -87,32 +96,75 @@ export class ReplicaServer {
     this.log.info({ address: this.address, port: this.boundPort, data: this.options.dataDir }, 'serving');
   }
 
-  /** Stops taking calls, lets calls in flight finish (up to `graceMs`), then closes the store. */
-  async close(graceMs = 5000): Promise<void> {
+  /**
+   * Stops: refuses new calls with KV_UNAVAILABLE at once, lets the calls in flight finish (each up to
+   * its deadline, all within `drainMs`), then closes every connection and the store. Idle, this takes
+   * milliseconds: connections that peers and clients hold open are closed, not waited for.
+   */
+  async close(drainMs = DEFAULT_DRAIN_MS): Promise<void> {
     if (this.state === 'closed' || this.state === 'closing') return;
     this.state = 'closing';
     this.peerSync.stop();
     this.health.setStatus('', 'NOT_SERVING');
-    await new Promise<void>((resolve) => {
-      const timer = setTimeout(() => {
-        this.server.forceShutdown();
-        resolve();
-      }, graceMs);
-      timer.unref();
-      this.server.tryShutdown(() => {
-        clearTimeout(timer);
-        resolve();
+    const waiting = this.inFlight.size;
+    let forced = 0;
+    if (waiting > 0) {
+      const latest = Math.min(Date.now() + drainMs, Math.max(...this.inFlight.values()));
+      this.log.info({ calls: waiting, waitMs: Math.max(0, latest - Date.now()) }, 'draining calls in flight');
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, Math.max(0, latest - Date.now()));
+        this.drained = () => {
+          clearTimeout(timer);
+          resolve();
+        };
       });
-    });
+      this.drained = undefined;
+      forced = this.inFlight.size;
+    }
+    if (this.untracked) await new Promise<void>((resolve) => setTimeout(resolve, UNTRACKED_FLUSH_MS).unref());
+    this.server.forceShutdown();
     await this.store.close();
     this.state = 'closed';
-    this.log.info('stopped');
+    this.log.info({ drained: waiting - forced, cut: forced }, 'stopped');
+  }
+
+  /**
+   * Admits a call: refused once the replica stops (or, for lookups, before it serves). It counts as in
+   * flight until its HTTP/2 stream closes, that is until its answer has left, so a stop cuts no answer
+   * half-sent.
+   */
+  private admit(call: grpc.ServerUnaryCall<unknown, unknown>, what: 'lookup' | 'control'): void {
+    if (this.state !== 'open' && !(what === 'control' && this.state === 'opening')) {
+      const why = this.state === 'opening' ? 'catching up' : this.state === 'closing' ? 'shutting down' : this.state;
+      throw new KvError(KvErrorCode.UNAVAILABLE, `replica is ${why}`);
+    }
+    const d = call.getDeadline();
+    const at = d instanceof Date ? d.getTime() : d;
+    this.inFlight.set(call, Number.isFinite(at) && at > 0 ? at : Infinity);
+    const stream = streamOf(call);
+    if (stream !== undefined) stream.once('close', () => this.finished(call));
+    else this.untracked = true;
+  }
+
+  /** A call's answer has left (or, where grpc-js hides its stream, has been handed to grpc-js). */
+  private finished(call: object): void {
+    if (!this.inFlight.delete(call)) return;
+    if (this.inFlight.size === 0) this.drained?.();
   }
 
   private onLookup(call: grpc.ServerUnaryCall<LookupRequest, Buffer>, callback: grpc.sendUnaryData<Buffer>): void {
     try {
+      this.admit(call, 'lookup');
+    } catch (err) {
+      return callback(toGrpcError(err));
+    }
+    this.lookup(call, callback);
+    if (this.untracked) this.finished(call);
+  }
+
+  private lookup(call: grpc.ServerUnaryCall<LookupRequest, Buffer>, callback: grpc.sendUnaryData<Buffer>): void {
+    try {
       const req = call.request;
-      if (this.state !== 'open') throw new KvError(KvErrorCode.UNAVAILABLE, `replica is ${this.state === 'opening' ? 'catching up' : this.state}`);
       checkTableName(req.table);
       const keys = keysFromBytes(req.keys);
       callback(null, this.shard.lookup(req.table, req.version, keys, this.answers));
@@ -123,27 +175,53 @@ export class ReplicaServer {
     }
   }
 
-  // ---- test fault switch (only with EMBKV_TEST_FAULTS=1; owned by the hedging tests) ----
+  // ---- test fault switch (only with EMBKV_TEST_FAULTS=1) ----
   /** Lookup with the delay that the request's `embkv-test-delay-ms` metadata asks of this replica. */
   private onLookupWithTestFaults(call: grpc.ServerUnaryCall<LookupRequest, Buffer>, callback: grpc.sendUnaryData<Buffer>): void {
     const delayMs = testDelayMs(call.metadata, this.options.group, this.options.replica);
-    if (delayMs > 0) setTimeout(() => this.onLookup(call, callback), delayMs);
-    else this.onLookup(call, callback);
+    if (delayMs === 0) return this.onLookup(call, callback);
+    try {
+      this.admit(call, 'lookup');
+    } catch (err) {
+      return callback(toGrpcError(err));
+    }
+    this.log.info({ delayMs }, 'test switch: delaying a lookup');
+    setTimeout(() => {
+      this.lookup(call, callback);
+      if (this.untracked) this.finished(call);
+    }, delayMs).unref();
+  }
+
+  /**
+   * With EMBKV_TEST_HOLD_LOAD=table:version:rows, the first row call that takes that load to `rows`
+   * or more is never answered (once: a load that takes it over goes through).
+   */
+  private holdLoad(table: string, version: number, rows: number): Promise<never> | undefined {
+    const hold = TEST_HOLD_LOAD;
+    if (hold === undefined || this.heldLoad || hold.table !== table || hold.version !== version || rows < hold.rows) return undefined;
+    this.heldLoad = true;
+    this.log.info({ table, version, rows }, 'test switch: holding the load');
+    return new Promise<never>(() => undefined);
   }
   // ---- end of test fault switch ----
 
   private controlHandlers(): grpc.UntypedServiceImplementation {
     const unary = <Req, Res>(fn: (req: Req) => Promise<Res> | Res) =>
       (call: grpc.ServerUnaryCall<Req, Res>, callback: grpc.sendUnaryData<Res>): void => {
+        try {
+          // A stopping replica refuses new calls with a clear answer, and waits for those it took.
+          this.admit(call, 'control');
+        } catch (err) {
+          return callback(toGrpcError(err));
+        }
         Promise.resolve()
-          .then(() => {
-            // The store closes during shutdown: a call then gets a clear answer, not a closed database.
-            if (this.state === 'closing' || this.state === 'closed') throw new KvError(KvErrorCode.UNAVAILABLE, `replica is ${this.state}`);
-            return fn(call.request);
-          })
+          .then(() => fn(call.request))
           .then((res) => callback(null, res), (err: unknown) => {
             if (!(err instanceof KvError)) this.log.error({ err }, 'control call failed');
             callback(toGrpcError(err));
+          })
+          .finally(() => {
+            if (this.untracked) this.finished(call);
           });
       };
     return {
@@ -153,12 +231,14 @@ export class ReplicaServer {
       }),
       LoadStage: unary(async (r: { table: string; version: number; loadId: string; path: string; probePath: string; token: Buffer }) =>
         this.shard.loadStage(r.table, checkVersion(r.version), r.loadId, r.path, r.probePath, r.token)),
-      LoadRowsFrom: unary(async (r: { table: string; version: number; loadId: string; at: number; bytes: number }) => ({
-        rows: await this.shard.loadRowsFrom(r.table, checkVersion(r.version), r.loadId, r.at, r.bytes),
-      })),
-      LoadRows: unary(async (r: { table: string; version: number; loadId: string; keys: Buffer; values: Buffer; deletes: Buffer }) => ({
-        rows: await this.shard.loadRows(r.table, r.version, r.loadId, keysFromBytes(r.keys), floatsFromBytes(r.values), keysFromBytes(r.deletes, 'deletes')),
-      })),
+      LoadRowsFrom: unary(async (r: { table: string; version: number; loadId: string; at: number; bytes: number }) => {
+        const rows = await this.shard.loadRowsFrom(r.table, checkVersion(r.version), r.loadId, r.at, r.bytes);
+        return (TEST_FAULTS && this.holdLoad(r.table, r.version, rows)) || { rows };
+      }),
+      LoadRows: unary(async (r: { table: string; version: number; loadId: string; keys: Buffer; values: Buffer; deletes: Buffer }) => {
+        const rows = await this.shard.loadRows(r.table, r.version, r.loadId, keysFromBytes(r.keys), floatsFromBytes(r.values), keysFromBytes(r.deletes, 'deletes'));
+        return (TEST_FAULTS && this.holdLoad(r.table, r.version, rows)) || { rows };
+      }),
       Put: unary(async (r: { table: string; keys: Buffer; values: Buffer; order: number; writer: string }) => ({
         seq: await this.shard.put(r.table, keysFromBytes(r.keys), floatsFromBytes(r.values), r.order, r.writer),
       })),
@@ -196,6 +276,18 @@ export class ReplicaServer {
   }
 }
 
+/** How long a stop waits for answers to leave when grpc-js does not show a call's stream. */
+const UNTRACKED_FLUSH_MS = 500;
+
+/**
+ * The HTTP/2 stream under a unary call (grpc-js keeps it on the call's base intercepting call), whose
+ * 'close' marks the answer sent; undefined if this grpc-js keeps it elsewhere.
+ */
+function streamOf(call: object): { once(event: 'close', fn: () => void): unknown; closed?: boolean } | undefined {
+  const stream = (call as { call?: { stream?: { once?: unknown; closed?: boolean } } }).call?.stream;
+  return stream !== undefined && typeof stream.once === 'function' && stream.closed !== true ? (stream as ReturnType<typeof streamOf>) : undefined;
+}
+
 /**
  * protobufjs compiles each message type's codec on first use: ~10-15 ms per replica on the first
  * load after a start, inside that load. Compiled here, before the replica serves.
@@ -219,6 +311,15 @@ function warmCodecs(service: grpc.ServiceDefinition): void {
  */
 const TEST_FAULTS = process.env['EMBKV_TEST_FAULTS'] === '1';
 export const TEST_DELAY_METADATA = 'embkv-test-delay-ms';
+
+/**
+ * EMBKV_TEST_HOLD_LOAD=table:version:rows (with EMBKV_TEST_FAULTS=1): the load call that brings that
+ * version's write version to `rows` rows or more gets no answer, so a test can fault a load midway.
+ */
+const TEST_HOLD_LOAD = ((): { table: string; version: number; rows: number } | undefined => {
+  const m = /^([^:]+):(\d+):(\d+)$/.exec(TEST_FAULTS ? (process.env['EMBKV_TEST_HOLD_LOAD'] ?? '') : '');
+  return m ? { table: m[1]!, version: Number(m[2]), rows: Number(m[3]) } : undefined;
+})();
 
 function testDelayMs(metadata: grpc.Metadata, group: number, replica: number): number {
   const v = metadata.get(TEST_DELAY_METADATA)[0];

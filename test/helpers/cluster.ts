@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseManifest, type Manifest } from '../../src/common/manifest.js';
-import { statusAll } from '../../src/loader/cluster-ops.js';
+import * as grpc from '@grpc/grpc-js';
 import { ClusterConnections } from '../../src/router/connections.js';
 
 export const KVCTL = fileURLToPath(new URL('../../src/cli/kvctl.js', import.meta.url));
@@ -58,6 +58,10 @@ export function kvctl(args: string[], options: { cwd?: string; timeoutMs?: numbe
 export class TestCluster {
   readonly procs = new Map<string, ChildProcess>();
   readonly logs = new Map<string, string>();
+  /** Waiters for a line in a replica's log, checked as its stderr arrives. */
+  /** Replicas started with an environment of their own (a test switch), to be restarted without it. */
+  private readonly switched = new Set<string>();
+  private readonly logWaiters = new Map<string, { pattern: RegExp; seen: string; resolve: (line: string) => void }[]>();
 
   /** Extra environment of every replica process (EMBKV_TEST_FAULTS=1 for the fault switch, say). */
   env: NodeJS.ProcessEnv = {};
@@ -84,16 +88,81 @@ export class TestCluster {
     return c;
   }
 
-  startReplica(g: number, r: number): ChildProcess {
+  /**
+   * Starts replica gGrR with the cluster's environment and `env` (a test switch for this replica
+   * alone, say). The IPC channel ties it to the test process: it stops if the test process dies.
+   */
+  startReplica(g: number, r: number, env: NodeJS.ProcessEnv = {}): ChildProcess {
     const name = `g${g}r${r}`;
     const p = spawn(process.execPath, [KVCTL, 'serve', '--config', this.configPath, '--group', String(g), '--replica', String(r), '--data', join(this.dir, name)], {
-      stdio: ['ignore', 'ignore', 'pipe'],
-      env: { ...process.env, ...this.env },
+      stdio: ['ignore', 'ignore', 'pipe', 'ipc'],
+      env: { ...process.env, ...this.env, ...env },
     });
     this.logs.set(name, '');
-    p.stderr!.on('data', (d) => this.logs.set(name, (this.logs.get(name)! + d).slice(-20_000)));
+    if (Object.keys(env).length > 0) this.switched.add(name);
+    else this.switched.delete(name);
+    p.stderr!.on('data', (d: Buffer) => {
+      const text = d.toString();
+      this.logs.set(name, (this.logs.get(name)! + text).slice(-20_000));
+      const waiters = this.logWaiters.get(name) ?? [];
+      for (const w of [...waiters]) {
+        w.seen += text;
+        const line = w.seen.split('\n').find((l) => w.pattern.test(l));
+        if (line !== undefined) {
+          waiters.splice(waiters.indexOf(w), 1);
+          w.resolve(line);
+        }
+      }
+    });
     this.procs.set(name, p);
     return p;
+  }
+
+  /**
+   * Resolves with the first line of replica gGrR's log, from now on, that matches `pattern`; rejects
+   * if the replica exits first or after `timeoutMs` (a bound for a broken test, not a synchronisation).
+   */
+  waitForLog(g: number, r: number, pattern: RegExp, timeoutMs = 60_000): Promise<string> {
+    const name = `g${g}r${r}`;
+    const p = this.procs.get(name);
+    if (p === undefined || p.exitCode !== null || p.signalCode !== null) return Promise.reject(new Error(`replica ${name} is not running`));
+    return new Promise<string>((resolve, reject) => {
+      const list = this.logWaiters.get(name) ?? [];
+      this.logWaiters.set(name, list);
+      const done = (): void => {
+        clearTimeout(timer);
+        p.off('exit', onExit);
+        const i = list.indexOf(w);
+        if (i >= 0) list.splice(i, 1);
+      };
+      const w = { pattern, seen: '', resolve: (line: string) => { done(); resolve(line); } };
+      const onExit = (): void => { done(); reject(new Error(`replica ${name} exited before logging ${pattern}; log:\n${this.logs.get(name)}`)); };
+      const timer = setTimeout(() => { done(); reject(new Error(`replica ${name} did not log ${pattern} in ${timeoutMs} ms; log:\n${this.logs.get(name)}`)); }, timeoutMs);
+      list.push(w);
+      p.once('exit', onExit);
+    });
+  }
+
+  /** Stops replica gGrR (SIGKILL) and starts it again with `env`, then waits for the cluster to be ready. */
+  async restartReplica(g: number, r: number, env: NodeJS.ProcessEnv = {}): Promise<void> {
+    await this.stopReplica(g, r, 'SIGKILL');
+    this.startReplica(g, r, env);
+    await this.waitReady();
+  }
+
+  /**
+   * Puts the cluster back as a fault test found it: every replica thawed, running without a test
+   * switch of its own, and answering. Fault tests call it in a `finally` (or `afterEach`), so a
+   * failure does not take later tests down.
+   */
+  async ensureAllUp(): Promise<void> {
+    for (const [name, p] of this.procs) {
+      const [g, r] = name.slice(1).split('r').map(Number) as [number, number];
+      if (this.switched.has(name)) await this.stopReplica(g, r, 'SIGKILL');
+      if (p.exitCode !== null || p.signalCode !== null || this.switched.has(name)) this.startReplica(g, r);
+      else p.kill('SIGCONT');
+    }
+    await this.waitReady();
   }
 
   /** Stops a replica with `signal` and waits for it to exit. */
@@ -112,19 +181,22 @@ export class TestCluster {
     p.kill(signal);
   }
 
-  /** Waits until every replica answers Status. */
-  async waitReady(timeoutMs = 30_000): Promise<void> {
+  /**
+   * Waits until every replica reports SERVING on grpc.health.v1 (it has restored its tables and caught
+   * up with its peers, so it answers lookups).
+   */
+  async waitReady(timeoutMs = 60_000): Promise<void> {
     const conns = new ClusterConnections(this.manifest);
     const until = Date.now() + timeoutMs;
     try {
       for (;;) {
-        const all = await statusAll(conns, 1000);
-        if (all.every((s) => s.status)) return;
+        const all = await Promise.all(conns.all().map(async (c) => ({ c, err: await healthCheck(c.lookup) })));
+        const down = all.filter((s) => s.err !== undefined);
+        if (down.length === 0) return;
         if (Date.now() > until) {
-          const down = all.filter((s) => s.error).map((s) => `${s.conn.address}: ${s.error!.message}\n${this.logs.get(`g${s.conn.group}r${s.conn.replica}`)}`);
-          throw new Error(`replicas not ready: ${down.join('\n')}`);
+          throw new Error(`replicas not ready: ${down.map((s) => `${s.c.address}: ${s.err}\n${this.logs.get(`g${s.c.group}r${s.c.replica}`)}`).join('\n')}`);
         }
-        await new Promise((r) => setTimeout(r, 100));
+        await new Promise((r) => setTimeout(r, 50));
       }
     } finally {
       conns.close();
@@ -142,4 +214,15 @@ export class TestCluster {
     }));
     rmSync(this.dir, { recursive: true, force: true });
   }
+}
+
+/** grpc.health.v1 Check of the whole server: undefined when SERVING, else why not. */
+function healthCheck(client: grpc.Client): Promise<string | undefined> {
+  return new Promise((resolve) => {
+    client.makeUnaryRequest<Buffer, Buffer>(
+      '/grpc.health.v1.Health/Check', () => Buffer.alloc(0), (b) => b, Buffer.alloc(0), new grpc.Metadata(), { deadline: Date.now() + 2000 },
+      // HealthCheckResponse { status = 1 }: SERVING (1) encodes as the bytes 08 01.
+      (err, res) => resolve(err ? err.message : res !== undefined && res.length === 2 && res[0] === 0x08 && res[1] === 0x01 ? undefined : 'not serving'),
+    );
+  });
 }
