@@ -109,7 +109,9 @@ export class ReplicaServer {
     const waiting = this.inFlight.size;
     let forced = 0;
     if (waiting > 0) {
-      const latest = Math.min(Date.now() + drainMs, Math.max(...this.inFlight.values()));
+      // A little past the last deadline, so that a call ends by its own deadline (DEADLINE_EXCEEDED
+      // to its caller) rather than by the stop.
+      const latest = Math.min(Date.now() + drainMs, Math.max(...this.inFlight.values()) + DEADLINE_MARGIN_MS);
       this.log.info({ calls: waiting, waitMs: Math.max(0, latest - Date.now()) }, 'draining calls in flight');
       await new Promise<void>((resolve) => {
         const timer = setTimeout(resolve, Math.max(0, latest - Date.now()));
@@ -276,6 +278,8 @@ export class ReplicaServer {
   }
 }
 
+/** A stop waits this long past the last deadline of the calls in flight. */
+const DEADLINE_MARGIN_MS = 250;
 /** How long a stop waits for answers to leave when grpc-js does not show a call's stream. */
 const UNTRACKED_FLUSH_MS = 500;
 
