@@ -105,8 +105,8 @@ export class Supervisor {
     for (const c of this.children) c.proc?.kill('SIGKILL');
   }
 
-  /** Stops every child: SIGTERM, then SIGKILL for those still running after `graceMs`. */
-  async stop(graceMs = 10_000): Promise<void> {
+  /** Stops every child: SIGTERM, then SIGKILL for those still running after `graceMs` (a replica drains for at most 10 s). */
+  async stop(graceMs = 15_000): Promise<void> {
     this.stopping = true;
     const waits: Promise<void>[] = [];
     for (const c of this.children) {
