@@ -94,9 +94,10 @@ program
   .option('--publish', 'publish the version once every replica holds it (default for --incremental)')
   .option('--no-publish', 'only load; publish later with kvctl publish')
   .option('--force', 'accept a version number lower than the current one, and take over a stalled load', false)
+  .option('--allow-empty', 'allow a full load with no rows (it empties the table once published)', false)
   .option('--dim <n>', 'the dimension of a full load that changes the table\'s dimension (default: the current version\'s)', intArg('--dim', 1, 16384))
   .option('--no-staging', 'send every row over gRPC, also to replicas on this host (which otherwise read a full load from a staged file)')
-  .action(async (o: { config: string; table: string; version: number; full?: string; incremental?: string; publish?: boolean; force: boolean; dim?: number; staging: boolean }) => {
+  .action(async (o: { config: string; table: string; version: number; full?: string; incremental?: string; publish?: boolean; force: boolean; allowEmpty: boolean; dim?: number; staging: boolean }) => {
     if ((o.full === undefined) === (o.incremental === undefined)) {
       throw new KvError(KvErrorCode.INVALID_ARGUMENT, 'give the dump to load with exactly one of --full PATH or --incremental PATH');
     }
@@ -109,7 +110,7 @@ program
     const progress = new Progress(`loading ${o.table} v${o.version}`);
     const { runLoad } = await import('../loader/loader.js');
     const r = await runLoad({
-      manifest, connections, table: o.table, version: o.version, path: (o.full ?? o.incremental)!, mode, publish, force: o.force, staging: o.staging,
+      manifest, connections, table: o.table, version: o.version, path: (o.full ?? o.incremental)!, mode, publish, force: o.force, allowEmpty: o.allowEmpty, staging: o.staging,
       ...(o.dim !== undefined ? { dim: o.dim } : {}),
       onProgress: (rows, total) => progress.update(rows, total),
     }).finally(() => {

@@ -28,6 +28,8 @@ export interface LoadOptions {
   publish?: boolean;
   /** Allow a version number lower than the current one. */
   force?: boolean;
+  /** Allow a full load with no rows, which publishes an empty table (refused by default). */
+  allowEmpty?: boolean;
   /** The dim of a full load that changes the table's dimension; by default it must match the current version's. */
   dim?: number;
   /** Rows per LoadRows call. */
@@ -266,6 +268,10 @@ async function load(
       throw err;
     }
     const baseVersion = await opening;
+    if (!incremental && options.allowEmpty !== true && rowsPerGroup.every((n) => n === 0)) {
+      // An empty dump is far more often a failed export than a wish to empty the table.
+      throw new KvError(KvErrorCode.INVALID_DATA, `${plan.path} holds no rows: a full load of it would leave table ${table} empty; pass --allow-empty to load an empty version`);
+    }
 
     await Promise.all(stages.map((st) => st?.syncing));
     const unsynced = stages.find((st) => st?.syncError !== undefined);
