@@ -8,4 +8,4 @@ export type { KeyInput } from './common/keys.js';
 export { stringKey } from './common/keys.js';
 export type { Manifest } from './common/manifest.js';
 export { parseManifest } from './common/manifest.js';
-export { partitionOf } from './router/partition.js';
+export { partitionOf } from './common/partition.js';

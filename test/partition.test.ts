@@ -7,7 +7,7 @@ import {
   partitionOfHalves,
   partitionOfReference,
   sortByGroup,
-} from '../src/router/partition.js';
+} from '../src/common/partition.js';
 import { stringKey } from '../src/common/keys.js';
 import { mulberry32 } from './helpers/util.js';
 

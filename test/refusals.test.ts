@@ -2,7 +2,12 @@ import assert from 'node:assert/strict';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, afterEach, before, describe, test } from 'node:test';
+import * as grpc from '@grpc/grpc-js';
 import { EmbeddingClient } from '../src/index.js';
+import { ORDER_SCALE } from '../src/common/limits.js';
+import { partitionOf } from '../src/common/partition.js';
+import { controlCall, ClusterConnections } from '../src/router/connections.js';
+import { codeOf } from './helpers/util.js';
 import { writeNpyPair } from '../src/loader/npy-write.js';
 import { TestCluster } from './helpers/cluster.js';
 import { expected, makeModel, sameBits, writeModelPart, type Model } from './helpers/model.js';
@@ -90,5 +95,58 @@ describe('nothing served changes without a valid, explicit action (2 groups x 2 
     assert.match(r.stdout, /a delta on v1: 0 upserts and 0 deletes/);
     assert.equal(await current('d'), 2);
     await assertServes('d', v1, v1.keys.slice(0, 500));
+  });
+
+  /** A Put sent straight to every replica of `group`, as a writer other than the SDK could send it. */
+  async function rawPut(group: number, table: string, keys: bigint[], order: number): Promise<string[]> {
+    const conns = new ClusterConnections(cluster.manifest);
+    try {
+      const body = {
+        table, order, writer: 'raw-writer',
+        keys: Buffer.from(BigUint64Array.from(keys).buffer),
+        values: Buffer.from(new Float32Array(keys.length * DIM).fill(7).buffer),
+      };
+      return await Promise.all(conns.groups[group]!.map((c) =>
+        controlCall(c, 'Put', body, 10_000).then(() => 'ok', (err: grpc.ServiceError) => `${grpc.status[err.code]}: ${err.details}`)));
+    } finally {
+      conns.close();
+    }
+  }
+
+  const groupOf = (key: bigint): number => partitionOf(key, cluster.manifest.partitions) % cluster.manifest.groups.length;
+
+  test('a put stamped far in the future is refused, and a later put of the key takes effect', async () => {
+    await loadV1('f');
+    const key = v1.keys[0]!;
+    const g = groupOf(key);
+    const now = Date.now();
+    for (const order of [(now + 600_000) * ORDER_SCALE, Number.MAX_SAFE_INTEGER]) {
+      const answers = await rawPut(g, 'f', [key], order);
+      for (const a of answers) assert.match(a, /^INVALID_ARGUMENT: .*ms ahead of this replica's clock; at most 5000 ms of clock skew/);
+    }
+    // Within the skew a writer's clock may be ahead.
+    assert.deepEqual(await rawPut(g, 'f', [key], (now + 1000) * ORDER_SCALE), ['ok', 'ok']);
+    // Nothing pins the key: a put made after that stamp wins.
+    const until = now + 1000;
+    while (Date.now() <= until) await new Promise((r) => setTimeout(r, until - Date.now() + 1));
+    await client.putEmbeddings([key], new Float32Array(DIM).fill(3), { table: 'f' });
+    const r = await client.getEmbeddings([key], { table: 'f' });
+    assert.deepEqual(Array.from(r.values), [3, 3, 3, 3]);
+  });
+
+  test("a put of keys another group owns, or of one key twice, is refused by every replica and by the SDK", async () => {
+    await loadV1('o');
+    const key = v1.keys[1]!;
+    const other = (groupOf(key) + 1) % cluster.manifest.groups.length;
+    for (const a of await rawPut(other, 'o', [key], Date.now() * ORDER_SCALE)) {
+      assert.match(a, new RegExp(`^INVALID_ARGUMENT: key ${key} \\(row 0 of the put\\) is in partition \\d+ of shard group ${groupOf(key)}, not of this replica's group ${other}`));
+    }
+    for (const a of await rawPut(groupOf(key), 'o', [key, key], Date.now() * ORDER_SCALE)) {
+      assert.match(a, new RegExp(`^INVALID_ARGUMENT: key ${key} appears twice in one put \\(rows 0 and 1\\)`));
+    }
+    assert.equal(await codeOf(client.putEmbeddings([v1.keys[2]!, key, v1.keys[3]!, key], new Float32Array(4 * DIM), { table: 'o' })), 'KV_INVALID_ARGUMENT');
+    await assert.rejects(client.putEmbeddings([key, key], new Float32Array(2 * DIM), { table: 'o' }), /keys\[0\] and keys\[1\] are the same key/);
+    // Nothing was applied: the key still reads v1.
+    await assertServes('o', v1, v1.keys.slice(0, 10));
   });
 });

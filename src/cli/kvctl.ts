@@ -51,11 +51,13 @@ program
   .requiredOption('--group <g>', 'shard group index', intArg('--group', 0, 4095))
   .requiredOption('--replica <r>', 'replica index within the group', intArg('--replica', 0, 63))
   .option('--data <dir>', 'data directory (default ./data/gGrR)')
-  .action(async (o: { config: string; group: number; replica: number; data?: string }) => {
+  .option('--max-put-skew-ms <ms>', 'refuse puts stamped further ahead of this replica\'s clock (default 5000)', intArg('--max-put-skew-ms', 0, 3_600_000))
+  .action(async (o: { config: string; group: number; replica: number; data?: string; maxPutSkewMs?: number }) => {
     const manifest = loadManifest(o.config);
     const [{ ReplicaServer }, { rootLogger }] = await Promise.all([import('../replica/server.js'), import('../common/log.js')]);
     const server = new ReplicaServer({
       manifest, group: o.group, replica: o.replica, dataDir: o.data ?? `data/g${o.group}r${o.replica}`, logger: rootLogger('embkv'),
+      ...(o.maxPutSkewMs !== undefined ? { maxPutSkewMs: o.maxPutSkewMs } : {}),
     });
     await server.start();
     await untilSignal();

@@ -1,6 +1,6 @@
 import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
 import { randomInt, randomUUID } from 'node:crypto';
-import { firstNonFinite, packKeys, type KeyInput } from '../common/keys.js';
+import { firstNonFinite, packKeys, repeatedKey, type KeyInput } from '../common/keys.js';
 import { MAX_PUT_KEYS, ORDER_SCALE } from '../common/limits.js';
 import { resolveManifest, type Manifest } from '../common/manifest.js';
 import { Fanout, type AnswerAllocator } from '../router/fanout.js';
@@ -119,6 +119,8 @@ export class EmbeddingClientImpl implements EmbeddingClient {
     const n = packed.length / 2;
     if (n === 0) throw invalidArgument('keys must not be empty');
     if (n > MAX_PUT_KEYS) throw invalidArgument(`keys holds ${n} keys; at most ${MAX_PUT_KEYS} per putEmbeddings call`);
+    const dup = repeatedKey(packed);
+    if (dup !== undefined) throw invalidArgument(`keys[${dup.first}] and keys[${dup.second}] are the same key ${dup.key}; a put, like a load, takes each key once`);
     if (values.length === 0 || values.length % n !== 0) {
       throw invalidArgument(`values holds ${values.length} floats, not a multiple of the ${n} keys`);
     }

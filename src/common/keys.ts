@@ -89,6 +89,24 @@ export function keyAt(keys: PackedKeys, i: number): bigint {
   return (BigInt(keys[2 * i + 1]!) << 32n) | BigInt(keys[2 * i]!);
 }
 
+/**
+ * The first key that appears twice in `keys`, with both positions; undefined if every key is distinct.
+ * A load takes each key once, and so does a put: which of two values was meant is not guessed.
+ */
+export function repeatedKey(keys: PackedKeys): { key: bigint; first: number; second: number } | undefined {
+  const n = keys.length / 2;
+  if (n < 2) return undefined;
+  const order = new Uint32Array(n);
+  for (let i = 0; i < n; i++) order[i] = i;
+  order.sort((a, b) => keys[2 * a + 1]! - keys[2 * b + 1]! || keys[2 * a]! - keys[2 * b]! || a - b);
+  for (let j = 1; j < n; j++) {
+    const a = order[j - 1]!;
+    const b = order[j]!;
+    if (keys[2 * a] === keys[2 * b] && keys[2 * a + 1] === keys[2 * b + 1]) return { key: keyAt(keys, a), first: a, second: b };
+  }
+  return undefined;
+}
+
 /** Views bytes (any alignment) as packed keys, copying only when the bytes are not 4-byte aligned. */
 export function keysFromBytes(bytes: Uint8Array, argName = 'keys'): PackedKeys {
   if (bytes.byteLength % 8 !== 0) throw invalidArgument(`${argName} has ${bytes.byteLength} bytes, not a multiple of 8`);

@@ -9,7 +9,7 @@ import { blockBytes, writeBlock } from '../common/rows-file.js';
 import { checkTableName, checkVersion } from '../common/validate.js';
 import { LoadRowsMessage, encodeLoadRowsRequest, installZeroCopyRequests } from '../common/wire.js';
 import { ClusterConnections, type ReplicaConn } from '../router/connections.js';
-import { assignGroups, groupTable } from '../router/partition.js';
+import { assignGroups, groupTable } from '../common/partition.js';
 import { call, statusAll, switchVersion } from './cluster-ops.js';
 import { planDump, readDump, type DeleteChunk, type DumpPlan, type RowChunk } from './sources.js';
 

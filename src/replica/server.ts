@@ -2,7 +2,9 @@ import * as grpc from '@grpc/grpc-js';
 import { HealthImplementation } from 'grpc-health-check';
 import type { Logger } from 'pino';
 import { KvError, KvErrorCode, invalidArgument, toGrpcError } from '../common/errors.js';
-import { bytesOf, floatsFromBytes, keysFromBytes } from '../common/keys.js';
+import { bytesOf, floatsFromBytes, keyAt, keysFromBytes, repeatedKey } from '../common/keys.js';
+import { ORDER_SCALE } from '../common/limits.js';
+import { partitionOfHalves } from '../common/partition.js';
 import type { Manifest } from '../common/manifest.js';
 import { YoungGcBudget } from '../common/process-tuning.js';
 import { AnswerBufferPool, SERVER_OPTIONS, embkvServerService, installZeroCopyFraming, shardControlService, type LookupRequest } from '../common/wire.js';
@@ -19,7 +21,15 @@ export interface ReplicaOptions {
   logger: Logger;
   /** Listen here instead of the manifest's address (tests). */
   listenAddress?: string;
+  /** How far ahead of this replica's clock a put's write order may be (default DEFAULT_MAX_PUT_SKEW_MS). */
+  maxPutSkewMs?: number;
 }
+
+/**
+ * A put stamped further ahead than this is refused: a later put of the same key, stamped by a writer
+ * with a correct clock, would otherwise lose to it until its stamp came round.
+ */
+export const DEFAULT_MAX_PUT_SKEW_MS = 5000;
 
 type State = 'new' | 'opening' | 'open' | 'closing' | 'closed';
 
@@ -207,6 +217,31 @@ export class ReplicaServer {
   }
   // ---- end of test fault switch ----
 
+  /**
+   * What a writer's put must hold before this replica logs it: keys of this replica's group only (any
+   * other would be logged and synced to its peers but never served), each once, and a write order
+   * no further ahead of this replica's clock than maxPutSkewMs.
+   */
+  private checkPut(keys: Uint32Array, order: number): void {
+    const { manifest, group } = this.options;
+    const groups = manifest.groups.length;
+    for (let i = 0; i < keys.length / 2; i++) {
+      const p = partitionOfHalves(keys[2 * i]!, keys[2 * i + 1]!, manifest.partitions);
+      if (p % groups !== group) {
+        throw invalidArgument(`key ${keyAt(keys, i)} (row ${i} of the put) is in partition ${p} of shard group ${p % groups}, not of this replica's group ${group}; the SDK and the router send each key to its own group`);
+      }
+    }
+    const dup = repeatedKey(keys);
+    if (dup !== undefined) {
+      throw invalidArgument(`key ${dup.key} appears twice in one put (rows ${dup.first} and ${dup.second}); a put, like a load, takes each key once`);
+    }
+    const maxSkewMs = this.options.maxPutSkewMs ?? DEFAULT_MAX_PUT_SKEW_MS;
+    const aheadMs = Math.floor(order / ORDER_SCALE) - Date.now();
+    if (Number.isFinite(aheadMs) && aheadMs > maxSkewMs) {
+      throw invalidArgument(`the put's write order is stamped ${aheadMs} ms ahead of this replica's clock; at most ${maxSkewMs} ms of clock skew is accepted (check the writer's clock)`);
+    }
+  }
+
   private controlHandlers(): grpc.UntypedServiceImplementation {
     const unary = <Req, Res>(fn: (req: Req) => Promise<Res> | Res) =>
       (call: grpc.ServerUnaryCall<Req, Res>, callback: grpc.sendUnaryData<Res>): void => {
@@ -241,9 +276,11 @@ export class ReplicaServer {
         const rows = await this.shard.loadRows(r.table, r.version, r.loadId, keysFromBytes(r.keys), floatsFromBytes(r.values), keysFromBytes(r.deletes, 'deletes'));
         return (TEST_FAULTS && this.holdLoad(r.table, r.version, rows)) || { rows };
       }),
-      Put: unary(async (r: { table: string; keys: Buffer; values: Buffer; order: number; writer: string }) => ({
-        seq: await this.shard.put(r.table, keysFromBytes(r.keys), floatsFromBytes(r.values), r.order, r.writer),
-      })),
+      Put: unary(async (r: { table: string; keys: Buffer; values: Buffer; order: number; writer: string }) => {
+        const keys = keysFromBytes(r.keys);
+        this.checkPut(keys, r.order);
+        return { seq: await this.shard.put(r.table, keys, floatsFromBytes(r.values), r.order, r.writer) };
+      }),
       PutsSince: unary(async (r: { afterSeq: number; maxBatches: number }) => {
         const { batches, last } = await this.shard.putsSince(r.afterSeq, r.maxBatches || 256);
         return {

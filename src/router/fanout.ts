@@ -7,7 +7,7 @@ import { installPooledReceive, releaseReceived } from '../common/pooled-receive.
 import type { LookupResponse } from '../common/wire.js';
 import { ClusterConnections } from './connections.js';
 import { GroupCaller } from './group-caller.js';
-import { assignGroups, groupTable, sortByGroup } from './partition.js';
+import { assignGroups, groupTable, sortByGroup } from '../common/partition.js';
 import { parseReplicaPolicy, type ResolvedReplicaPolicy } from './policy.js';
 import { LatencyWindow, latencyOf, type FanoutStats } from './stats.js';
 

@@ -2,7 +2,7 @@ import * as grpc from '@grpc/grpc-js';
 import { KvError, KvErrorCode, fromGrpcError } from '../common/errors.js';
 import type { PackedKeys } from '../common/keys.js';
 import { controlCall, type ClusterConnections } from './connections.js';
-import { assignGroups, groupTable, sortByGroup } from './partition.js';
+import { assignGroups, groupTable, sortByGroup } from '../common/partition.js';
 
 export interface PutRequest {
   table: string;
