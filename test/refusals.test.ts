@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, afterEach, before, describe, test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
@@ -148,5 +148,52 @@ describe('nothing served changes without a valid, explicit action (2 groups x 2 
     await assert.rejects(client.putEmbeddings([key, key], new Float32Array(2 * DIM), { table: 'o' }), /keys\[0\] and keys\[1\] are the same key/);
     // Nothing was applied: the key still reads v1.
     await assertServes('o', v1, v1.keys.slice(0, 10));
+  });
+
+  test('kvctl drop removes a version that is not current, everywhere and for good; the current version and bases are refused', async () => {
+    await loadV1('x');
+    const v2 = makeModel(2000, DIM, 22, 2);
+    mkdirSync(join(dumps, 'x2'));
+    await writeModelPart(join(dumps, 'x2', 'part-0'), v2, 0, v2.keys.length);
+    const staged = await cluster.kvctl(['load', '--table', 'x', '--version', '2', '--full', join(dumps, 'x2'), '--no-publish']);
+    assert.equal(staged.code, 0, staged.stderr);
+    const held = async (): Promise<number[][]> => {
+      const st = await cluster.kvctl(['status', '--json']);
+      return (JSON.parse(st.stdout) as { status: { tables: { name: string; versions: { version: number }[] }[] } }[])
+        .map((rep) => rep.status.tables.find((t) => t.name === 'x')!.versions.map((v) => v.version));
+    };
+    assert.deepEqual(await held(), [[1, 2], [1, 2], [1, 2], [1, 2]]);
+    const rowsFiles = (): string[] => cluster.manifest.groups.flatMap((_, g) => [0, 1].flatMap((r) =>
+      readdirSync(join(cluster.dir, `g${g}r${r}`), { recursive: true }).map(String).filter((n) => n.endsWith('.rows') && /x/.test(n))));
+    const before = rowsFiles().length;
+
+    const isCurrent = await cluster.kvctl(['drop', '--table', 'x', '--version', '1']);
+    assert.equal(isCurrent.code, 1);
+    assert.match(isCurrent.stderr, /^kvctl: error: cannot drop x v1: x v1 is current on group 0 replica 0/);
+    const none = await cluster.kvctl(['drop', '--table', 'x', '--version', '7']);
+    assert.equal(none.code, 1);
+    assert.match(none.stderr, /no replica holds x v7/);
+
+    const r = await cluster.kvctl(['drop', '--table', 'x', '--version', '2']);
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stdout, /x: version 2 dropped from 4 replicas/);
+    assert.deepEqual(await held(), [[1], [1], [1], [1]]);
+    assert.equal(rowsFiles().length, before - 4, 'every replica deleted the rows file of v2');
+    await assertServes('x', v1, v1.keys.slice(0, 300));
+    // For good: a restarted replica does not bring it back, and the number can be loaded again.
+    await cluster.restartReplica(1, 0);
+    assert.deepEqual(await held(), [[1], [1], [1], [1]]);
+    const again = await cluster.kvctl(['load', '--table', 'x', '--version', '2', '--full', join(dumps, 'x2'), '--publish']);
+    assert.equal(again.code, 0, again.stderr);
+    await assertServes('x', v2, v2.keys.slice(0, 300));
+
+    // A delta on v2, published: v2 is its base and cannot go while it is kept.
+    writeFileSync(join(dumps, 'x3.txt'), `${v2.keys[0]}\t${Array(DIM).fill(5).join(',')}\n`);
+    const delta = await cluster.kvctl(['load', '--table', 'x', '--version', '3', '--incremental', join(dumps, 'x3.txt')]);
+    assert.equal(delta.code, 0, delta.stderr);
+    const base = await cluster.kvctl(['drop', '--table', 'x', '--version', '2']);
+    assert.equal(base.code, 1);
+    assert.match(base.stderr, /x v2 is the base of v3; drop that first/);
+    assert.equal(await current('x'), 3);
   });
 });

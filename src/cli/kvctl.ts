@@ -5,7 +5,8 @@ import { Command, InvalidArgumentError } from 'commander';
 // loader): kvctl starts in about half the time that loading every module took.
 import { KvError, KvErrorCode, fromGrpcError } from '../common/errors.js';
 import { DEFAULT_CONFIG_PATH, loadManifest, localManifest, type Manifest } from '../common/manifest.js';
-import { publishVersion, statusAll } from '../loader/cluster-ops.js';
+import { dropVersion, publishVersion, statusAll } from '../loader/cluster-ops.js';
+import { checkTableName } from '../common/validate.js';
 import { ClusterConnections } from '../router/connections.js';
 import { fetchRouterStats, formatFanoutStats } from '../router/stats.js';
 import { Progress, formatStatus } from './output.js';
@@ -148,6 +149,23 @@ for (const [name, rollback] of [['publish', false], ['rollback', true]] as const
       }
     });
 }
+
+program
+  .command('drop')
+  .description('drop a version that is not current from every replica (memory and rows files)')
+  .option('--config <file>', 'cluster manifest', DEFAULT_CONFIG_PATH)
+  .requiredOption('--table <name>', 'table name')
+  .requiredOption('--version <n>', 'version number', intArg('--version', 1))
+  .action(async (o: { config: string; table: string; version: number }) => {
+    checkTableName(o.table, '--table');
+    const conns = new ClusterConnections(loadManifest(o.config));
+    try {
+      const r = await dropVersion(conns, o.table, o.version);
+      process.stdout.write(`${o.table}: version ${o.version} dropped from ${r.dropped} replica${r.dropped === 1 ? '' : 's'}\n`);
+    } finally {
+      conns.close();
+    }
+  });
 
 program
   .command('get')

@@ -81,3 +81,27 @@ export async function switchVersion(conns: ClusterConnections, table: string, ve
   const res = await Promise.all(conns.all().map((c) => call<{ previousVersion: number }>(c, 'Publish', { table, version, rollback })));
   return { previous: res.map((r) => r.previousVersion) };
 }
+
+/**
+ * Drops a version that is not current from every replica. Refused before any replica drops it when
+ * the version is current anywhere or does not answer; a replica that does not hold it is skipped.
+ * Returns how many replicas dropped it.
+ */
+export async function dropVersion(conns: ClusterConnections, table: string, version: number): Promise<{ dropped: number }> {
+  const statuses = await statusAll(conns);
+  const problems: string[] = [];
+  let held = 0;
+  for (const s of statuses) {
+    if (s.error) {
+      problems.push(`${replicaName(s.conn)} does not answer: ${s.error.message}`);
+      continue;
+    }
+    const t = s.status!.tables.find((x) => x.name === table);
+    if (t?.currentVersion === version) problems.push(`${table} v${version} is current on ${replicaName(s.conn)}`);
+    if (t?.versions.some((v) => v.version === version)) held++;
+  }
+  if (problems.length > 0) throw new KvError(KvErrorCode.LOAD_CONFLICT, `cannot drop ${table} v${version}: ${problems.join('; ')}`);
+  if (held === 0) throw new KvError(KvErrorCode.VERSION_NOT_FOUND, `no replica holds ${table} v${version}`);
+  const res = await Promise.all(conns.all().map((c) => call<{ dropped: boolean }>(c, 'Drop', { table, version })));
+  return { dropped: res.filter((r) => r.dropped).length };
+}

@@ -298,6 +298,9 @@ export class ReplicaServer {
       Publish: unary(async (r: { table: string; version: number; rollback: boolean }) => ({
         previousVersion: await this.shard.publish(r.table, r.version, r.rollback),
       })),
+      Drop: unary(async (r: { table: string; version: number }) => ({
+        dropped: await this.shard.dropVersion(r.table, r.version),
+      })),
       Status: unary(() => {
         const mem = process.memoryUsage();
         return {

@@ -690,6 +690,40 @@ export class Shard {
   }
 
   /**
+   * Drops a sealed version that is not current: its memory and its rows file. Refused for the current
+   * version, a version being loaded, and a version a kept delta (or the load under way) builds on.
+   * Returns false when this replica does not hold the version.
+   */
+  async dropVersion(table: string, version: number): Promise<boolean> {
+    checkTableName(table);
+    checkVersion(version);
+    return this.withTable(table, async () => {
+      const t = this.tables.get(table);
+      if (t === undefined) throw new KvError(KvErrorCode.TABLE_NOT_FOUND, `table ${table} is not held by this replica`);
+      if (version === t.current) {
+        throw new KvError(KvErrorCode.LOAD_CONFLICT, `table ${table} v${version} is current; publish or roll back to another version before dropping it`);
+      }
+      if (t.write?.version === version) {
+        throw new KvError(KvErrorCode.LOAD_CONFLICT, `table ${table} v${version} is being loaded; a load that fails is dropped by itself, and kvctl load --force takes a stalled one over`);
+      }
+      const dependents = [...t.versions.values()].filter((v) => v.meta.base === version).map((v) => v.meta.version);
+      if (t.write?.meta.base === version) dependents.push(t.write.version);
+      if (dependents.length > 0 || t.retained.has(version)) {
+        const on = dependents.length > 0 ? dependents.map((v) => `v${v}`).join(', ') : 'a kept delta';
+        throw new KvError(KvErrorCode.LOAD_CONFLICT, `table ${table} v${version} is the base of ${on}; drop ${dependents.length > 0 ? 'that' : 'it'} first`);
+      }
+      if (!t.versions.has(version)) return false;
+      t.versions.delete(version);
+      // Retained bases that only the dropped version needed go too.
+      const alsoGone = this.prune(t);
+      await this.store.putTable(this.metaOf(t), true);
+      for (const v of [version, ...alsoGone]) await this.store.dropVersionRows(table, v);
+      this.log.info({ table, version, alsoDropped: alsoGone }, 'version dropped');
+      return true;
+    });
+  }
+
+  /**
    * Keeps the current version, every sealed version newer than it, and the newest older ones up to
    * keepVersions. A version left out but still the base of a kept delta stays on disk as 'retained'.
    * Returns the versions whose rows can go.
