@@ -5,6 +5,7 @@ import { after, afterEach, before, describe, test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
 import { EmbeddingClient } from '../src/index.js';
 import { ORDER_SCALE } from '../src/common/limits.js';
+import { CHANNEL_OPTIONS, EmbkvClient, type LookupResponse } from '../src/common/wire.js';
 import { partitionOf } from '../src/common/partition.js';
 import { controlCall, ClusterConnections } from '../src/router/connections.js';
 import { codeOf } from './helpers/util.js';
@@ -13,6 +14,22 @@ import { TestCluster } from './helpers/cluster.js';
 import { expected, makeModel, sameBits, writeModelPart, type Model } from './helpers/model.js';
 
 const DIM = 4;
+
+/** A Lookup sent straight to one replica, to see what that replica itself serves. */
+function lookupAt(address: string, table: string, keys: BigUint64Array): Promise<LookupResponse> {
+  const c = new EmbkvClient(address, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
+  return new Promise<LookupResponse>((resolve, reject) => {
+    (c as unknown as { lookup: Function }).lookup(
+      { table, version: 0, keys: new Uint8Array(keys.buffer, keys.byteOffset, keys.byteLength) },
+      { deadline: new Date(Date.now() + 10_000) },
+      (err: Error | null, r: LookupResponse) => {
+        c.close();
+        if (err) reject(err);
+        else resolve(r);
+      },
+    );
+  });
+}
 
 describe('nothing served changes without a valid, explicit action (2 groups x 2 replicas)', () => {
   let cluster: TestCluster;
@@ -130,8 +147,15 @@ describe('nothing served changes without a valid, explicit action (2 groups x 2 
     const until = now + 1000;
     while (Date.now() <= until) await new Promise((r) => setTimeout(r, until - Date.now() + 1));
     await client.putEmbeddings([key], new Float32Array(DIM).fill(3), { table: 'f' });
-    const r = await client.getEmbeddings([key], { table: 'f' });
-    assert.deepEqual(Array.from(r.values), [3, 3, 3, 3]);
+    // Acknowledged by one replica of the group; every replica of it serves the put once it has it.
+    for (const address of cluster.manifest.groups[g]!.replicas) {
+      for (;;) {
+        const r = await lookupAt(address, 'f', BigUint64Array.of(key));
+        if (r.values[0] === 3) break;
+        assert.equal(r.values[0], 7, `${address} serves the raw put until it has the later one`);
+        await new Promise((res) => setTimeout(res, 20));
+      }
+    }
   });
 
   test("a put of keys another group owns, or of one key twice, is refused by every replica and by the SDK", async () => {
@@ -195,5 +219,30 @@ describe('nothing served changes without a valid, explicit action (2 groups x 2 
     assert.equal(base.code, 1);
     assert.match(base.stderr, /x v2 is the base of v3; drop that first/);
     assert.equal(await current('x'), 3);
+  });
+
+  // Its timeout fails the test if puts wait for the frozen replica (their deadline is 10 minutes).
+  test('one frozen replica holds no put: each is acknowledged by the replica that answers, and the frozen one catches up when thawed', { timeout: 120_000 }, async () => {
+    await loadV1('p');
+    const keys = v1.keys.slice(0, 50);
+    // Deadlines far beyond what the test waits: a put that waited for the frozen replica would not end.
+    const deadlineMs = 600_000;
+    cluster.signalReplica(0, 0, 'SIGSTOP');
+    try {
+      for (let i = 0; i < keys.length; i++) {
+        await client.putEmbeddings([keys[i]!], new Float32Array(DIM).fill(100 + i), { table: 'p', deadlineMs });
+      }
+    } finally {
+      cluster.signalReplica(0, 0, 'SIGCONT');
+    }
+    // Thawed, g0r0 pulls what it missed from its peer: read it directly until it serves every put.
+    const address = cluster.manifest.groups[0]!.replicas[0]!;
+    const mine = keys.filter((k) => groupOf(k) === 0);
+    assert.ok(mine.length > 5, `group 0 owns ${mine.length} of the keys`);
+    for (;;) {
+      const r = await lookupAt(address, 'p', BigUint64Array.from(mine));
+      if (mine.every((k, j) => r.found[j] === 1 && r.values[j * DIM] === 100 + keys.indexOf(k))) break;
+      await new Promise((res) => setTimeout(res, 50));
+    }
   });
 });

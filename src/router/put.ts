@@ -1,7 +1,7 @@
 import * as grpc from '@grpc/grpc-js';
 import { KvError, KvErrorCode, fromGrpcError } from '../common/errors.js';
 import type { PackedKeys } from '../common/keys.js';
-import { controlCall, type ClusterConnections } from './connections.js';
+import { controlCall, type ClusterConnections, type ReplicaConn } from './connections.js';
 import { assignGroups, groupTable, sortByGroup } from '../common/partition.js';
 
 export interface PutRequest {
@@ -20,9 +20,10 @@ export interface PutRequest {
 const DOWN = new Set<number>([grpc.status.UNAVAILABLE, grpc.status.DEADLINE_EXCEEDED, grpc.status.CANCELLED, grpc.status.UNKNOWN]);
 
 /**
- * Sends a real-time batch to every replica of each owning group. A group acknowledges when at least
- * one replica has logged the batch durably; a replica that missed it catches up from its peers. A
- * refusal (bad input, unknown table) from any replica rejects the call.
+ * Sends a real-time batch to every replica of each owning group. A group acknowledges as soon as one
+ * replica has logged the batch durably: the others' answers are not waited for (a frozen or slow
+ * replica holds no put), and a replica that missed the batch pulls it from its peers. A refusal (bad
+ * input, unknown table) that comes before the group's acknowledgement rejects the call.
  */
 export async function putToGroups(conns: ClusterConnections, req: PutRequest): Promise<void> {
   const { manifest } = conns;
@@ -46,23 +47,44 @@ export async function putToGroups(conns: ClusterConnections, req: PutRequest): P
         writer: req.writer,
       };
       const replicas = conns.groups[g]!;
-      const results = await Promise.allSettled(replicas.map((c) => controlCall(c, 'Put', body, Math.max(1, req.deadline - Date.now()))));
-      let ok = 0;
-      let down: KvError | undefined;
-      for (let r = 0; r < results.length; r++) {
-        const res = results[r]!;
-        if (res.status === 'fulfilled') {
-          ok++;
-          continue;
-        }
-        const se = res.reason as grpc.ServiceError;
-        const err = fromGrpcError(se, `group ${g} replica ${r} (${replicas[r]!.address})`);
-        if (!DOWN.has(se.code)) throw err;
-        down = err;
-      }
-      if (ok === 0) {
-        throw new KvError(KvErrorCode.UNAVAILABLE, `group ${g}: no replica took the put (${replicas.map((c) => c.address).join(', ')}): ${down?.message ?? ''}`, { cause: down });
-      }
+      await firstAcknowledgement(g, replicas.map((c) => controlCall(c, 'Put', body, Math.max(1, req.deadline - Date.now()))), replicas);
     }),
   );
+}
+
+/**
+ * Resolves at the first replica that logged the batch; rejects at the first refusal before that, or
+ * with UNAVAILABLE once every replica is down. Calls still out are left to end by their deadline.
+ */
+function firstAcknowledgement(g: number, calls: Promise<unknown>[], replicas: readonly ReplicaConn[]): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    let pending = calls.length;
+    let down: KvError | undefined;
+    let settled = false;
+    calls.forEach((p, r) => {
+      p.then(
+        () => {
+          if (!settled) {
+            settled = true;
+            resolve();
+          }
+        },
+        (se: grpc.ServiceError) => {
+          pending--;
+          if (settled) return;
+          const err = fromGrpcError(se, `group ${g} replica ${r} (${replicas[r]!.address})`);
+          if (!DOWN.has(se.code)) {
+            settled = true;
+            reject(err);
+            return;
+          }
+          down = err;
+          if (pending === 0) {
+            settled = true;
+            reject(new KvError(KvErrorCode.UNAVAILABLE, `group ${g}: no replica took the put (${replicas.map((c) => c.address).join(', ')}): ${down.message}`, { cause: down }));
+          }
+        },
+      );
+    });
+  });
 }
