@@ -96,7 +96,8 @@ describe('stopping a replica', () => {
     const r = await inFlight;
     assert.equal(r.found.reduce((a, f) => a + f, 0), keys.length);
     assert.equal(r.values[DIM + 1], 1, 'the second key answers its own row');
-    assert.match(await stopped, /"drained":1,"cut":0/);
+    // Its peer's sync calls may be in flight too: at least this call was drained, and none was cut.
+    assert.match(await stopped, /"drained":[1-9]\d*,"cut":0/);
     assert.deepEqual(await exited, [0, null]);
     cluster.startReplica(0, 1);
     await cluster.waitReady();
@@ -112,7 +113,7 @@ describe('stopping a replica', () => {
     const exited = once(cluster.procs.get('g0r1')!, 'exit');
     cluster.signalReplica(0, 1, 'SIGTERM');
     // The call ended at its deadline, and the stop with it: nothing was cut, nothing waited 10 minutes.
-    assert.match(await stopped, /"drained":1,"cut":0/);
+    assert.match(await stopped, /"drained":[1-9]\d*,"cut":0/);
     assert.deepEqual(await exited, [0, null]);
     assert.equal(await inFlight, grpc.status.DEADLINE_EXCEEDED);
     cluster.startReplica(0, 1);
