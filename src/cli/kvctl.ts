@@ -31,6 +31,16 @@ function manifestFrom(path: string, writeDefault = false): Manifest {
   return loadManifest(path);
 }
 
+// Node warns (DEP0123) when a TLS client names an IP address as server name, which grpc-js does for
+// every replica addressed by IP: certificates for IPs are verified against their IP SANs all the
+// same, and the warning would break kvctl's one-line output.
+const emitWarning = process.emitWarning.bind(process) as (...args: unknown[]) => void;
+process.emitWarning = ((...args: unknown[]) => {
+  const opt = args[1];
+  const code = typeof opt === 'object' && opt !== null ? (opt as { code?: unknown }).code : args[2];
+  if (code !== 'DEP0123') emitWarning(...args);
+}) as typeof process.emitWarning;
+
 const TOKEN_FILE_HELP = 'read the token (README: Security) from FILE instead of EMBKV_TOKEN';
 
 /** The caller's token: the contents of --token-file (surrounding whitespace dropped), else EMBKV_TOKEN, else none. */
@@ -84,8 +94,10 @@ program
         // Logged by reloadTokens.
       }
     });
+    // Listening for signals before it serves: a stop sent as soon as it logs "serving" is not lost.
+    const stop = untilSignal();
     await server.start();
-    await untilSignal();
+    await stop;
     await server.close();
     // Closed: calls drained, store closed, logs written synchronously. Nothing else may hold the
     // process (the supervisor's IPC channel would, a stray timer could).
@@ -269,9 +281,10 @@ program
         // Logged by reloadTokens.
       }
     });
+    const stop = untilSignal();
     await router.start();
     process.stderr.write(`kvctl: router listening on ${o.host}:${router.port}\n`);
-    await untilSignal();
+    await stop;
     await router.close();
   });
 
