@@ -27,7 +27,7 @@ const TABLE = 'demo_emb';
 
 /** Waits until every replica answers Status, up to `timeoutMs`. */
 export async function waitForCluster(manifest: Manifest, timeoutMs: number): Promise<void> {
-  const conns = new ClusterConnections(manifest);
+  const conns = new ClusterConnections(manifest, { token: process.env['EMBKV_TOKEN'] || undefined });
   const until = Date.now() + timeoutMs;
   try {
     for (;;) {
@@ -78,7 +78,7 @@ export async function runDemo(o: DemoOptions): Promise<void> {
   await writeNpyPair(join(modelDir, 'part-0'), keys, values, o.dim);
   say(`wrote a demo model: ${o.keys.toLocaleString('en-US')} keys, dim ${o.dim}, as NumPy files in ${modelDir}`);
 
-  const client = new EmbeddingClientImpl({ config: o.manifest });
+  const client = new EmbeddingClientImpl({ config: o.manifest, ...(process.env['EMBKV_TOKEN'] ? { token: process.env['EMBKV_TOKEN'] } : {}) });
   let version = 1;
   try {
     const current = await client.getEmbeddings([0], { table: TABLE });

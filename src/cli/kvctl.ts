@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { existsSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { Command, InvalidArgumentError } from 'commander';
 // Each command imports what it runs when it runs (a replica's storage engine, the router, the
 // loader): kvctl starts in about half the time that loading every module took.
@@ -10,6 +10,7 @@ import { checkTableName } from '../common/validate.js';
 import { ClusterConnections } from '../router/connections.js';
 import { fetchRouterStats, formatFanoutStats } from '../router/stats.js';
 import { Progress, formatStatus } from './output.js';
+import { checkClientToken } from '../common/security.js';
 
 const intArg = (name: string, min: number, max = Number.MAX_SAFE_INTEGER) => (value: string): number => {
   const n = Number(value);
@@ -29,6 +30,33 @@ function manifestFrom(path: string, writeDefault = false): Manifest {
     process.stderr.write(`wrote ${path}: ${DEFAULT_LOCAL_MANIFEST.groups.length} groups x 2 replicas on 127.0.0.1:7100-7103\n`);
   }
   return loadManifest(path);
+}
+
+// Node warns (DEP0123) when a TLS client names an IP address as server name, which grpc-js does for
+// every replica addressed by IP: certificates for IPs are verified against their IP SANs all the
+// same, and the warning would break kvctl's one-line output.
+const emitWarning = process.emitWarning.bind(process) as (...args: unknown[]) => void;
+process.emitWarning = ((...args: unknown[]) => {
+  const opt = args[1];
+  const code = typeof opt === 'object' && opt !== null ? (opt as { code?: unknown }).code : args[2];
+  if (code !== 'DEP0123') emitWarning(...args);
+}) as typeof process.emitWarning;
+
+const TOKEN_FILE_HELP = 'read the token (README: Security) from FILE instead of EMBKV_TOKEN';
+
+/** The caller's token: the contents of --token-file (surrounding whitespace dropped), else EMBKV_TOKEN, else none. */
+function tokenFrom(o: { tokenFile?: string }): string | undefined {
+  if (o.tokenFile !== undefined) {
+    let text: string;
+    try {
+      text = readFileSync(o.tokenFile, 'utf8');
+    } catch (err) {
+      throw new KvError(KvErrorCode.INVALID_ARGUMENT, `--token-file ${o.tokenFile} cannot be read: ${(err as Error).message}`);
+    }
+    return checkClientToken(text.trim(), `--token-file ${o.tokenFile}`);
+  }
+  const env = process.env['EMBKV_TOKEN'];
+  return env === undefined || env === '' ? undefined : checkClientToken(env.trim(), 'EMBKV_TOKEN');
 }
 
 /** Resolves on SIGINT or SIGTERM, or when the supervising parent's IPC channel closes (it died). */
@@ -53,15 +81,26 @@ program
   .requiredOption('--replica <r>', 'replica index within the group', intArg('--replica', 0, 63))
   .option('--data <dir>', 'data directory (default ./data/gGrR)')
   .option('--max-put-skew-ms <ms>', 'refuse puts stamped further ahead of this replica\'s clock (default 5000)', intArg('--max-put-skew-ms', 0, 3_600_000))
-  .action(async (o: { config: string; group: number; replica: number; data?: string; maxPutSkewMs?: number }) => {
+  .option('--insecure', 'listen on a non-loopback address although the manifest has no security', false)
+  .action(async (o: { config: string; group: number; replica: number; data?: string; maxPutSkewMs?: number; insecure: boolean }) => {
     const manifest = loadManifest(o.config);
     const [{ ReplicaServer }, { rootLogger }] = await Promise.all([import('../replica/server.js'), import('../common/log.js')]);
     const server = new ReplicaServer({
-      manifest, group: o.group, replica: o.replica, dataDir: o.data ?? `data/g${o.group}r${o.replica}`, logger: rootLogger('embkv'),
+      manifest, group: o.group, replica: o.replica, dataDir: o.data ?? `data/g${o.group}r${o.replica}`, logger: rootLogger('embkv'), insecure: o.insecure,
       ...(o.maxPutSkewMs !== undefined ? { maxPutSkewMs: o.maxPutSkewMs } : {}),
     });
+    // SIGHUP re-reads the tokens file (an invalid one is logged and the tokens in force stay).
+    process.on('SIGHUP', () => {
+      try {
+        server.reloadTokens();
+      } catch {
+        // Logged by reloadTokens.
+      }
+    });
+    // Listening for signals before it serves: a stop sent as soon as it logs "serving" is not lost.
+    const stop = untilSignal();
     await server.start();
-    await untilSignal();
+    await stop;
     await server.close();
     // Closed: calls drained, store closed, logs written synchronously. Nothing else may hold the
     // process (the supervisor's IPC channel would, a stray timer could).
@@ -74,11 +113,13 @@ cluster
   .description('run every replica of the manifest on this host until Ctrl-C')
   .option('--config <file>', 'cluster manifest (written with the default if missing)', DEFAULT_CONFIG_PATH)
   .option('--data <dir>', 'data directory', 'data')
-  .action(async (o: { config: string; data: string }) => {
+  .option('--insecure', 'let replicas listen on non-loopback addresses although the manifest has no security', false)
+  .action(async (o: { config: string; data: string; insecure: boolean }) => {
     const manifest = manifestFrom(o.config, true);
     const { Supervisor } = await import('./supervisor.js');
-    const sup = new Supervisor({ manifest, configPath: o.config, dataDir: o.data, logs: 'inherit', report: (l) => process.stderr.write(`kvctl: ${l}\n`) });
+    const sup = new Supervisor({ manifest, configPath: o.config, dataDir: o.data, logs: 'inherit', report: (l) => process.stderr.write(`kvctl: ${l}\n`), insecure: o.insecure });
     sup.start();
+    process.on('SIGHUP', () => sup.signalAll('SIGHUP'));
     process.once('exit', () => sup.killAll());
     process.stderr.write(`kvctl: started ${manifest.groups.reduce((a, g) => a + g.replicas.length, 0)} replicas; Ctrl-C stops them\n`);
     const sig = await untilSignal();
@@ -100,7 +141,8 @@ program
   .option('--allow-empty', 'allow a full load with no rows (it empties the table once published)', false)
   .option('--dim <n>', 'the dimension of a full load that changes the table\'s dimension (default: the current version\'s)', intArg('--dim', 1, 16384))
   .option('--no-staging', 'send every row over gRPC, also to replicas on this host (which otherwise read a full load from a staged file)')
-  .action(async (o: { config: string; table: string; version: number; full?: string; incremental?: string; publish?: boolean; force: boolean; allowEmpty: boolean; dim?: number; staging: boolean }) => {
+  .option('--token-file <file>', TOKEN_FILE_HELP)
+  .action(async (o: { config: string; table: string; version: number; full?: string; incremental?: string; publish?: boolean; force: boolean; allowEmpty: boolean; dim?: number; staging: boolean; tokenFile?: string }) => {
     if ((o.full === undefined) === (o.incremental === undefined)) {
       throw new KvError(KvErrorCode.INVALID_ARGUMENT, 'give the dump to load with exactly one of --full PATH or --incremental PATH');
     }
@@ -108,7 +150,7 @@ program
     const publish = o.publish ?? mode === 'incremental';
     const manifest = loadManifest(o.config);
     // Connections are set up while the loader's modules load.
-    const connections = new ClusterConnections(manifest);
+    const connections = new ClusterConnections(manifest, { token: tokenFrom(o) });
     connections.connect();
     const progress = new Progress(`loading ${o.table} v${o.version}`);
     const { runLoad } = await import('../loader/loader.js');
@@ -138,8 +180,9 @@ for (const [name, rollback] of [['publish', false], ['rollback', true]] as const
     .option('--config <file>', 'cluster manifest', DEFAULT_CONFIG_PATH)
     .requiredOption('--table <name>', 'table name')
     .requiredOption('--version <n>', 'version number', intArg('--version', 1))
-    .action(async (o: { config: string; table: string; version: number }) => {
-      const conns = new ClusterConnections(loadManifest(o.config));
+    .option('--token-file <file>', TOKEN_FILE_HELP)
+    .action(async (o: { config: string; table: string; version: number; tokenFile?: string }) => {
+      const conns = new ClusterConnections(loadManifest(o.config), { token: tokenFrom(o) });
       try {
         const r = await publishVersion(conns, o.table, o.version, rollback);
         const prev = [...new Set(r.previous)].join(', ');
@@ -156,9 +199,10 @@ program
   .option('--config <file>', 'cluster manifest', DEFAULT_CONFIG_PATH)
   .requiredOption('--table <name>', 'table name')
   .requiredOption('--version <n>', 'version number', intArg('--version', 1))
-  .action(async (o: { config: string; table: string; version: number }) => {
+  .option('--token-file <file>', TOKEN_FILE_HELP)
+  .action(async (o: { config: string; table: string; version: number; tokenFile?: string }) => {
     checkTableName(o.table, '--table');
-    const conns = new ClusterConnections(loadManifest(o.config));
+    const conns = new ClusterConnections(loadManifest(o.config), { token: tokenFrom(o) });
     try {
       const r = await dropVersion(conns, o.table, o.version);
       process.stdout.write(`${o.table}: version ${o.version} dropped from ${r.dropped} replica${r.dropped === 1 ? '' : 's'}\n`);
@@ -175,13 +219,15 @@ program
   .option('--version <n>', 'version (default: current)', intArg('--version', 1))
   .option('--strings', 'the keys are strings (hashed with xxh64)', false)
   .argument('<keys...>', 'decimal uint64 keys')
-  .action(async (keys: string[], o: { config: string; table: string; version?: number; strings: boolean }) => {
+  .option('--token-file <file>', TOKEN_FILE_HELP)
+  .action(async (keys: string[], o: { config: string; table: string; version?: number; strings: boolean; tokenFile?: string }) => {
     const parsed = o.strings ? keys : keys.map((k, i) => {
       if (!/^\d{1,20}$/.test(k) || BigInt(k) >= 1n << 64n) throw new KvError(KvErrorCode.INVALID_ARGUMENT, `key ${i + 1} (${k}) is not a decimal uint64; use --strings for string keys`);
       return BigInt(k);
     });
     const { EmbeddingClientImpl } = await import('../client/client.js');
-    const client = new EmbeddingClientImpl({ config: o.config });
+    const token = tokenFrom(o);
+    const client = new EmbeddingClientImpl({ config: o.config, ...(token !== undefined ? { token } : {}) });
     try {
       const r = await client.getEmbeddings(parsed as bigint[] | string[], { table: o.table, ...(o.version ? { version: o.version } : {}) });
       process.stderr.write(`${o.table} v${r.version} dim ${r.dim}\n`);
@@ -200,8 +246,11 @@ program
   .option('--config <file>', 'cluster manifest', DEFAULT_CONFIG_PATH)
   .option('--json', 'machine-readable output', false)
   .option('--router <host:port>', 'also show the per-group request, hedge, retry and latency stats of a running kvctl router')
-  .action(async (o: { config: string; json: boolean; router?: string }) => {
-    const conns = new ClusterConnections(loadManifest(o.config));
+  .option('--token-file <file>', TOKEN_FILE_HELP)
+  .action(async (o: { config: string; json: boolean; router?: string; tokenFile?: string }) => {
+    const token = tokenFrom(o);
+    const manifest = loadManifest(o.config);
+    const conns = new ClusterConnections(manifest, { token });
     try {
       const all = await statusAll(conns);
       // --router: the router's stats after the replicas (with --json: { replicas, router }).
@@ -209,7 +258,7 @@ program
         const replicas = all.map((s) => ({ group: s.conn.group, replica: s.conn.replica, address: s.conn.address, ...(s.status ? { status: s.status } : { error: s.error?.message }) }));
         let router: object;
         try {
-          const stats = await fetchRouterStats(o.router, 3000);
+          const stats = await fetchRouterStats(o.router, 3000, manifest.security, token);
           router = { address: o.router, stats };
           if (!o.json) process.stdout.write(formatStatus(all) + `router ${o.router}\n` + formatFanoutStats(stats));
         } catch (err) {
@@ -241,14 +290,23 @@ program
   .requiredOption('--port <p>', 'port to listen on', intArg('--port', 0, 65535))
   .option('--host <h>', 'address to listen on', '127.0.0.1')
   .option('--stats-interval-ms <ms>', 'log per-group stats this often (0: never; kvctl status --router shows them any time)', intArg('--stats-interval-ms', 0, 86_400_000), 60_000)
-  .action(async (o: { config: string; port: number; host: string; statsIntervalMs: number }) => {
+  .option('--insecure', 'listen on a non-loopback host although the manifest has no security', false)
+  .action(async (o: { config: string; port: number; host: string; statsIntervalMs: number; insecure: boolean }) => {
     const [{ RouterServer }, { rootLogger }] = await Promise.all([import('../router/server.js'), import('../common/log.js')]);
     const router = new RouterServer({
-      manifest: loadManifest(o.config), host: o.host, port: o.port, logger: rootLogger('embkv'), statsIntervalMs: o.statsIntervalMs,
+      manifest: loadManifest(o.config), host: o.host, port: o.port, logger: rootLogger('embkv'), statsIntervalMs: o.statsIntervalMs, insecure: o.insecure,
     });
+    process.on('SIGHUP', () => {
+      try {
+        router.reloadTokens();
+      } catch {
+        // Logged by reloadTokens.
+      }
+    });
+    const stop = untilSignal();
     await router.start();
     process.stderr.write(`kvctl: router listening on ${o.host}:${router.port}\n`);
-    await untilSignal();
+    await stop;
     await router.close();
   });
 

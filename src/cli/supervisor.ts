@@ -24,6 +24,8 @@ export interface SupervisorOptions {
   nodeFlags?: boolean;
   /** The environment the replicas start from (default process.env); variables set here win over REPLICA_MALLOC_ENV. */
   env?: NodeJS.ProcessEnv;
+  /** Start the replicas with --insecure (protected mode, README: Security). */
+  insecure?: boolean;
 }
 
 interface Child {
@@ -60,6 +62,11 @@ export class Supervisor {
     for (const c of this.children) this.spawnChild(c);
   }
 
+  /** Sends `signal` to every running child (SIGHUP: re-read the tokens file). */
+  signalAll(signal: NodeJS.Signals): void {
+    for (const c of this.children) c.proc?.kill(signal);
+  }
+
   /** The pid of each running child, by name (gGrR). */
   pids(): Record<string, number | undefined> {
     return Object.fromEntries(this.children.map((c) => [c.name, c.proc?.pid]));
@@ -72,7 +79,7 @@ export class Supervisor {
 
   private spawnChild(c: Child): void {
     const dataDir = join(this.options.dataDir, c.name);
-    const args = [...(this.options.nodeFlags === false ? [] : REPLICA_NODE_FLAGS), KVCTL, 'serve', '--config', this.options.configPath, '--group', String(c.group), '--replica', String(c.replica), '--data', dataDir];
+    const args = [...(this.options.nodeFlags === false ? [] : REPLICA_NODE_FLAGS), KVCTL, 'serve', '--config', this.options.configPath, '--group', String(c.group), '--replica', String(c.replica), '--data', dataDir, ...(this.options.insecure ? ['--insecure'] : [])];
     // The IPC channel ties the child to this process: when it closes, the replica shuts down.
     const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe', 'ipc'], env: this.childEnv() });
     c.proc = proc;

@@ -4,6 +4,7 @@ import { firstNonFinite, packKeys, repeatedKey, type KeyInput } from '../common/
 import { MAX_PUT_KEYS, ORDER_SCALE } from '../common/limits.js';
 import { resolveManifest, type Manifest } from '../common/manifest.js';
 import { Fanout, type AnswerAllocator } from '../router/fanout.js';
+import { ClusterConnections } from '../router/connections.js';
 import type { FanoutStats } from '../router/stats.js';
 import { putToGroups } from '../router/put.js';
 import { checkTableName, checkVersion } from '../common/validate.js';
@@ -70,7 +71,8 @@ export class EmbeddingClientImpl implements EmbeddingClient {
   constructor(options?: EmbeddingClientOptions) {
     this.options = parseClientOptions(options);
     this.manifest = resolveManifest(this.options.config);
-    this.fanout = new Fanout(this.manifest, undefined, this.options.policy);
+    // TLS from the manifest's security.tls; the token goes with every call.
+    this.fanout = new Fanout(this.manifest, new ClusterConnections(this.manifest, { token: this.options.token }), this.options.policy);
   }
 
   async getEmbeddings(keys: KeyInput, options: GetEmbeddingsOptions): Promise<EmbeddingsResult> {

@@ -1,5 +1,6 @@
 import { invalidArgument } from '../common/errors.js';
 import { DEFAULT_CONFIG_PATH } from '../common/manifest.js';
+import { checkClientToken } from '../common/security.js';
 import {
   REPLICA_POLICY_KEYS, REPLICA_POLICY_RENAMED, parseReplicaPolicy, type ReplicaPolicyOptions, type ResolvedReplicaPolicy,
 } from '../router/policy.js';
@@ -28,6 +29,8 @@ export interface EmbeddingClientOptions extends ReplicaPolicyOptions {
   deadlineMs?: number;
   /** Requests with more keys are refused with KV_INVALID_ARGUMENT. */
   maxKeysPerRequest?: number;
+  /** Sent as `authorization: Bearer <token>` when the cluster has a tokens file (README: Security). */
+  token?: string;
 }
 
 export interface ResolvedClientOptions {
@@ -35,11 +38,12 @@ export interface ResolvedClientOptions {
   deadlineMs: number;
   maxKeysPerRequest: number;
   policy: ResolvedReplicaPolicy;
+  token: string | undefined;
 }
 
-const KNOWN = new Set<string>(['config', 'deadlineMs', 'maxKeysPerRequest', ...REPLICA_POLICY_KEYS]);
+const KNOWN = new Set<string>(['config', 'deadlineMs', 'maxKeysPerRequest', 'token', ...REPLICA_POLICY_KEYS]);
 const RENAMED: Record<string, string> = {
-  deadline: 'deadlineMs', timeout: 'deadlineMs', timeoutMs: 'deadlineMs', manifest: 'config', maxKeys: 'maxKeysPerRequest',
+  deadline: 'deadlineMs', timeout: 'deadlineMs', timeoutMs: 'deadlineMs', manifest: 'config', maxKeys: 'maxKeysPerRequest', auth: 'token', bearer: 'token',
   ...REPLICA_POLICY_RENAMED,
 };
 
@@ -69,5 +73,6 @@ export function parseClientOptions(options: EmbeddingClientOptions | undefined):
     deadlineMs: checkPositiveInt(o['deadlineMs'] ?? DEFAULT_DEADLINE_MS, 'deadlineMs', MAX_DEADLINE_MS),
     maxKeysPerRequest: checkPositiveInt(o['maxKeysPerRequest'] ?? DEFAULT_MAX_KEYS_PER_REQUEST, 'maxKeysPerRequest', 100_000_000),
     policy: parseReplicaPolicy(o),
+    token: o['token'] === undefined ? undefined : checkClientToken(o['token'], 'token'),
   };
 }

@@ -18,6 +18,10 @@ export const KvErrorCode = {
   CLOSED: 'KV_CLOSED',
   RESOURCE_EXHAUSTED: 'KV_RESOURCE_EXHAUSTED',
   INTERNAL: 'KV_INTERNAL',
+  /** No token, or one the server does not know (gRPC UNAUTHENTICATED). */
+  UNAUTHENTICATED: 'KV_UNAUTHENTICATED',
+  /** A known token whose role may not call this method (gRPC PERMISSION_DENIED). */
+  PERMISSION_DENIED: 'KV_PERMISSION_DENIED',
 } as const;
 export type KvErrorCodeName = (typeof KvErrorCode)[keyof typeof KvErrorCode];
 
@@ -58,6 +62,8 @@ const CODE_TO_STATUS: Record<KvErrorCodeName, GrpcStatus> = {
   KV_CLOSED: GrpcStatus.UNAVAILABLE,
   KV_RESOURCE_EXHAUSTED: GrpcStatus.RESOURCE_EXHAUSTED,
   KV_INTERNAL: GrpcStatus.INTERNAL,
+  KV_UNAUTHENTICATED: GrpcStatus.UNAUTHENTICATED,
+  KV_PERMISSION_DENIED: GrpcStatus.PERMISSION_DENIED,
 };
 
 const STATUS_TO_CODE: Partial<Record<GrpcStatus, KvErrorCodeName>> = {
@@ -69,6 +75,8 @@ const STATUS_TO_CODE: Partial<Record<GrpcStatus, KvErrorCodeName>> = {
   [GrpcStatus.ALREADY_EXISTS]: KvErrorCode.VERSION_EXISTS,
   [GrpcStatus.FAILED_PRECONDITION]: KvErrorCode.LOAD_CONFLICT,
   [GrpcStatus.RESOURCE_EXHAUSTED]: KvErrorCode.RESOURCE_EXHAUSTED,
+  [GrpcStatus.UNAUTHENTICATED]: KvErrorCode.UNAUTHENTICATED,
+  [GrpcStatus.PERMISSION_DENIED]: KvErrorCode.PERMISSION_DENIED,
 };
 
 const KNOWN_CODES = new Set<string>(Object.values(KvErrorCode));

@@ -1,4 +1,5 @@
 import { readFileSync } from 'node:fs';
+import { dirname, isAbsolute, resolve } from 'node:path';
 import { KvError, KvErrorCode } from './errors.js';
 
 /** The cluster manifest (`cluster.json`, SPEC: Cluster manifest). */
@@ -7,6 +8,25 @@ export interface Manifest {
   groups: { replicas: string[] }[];
   /** How many sealed versions of a table a replica keeps (the current one included). */
   keepVersions: number;
+  /** TLS and tokens (README: Security); absent: plain text, no authentication, loopback only. */
+  security?: SecurityConfig;
+}
+
+/** The manifest's `security` block, with its paths resolved against the manifest file's directory. */
+export interface SecurityConfig {
+  tls?: TlsConfig;
+  /** A JSON array of { token, role } (see common/security.ts). */
+  tokens?: string;
+}
+
+export interface TlsConfig {
+  /** PEM certificate chain and key: a replica's or router's server certificate, and a client's certificate under mTLS. */
+  cert?: string;
+  key?: string;
+  /** PEM CA bundle: the root clients verify servers with, and servers verify client certificates with. */
+  ca?: string;
+  /** Servers require a client certificate signed by `ca` (mTLS); clients then present cert/key. Default false. */
+  requireClientCert?: boolean;
 }
 
 export const DEFAULT_KEEP_VERSIONS = 2;
@@ -18,12 +38,12 @@ const configError = (where: string, message: string): KvError =>
   new KvError(KvErrorCode.INVALID_CONFIG, `${where}: ${message}`);
 
 /** Validates a manifest object; unknown fields are refused so that a typo never passes silently. */
-export function parseManifest(raw: unknown, where = 'cluster manifest'): Manifest {
+export function parseManifest(raw: unknown, where = 'cluster manifest', baseDir = '.'): Manifest {
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw configError(where, 'must be a JSON object');
   const obj = raw as Record<string, unknown>;
   for (const k of Object.keys(obj)) {
-    if (k !== 'partitions' && k !== 'groups' && k !== 'keepVersions') {
-      throw configError(where, `unknown field "${k}" (known: partitions, groups, keepVersions)`);
+    if (k !== 'partitions' && k !== 'groups' && k !== 'keepVersions' && k !== 'security') {
+      throw configError(where, `unknown field "${k}" (known: partitions, groups, keepVersions, security)`);
     }
   }
   const partitions = obj['partitions'];
@@ -66,7 +86,41 @@ export function parseManifest(raw: unknown, where = 'cluster manifest'): Manifes
   if (typeof keep !== 'number' || !Number.isInteger(keep) || keep < 1 || keep > 100) {
     throw configError(where, `"keepVersions" must be an integer in [1, 100], got ${JSON.stringify(keep)}`);
   }
-  return { partitions, groups: parsed, keepVersions: keep };
+  const security = obj['security'] === undefined ? undefined : parseSecurity(obj['security'], where, baseDir);
+  return { partitions, groups: parsed, keepVersions: keep, ...(security ? { security } : {}) };
+}
+
+/** `security`: every field optional, unknown ones refused; paths resolved against `baseDir`. */
+function parseSecurity(raw: unknown, where: string, baseDir: string): SecurityConfig {
+  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw configError(where, '"security" must be an object { tls?, tokens? }');
+  const obj = raw as Record<string, unknown>;
+  for (const k of Object.keys(obj)) {
+    if (k !== 'tls' && k !== 'tokens') throw configError(where, `security: unknown field "${k}" (known: tls, tokens)`);
+  }
+  const path = (v: unknown, name: string): string => {
+    if (typeof v !== 'string' || v === '' || v.length > 4096) throw configError(where, `security.${name} must be a non-empty file path, got ${JSON.stringify(v)}`);
+    return isAbsolute(v) ? v : resolve(baseDir, v);
+  };
+  const out: SecurityConfig = {};
+  if (obj['tls'] !== undefined) {
+    const t = obj['tls'];
+    if (typeof t !== 'object' || t === null || Array.isArray(t)) throw configError(where, '"security.tls" must be an object { cert?, key?, ca?, requireClientCert? }');
+    const tls: TlsConfig = {};
+    for (const [k, v] of Object.entries(t as Record<string, unknown>)) {
+      if (k === 'cert' || k === 'key' || k === 'ca') tls[k] = path(v, `tls.${k}`);
+      else if (k === 'requireClientCert') {
+        if (typeof v !== 'boolean') throw configError(where, `security.tls.requireClientCert must be true or false, got ${JSON.stringify(v)}`);
+        tls.requireClientCert = v;
+      } else throw configError(where, `security.tls: unknown field "${k}" (known: cert, key, ca, requireClientCert)`);
+    }
+    if ((tls.cert === undefined) !== (tls.key === undefined)) throw configError(where, 'security.tls: give both cert and key, or neither');
+    if (tls.requireClientCert && (tls.ca === undefined || tls.cert === undefined)) {
+      throw configError(where, 'security.tls.requireClientCert needs ca (to verify client certificates) and cert/key (which clients present)');
+    }
+    out.tls = tls;
+  }
+  if (obj['tokens'] !== undefined) out.tokens = path(obj['tokens'], 'tokens');
+  return out;
 }
 
 /** Reads and validates a manifest file. */
@@ -83,10 +137,10 @@ export function loadManifest(path: string): Manifest {
   } catch (err) {
     throw new KvError(KvErrorCode.INVALID_CONFIG, `${path} is not valid JSON: ${(err as Error).message}`, { cause: err });
   }
-  return parseManifest(raw, path);
+  return parseManifest(raw, path, dirname(resolve(path)));
 }
 
-/** A manifest given as a path or an object. */
+/** A manifest given as a path or an object (whose security paths are relative to the working directory). */
 export function resolveManifest(config: string | unknown): Manifest {
   return typeof config === 'string' ? loadManifest(config) : parseManifest(config);
 }

@@ -5,6 +5,8 @@ import { floatsFromBytes, keysFromBytes } from '../common/keys.js';
 import { CHANNEL_OPTIONS, shardControlClientConstructor } from '../common/wire.js';
 import { ORDER_SCALE } from '../common/limits.js';
 import type { Shard } from '../shard/shard.js';
+import type { SecurityConfig } from '../common/manifest.js';
+import { authMetadata, channelCredentials } from '../common/security.js';
 
 export const PULL_INTERVAL_MS = 250;
 /** Refusals that a retry would meet again: the batch is skipped. */
@@ -27,6 +29,8 @@ interface Peer {
   client: grpc.Client;
   /** The peer's log position up to which this replica has what it logged. */
   cursor: number;
+  /** Which of the admin tokens this peer is called with: the next one after a refusal (a rotation under way). */
+  tokenIndex: number;
 }
 
 /**
@@ -40,9 +44,22 @@ export class PeerSync {
   private timer: NodeJS.Timeout | undefined;
   private running = false;
 
-  constructor(private readonly shard: Shard, addresses: string[], private readonly log: Logger) {
+  /**
+   * `adminTokens`: the tokens file's admin tokens (PutsSince needs admin); empty without a tokens
+   * file. Channels use the manifest's TLS, with the replica's certificate as client certificate under mTLS.
+   */
+  constructor(
+    private readonly shard: Shard, addresses: string[], private readonly log: Logger,
+    security: SecurityConfig | undefined, private readonly adminTokens: () => readonly string[],
+  ) {
     const Control = shardControlClientConstructor();
-    this.peers = addresses.map((address) => ({ address, client: new Control(address, grpc.credentials.createInsecure(), CHANNEL_OPTIONS), cursor: 0 }));
+    const creds = channelCredentials(security);
+    this.peers = addresses.map((address) => ({ address, client: new Control(address, creds, CHANNEL_OPTIONS), cursor: 0, tokenIndex: 0 }));
+  }
+
+  private metadataFor(p: Peer): grpc.Metadata {
+    const tokens = this.adminTokens();
+    return authMetadata(tokens.length === 0 ? undefined : tokens[p.tokenIndex % tokens.length]);
   }
 
   /** Pulls everything the reachable peers logged; a peer that does not answer is skipped. */
@@ -91,8 +108,14 @@ export class PeerSync {
         (p.client as unknown as Record<string, Function>)['PutsSince']!.call(
           p.client,
           { afterSeq: p.cursor, maxBatches: PULL_BATCHES },
+          this.metadataFor(p),
           { deadline: new Date(deadline) },
-          (err: grpc.ServiceError | null, r: { batches: PulledBatch[]; lastSeq: number }) => (err ? reject(err) : resolve(r)),
+          (err: grpc.ServiceError | null, r: { batches: PulledBatch[]; lastSeq: number }) => {
+            // A peer that does not know this token yet (or any more): the next admin token next time.
+            if (err && (err.code === grpc.status.UNAUTHENTICATED || err.code === grpc.status.PERMISSION_DENIED)) p.tokenIndex++;
+            if (err) reject(err);
+            else resolve(r);
+          },
         );
       });
       // A peer whose log restarted below our cursor (its disk was replaced) is read again from the start.

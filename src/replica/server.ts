@@ -11,6 +11,7 @@ import { AnswerBufferPool, SERVER_OPTIONS, embkvServerService, installZeroCopyFr
 import { checkTableName, checkVersion } from '../common/validate.js';
 import { Shard } from '../shard/shard.js';
 import { PeerSync } from './peer-sync.js';
+import { type TokenAuth, checkProtectedMode, serverCredentials, tokenAuthOf } from '../common/security.js';
 import { ShardStore } from '../shard/store.js';
 
 export interface ReplicaOptions {
@@ -23,6 +24,8 @@ export interface ReplicaOptions {
   listenAddress?: string;
   /** How far ahead of this replica's clock a put's write order may be (default DEFAULT_MAX_PUT_SKEW_MS). */
   maxPutSkewMs?: number;
+  /** Allow a non-loopback address without security (protected mode, README: Security). */
+  insecure?: boolean;
 }
 
 /**
@@ -64,6 +67,8 @@ export class ReplicaServer {
   /** Set when a call's stream could not be watched: a stop then gives answers a moment to leave. */
   private untracked = false;
   private heldLoad = false;
+  /** Token checks when the manifest names a tokens file; undefined: every call is let in. */
+  private readonly auth: TokenAuth | undefined;
 
   constructor(private readonly options: ReplicaOptions) {
     const { manifest, group, replica } = options;
@@ -72,15 +77,35 @@ export class ReplicaServer {
     const addr = g.replicas[replica];
     if (addr === undefined) throw invalidArgument(`replica ${replica} is not in group ${group} (it has ${g.replicas.length} replicas)`);
     this.address = options.listenAddress ?? addr;
+    checkProtectedMode(manifest.security, this.address, options.insecure === true, `replica ${group}/${replica}`);
     this.log = options.logger.child({ component: 'replica', group, replica });
+    this.auth = tokenAuthOf(manifest);
+    if (this.auth === undefined && manifest.security?.tls !== undefined) this.log.warn('TLS without a tokens file: anyone who can reach this port may call every method');
+    if (this.auth !== undefined && manifest.security?.tls === undefined) this.log.warn('tokens without TLS: tokens cross the network in plain text');
     this.store = new ShardStore(options.dataDir);
     this.shard = new Shard(this.store, { keepVersions: manifest.keepVersions, logger: this.log });
     const peers = g.replicas.filter((_, i) => i !== replica);
-    this.peerSync = new PeerSync(this.shard, peers, this.log);
+    this.peerSync = new PeerSync(this.shard, peers, this.log, manifest.security, () => this.auth?.adminTokens() ?? []);
   }
 
   get port(): number {
     return this.boundPort;
+  }
+
+  /**
+   * Re-reads the tokens file (kvctl serve does on SIGHUP). An invalid file is refused and the tokens
+   * in force stay; returns the number of tokens now in force, or undefined without a tokens file.
+   */
+  reloadTokens(): number | undefined {
+    if (this.auth === undefined) return undefined;
+    try {
+      const n = this.auth.reload();
+      this.log.info({ tokens: n, file: this.auth.path }, 'tokens reloaded');
+      return n;
+    } catch (err) {
+      this.log.error({ err: (err as Error).message }, 'tokens file refused; the tokens in force stay');
+      throw err;
+    }
   }
 
   async start(): Promise<void> {
@@ -95,7 +120,7 @@ export class ReplicaServer {
     warmCodecs(shardControlService());
     this.health.addToServer(this.server);
     this.boundPort = await new Promise<number>((resolve, reject) => {
-      this.server.bindAsync(this.address, grpc.ServerCredentials.createInsecure(), (err, port) => (err ? reject(err) : resolve(port)));
+      this.server.bindAsync(this.address, serverCredentials(this.options.manifest.security), (err, port) => (err ? reject(err) : resolve(port)));
     });
     // Peers can pull from this replica now; it answers lookups only once it has caught up on the
     // real-time puts it missed while it was down.
@@ -145,7 +170,9 @@ export class ReplicaServer {
    * flight until its HTTP/2 stream closes, that is until its answer has left, so a stop cuts no answer
    * half-sent.
    */
-  private admit(call: grpc.ServerUnaryCall<unknown, unknown>, what: 'lookup' | 'control'): void {
+  private admit(call: grpc.ServerUnaryCall<unknown, unknown>, what: 'lookup' | 'control', method: string): void {
+    // The token first: a caller without one learns nothing of the replica's state.
+    this.auth?.check(call.metadata, method);
     if (this.state !== 'open' && !(what === 'control' && this.state === 'opening')) {
       const why = this.state === 'opening' ? 'catching up' : this.state === 'closing' ? 'shutting down' : this.state;
       throw new KvError(KvErrorCode.UNAVAILABLE, `replica is ${why}`);
@@ -166,7 +193,7 @@ export class ReplicaServer {
 
   private onLookup(call: grpc.ServerUnaryCall<LookupRequest, Buffer>, callback: grpc.sendUnaryData<Buffer>): void {
     try {
-      this.admit(call, 'lookup');
+      this.admit(call, 'lookup', 'Lookup');
     } catch (err) {
       return callback(toGrpcError(err));
     }
@@ -193,7 +220,7 @@ export class ReplicaServer {
     const delayMs = testDelayMs(call.metadata, this.options.group, this.options.replica);
     if (delayMs === 0) return this.onLookup(call, callback);
     try {
-      this.admit(call, 'lookup');
+      this.admit(call, 'lookup', 'Lookup');
     } catch (err) {
       return callback(toGrpcError(err));
     }
@@ -247,7 +274,7 @@ export class ReplicaServer {
       (call: grpc.ServerUnaryCall<Req, Res>, callback: grpc.sendUnaryData<Res>): void => {
         try {
           // A stopping replica refuses new calls with a clear answer, and waits for those it took.
-          this.admit(call, 'control');
+          this.admit(call, 'control', methodOf(call));
         } catch (err) {
           return callback(toGrpcError(err));
         }
@@ -320,6 +347,13 @@ export class ReplicaServer {
 
 /** A stop waits this long past the last deadline of the calls in flight. */
 const DEADLINE_MARGIN_MS = 250;
+
+/** The method of a call ("/embkv.v1.ShardControl/LoadBegin" gives "LoadBegin"), for the role check. */
+function methodOf(call: grpc.ServerUnaryCall<unknown, unknown>): string {
+  const path = call.getPath();
+  return path.slice(path.lastIndexOf('/') + 1);
+}
+
 /** How long a stop waits for answers to leave when grpc-js does not show a call's stream. */
 const UNTRACKED_FLUSH_MS = 500;
 

@@ -1,5 +1,6 @@
 import * as grpc from '@grpc/grpc-js';
 import type { Manifest } from '../common/manifest.js';
+import { AUTHORIZATION, channelCredentials } from '../common/security.js';
 import { CHANNEL_OPTIONS, EmbkvClient, shardControlClientConstructor } from '../common/wire.js';
 
 /** One channel per replica address, shared by its lookup and control stubs. */
@@ -11,14 +12,30 @@ export interface ReplicaConn {
   lookup: grpc.Client;
   /** Made at first use (see protoPackage in common/wire.ts): a client that only looks up never needs it. */
   readonly control: grpc.Client;
+  /** Metadata for one call: `base` (copied) or empty, with this connection's token unless `base` carries one. */
+  callMetadata(base?: grpc.Metadata): grpc.Metadata;
+}
+
+export interface ConnectionOptions {
+  /** Sent as `authorization: Bearer <token>` with every call (README: Security). */
+  token?: string | undefined;
 }
 
 class Conn implements ReplicaConn {
   private controlStub: grpc.Client | undefined;
   readonly lookup: grpc.Client;
 
-  constructor(readonly group: number, readonly replica: number, readonly address: string, readonly channel: grpc.Channel, private readonly creds: grpc.ChannelCredentials) {
+  constructor(
+    readonly group: number, readonly replica: number, readonly address: string, readonly channel: grpc.Channel,
+    private readonly creds: grpc.ChannelCredentials, private readonly bearer: string | undefined,
+  ) {
     this.lookup = new EmbkvClient(address, creds, { channelOverride: channel });
+  }
+
+  callMetadata(base?: grpc.Metadata): grpc.Metadata {
+    const md = base === undefined ? new grpc.Metadata() : base.clone();
+    if (this.bearer !== undefined && md.get(AUTHORIZATION).length === 0) md.set(AUTHORIZATION, this.bearer);
+    return md;
   }
 
   get control(): grpc.Client {
@@ -41,9 +58,11 @@ export class ClusterConnections {
   readonly groups: readonly ReplicaConn[][];
   private readonly conns: Conn[][];
 
-  constructor(readonly manifest: Manifest) {
-    const creds = grpc.credentials.createInsecure();
-    this.conns = manifest.groups.map((g, gi) => g.replicas.map((address, ri) => new Conn(gi, ri, address, new grpc.Channel(address, creds, CHANNEL_OPTIONS), creds)));
+  constructor(readonly manifest: Manifest, options: ConnectionOptions = {}) {
+    // TLS with the manifest's CA when it has security.tls; plain text otherwise.
+    const creds = channelCredentials(manifest.security);
+    const bearer = options.token === undefined ? undefined : `Bearer ${options.token}`;
+    this.conns = manifest.groups.map((g, gi) => g.replicas.map((address, ri) => new Conn(gi, ri, address, new grpc.Channel(address, creds, CHANNEL_OPTIONS), creds, bearer)));
     this.groups = this.conns;
   }
 
@@ -69,7 +88,7 @@ export function controlCall<Res>(conn: ReplicaConn, method: string, request: obj
       reject(new Error(`no control method ${method}`));
       return;
     }
-    fn.call(conn.control, request, { deadline: new Date(Date.now() + deadlineMs) }, (err: grpc.ServiceError | null, res: Res) =>
+    fn.call(conn.control, request, conn.callMetadata(), { deadline: new Date(Date.now() + deadlineMs) }, (err: grpc.ServiceError | null, res: Res) =>
       err ? reject(err) : resolve(res),
     );
   });

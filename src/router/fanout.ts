@@ -33,7 +33,10 @@ export interface FanoutRequest {
   deadline: number;
   signal?: AbortSignal | undefined;
   alloc?: AnswerAllocator | undefined;
-  /** Sent with every attempt (tests use it for the replicas' fault switch, see replica/server.ts). */
+  /**
+   * Sent with every attempt (tests use it for the replicas' fault switch, see replica/server.ts; the
+   * router forwards its caller's authorization in it).
+   */
   metadata?: grpc.Metadata | undefined;
 }
 

@@ -232,7 +232,7 @@ class GroupCall {
       LOOKUP.requestSerialize,
       LOOKUP.responseDeserialize,
       this.sub,
-      this.metadata === undefined ? new grpc.Metadata() : this.metadata.clone(),
+      tracker.conn.callMetadata(this.metadata),
       // waitForReady stays false (the default): a call to a replica whose channel is in
       // TRANSIENT_FAILURE fails at once instead of waiting for a connection.
       { deadline: this.deadline },

@@ -4,6 +4,7 @@ import { invalidArgument, toGrpcError } from '../common/errors.js';
 import { keysFromBytes } from '../common/keys.js';
 import type { Manifest } from '../common/manifest.js';
 import { checkTableName } from '../common/validate.js';
+import { AUTHORIZATION, type TokenAuth, checkProtectedMode, serverCredentials, tokenAuthOf } from '../common/security.js';
 import { releaseReceived } from '../common/pooled-receive.js';
 import { AnswerBufferPool, SERVER_OPTIONS, allocLookupResponse, embkvServerService, installZeroCopyFraming, type LookupRequest } from '../common/wire.js';
 import { Fanout } from './fanout.js';
@@ -24,6 +25,8 @@ export interface RouterOptions {
   policy?: ReplicaPolicyOptions;
   /** Logs the per-group stats this often (0: never). They are also served by `/embkv.v1.Router/Stats`. */
   statsIntervalMs?: number;
+  /** Allow a non-loopback host without security (protected mode, README: Security). */
+  insecure?: boolean;
 }
 
 /**
@@ -39,9 +42,31 @@ export class RouterServer {
   /** Answer buffers, reused once their stream closes: a 150k-key answer at dim 32 is 19 MB. */
   private readonly answers = new AnswerBufferPool();
 
+  /**
+   * The router checks its callers' tokens against the manifest's tokens file, and forwards the
+   * caller's authorization to the replicas, which check it again: a caller can do through the router
+   * exactly what it could do directly, and the router holds no credential of its own.
+   */
+  private readonly auth: TokenAuth | undefined;
+
   constructor(private readonly options: RouterOptions) {
+    checkProtectedMode(options.manifest.security, `${options.host}:${options.port}`, options.insecure === true, 'the router');
     this.fanout = new Fanout(options.manifest, undefined, parseReplicaPolicy((options.policy ?? {}) as Record<string, unknown>));
     this.log = options.logger.child({ component: 'router' });
+    this.auth = tokenAuthOf(options.manifest);
+  }
+
+  /** Re-reads the tokens file (kvctl router does on SIGHUP); see ReplicaServer.reloadTokens. */
+  reloadTokens(): number | undefined {
+    if (this.auth === undefined) return undefined;
+    try {
+      const n = this.auth.reload();
+      this.log.info({ tokens: n, file: this.auth.path }, 'tokens reloaded');
+      return n;
+    } catch (err) {
+      this.log.error({ err: (err as Error).message }, 'tokens file refused; the tokens in force stay');
+      throw err;
+    }
   }
 
   get port(): number {
@@ -53,11 +78,18 @@ export class RouterServer {
     if (!installZeroCopyFraming()) this.log.warn('this grpc-js frames messages differently: answers are copied into frames');
     this.server.addService(embkvServerService(this.answers), { lookup: this.onLookup.bind(this) });
     this.server.addService(ROUTER_STATS_SERVICE, {
-      stats: (_call: grpc.ServerUnaryCall<unknown, FanoutStats>, cb: grpc.sendUnaryData<FanoutStats>) => cb(null, this.fanout.stats()),
+      stats: (call: grpc.ServerUnaryCall<unknown, FanoutStats>, cb: grpc.sendUnaryData<FanoutStats>) => {
+        try {
+          this.auth?.check(call.metadata, 'Stats');
+        } catch (err) {
+          return cb(toGrpcError(err));
+        }
+        cb(null, this.fanout.stats());
+      },
     });
     const addr = this.options.host.includes(':') ? `[${this.options.host}]:${this.options.port}` : `${this.options.host}:${this.options.port}`;
     this.boundPort = await new Promise<number>((resolve, reject) =>
-      this.server.bindAsync(addr, grpc.ServerCredentials.createInsecure(), (err, port) => (err ? reject(err) : resolve(port))),
+      this.server.bindAsync(addr, serverCredentials(this.options.manifest.security), (err, port) => (err ? reject(err) : resolve(port))),
     );
     this.log.info({ host: this.options.host, port: this.boundPort, groups: this.options.manifest.groups.length }, 'router serving');
     if (this.options.statsIntervalMs) {
@@ -91,6 +123,7 @@ export class RouterServer {
     let buf: Buffer | undefined;
     Promise.resolve()
       .then(() => {
+        this.auth?.check(call.metadata, 'Lookup');
         const req = call.request;
         checkTableName(req.table);
         const keys = keysFromBytes(req.keys);
@@ -106,6 +139,7 @@ export class RouterServer {
           keys,
           deadline,
           signal: ctl.signal,
+          metadata: this.auth === undefined ? undefined : forwarded(call.metadata),
           // A pooled buffer holds an earlier answer: the placement writes every row, absent ones as zeros.
           alloc: (n, dim, version) => {
             const r = allocLookupResponse(version, dim, n, this.answers);
@@ -118,4 +152,12 @@ export class RouterServer {
       // The request's keys were partitioned into the fan-out's own arrays: its buffer can be reused.
       .finally(() => releaseReceived(call.request.keys.buffer));
   }
+}
+
+/** The caller's authorization alone, to be sent on to the replicas. */
+function forwarded(from: grpc.Metadata): grpc.Metadata {
+  const md = new grpc.Metadata();
+  const v = from.get(AUTHORIZATION)[0];
+  if (v !== undefined) md.set(AUTHORIZATION, v);
+  return md;
 }

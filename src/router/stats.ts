@@ -1,5 +1,7 @@
 import * as grpc from '@grpc/grpc-js';
 import { readField } from '../common/wire.js';
+import type { SecurityConfig } from '../common/manifest.js';
+import { authMetadata, channelCredentials } from '../common/security.js';
 
 /**
  * Latency windows and the counters that the SDK (`client.stats()`) and the router (`kvctl status
@@ -170,11 +172,11 @@ export function formatFanoutStats(s: FanoutStats): string {
 }
 
 /** Asks a router (`kvctl router`) for its stats. */
-export function fetchRouterStats(address: string, deadlineMs: number): Promise<FanoutStats> {
-  const client = new grpc.Client(address, grpc.credentials.createInsecure());
+export function fetchRouterStats(address: string, deadlineMs: number, security?: SecurityConfig, token?: string): Promise<FanoutStats> {
+  const client = new grpc.Client(address, channelCredentials(security));
   const m = ROUTER_STATS_SERVICE.stats;
   return new Promise<FanoutStats>((resolve, reject) => {
-    client.makeUnaryRequest<Record<string, never>, FanoutStats>(m.path, m.requestSerialize, m.responseDeserialize, {}, new grpc.Metadata(),
+    client.makeUnaryRequest<Record<string, never>, FanoutStats>(m.path, m.requestSerialize, m.responseDeserialize, {}, authMetadata(token),
       { deadline: Date.now() + deadlineMs }, (err, res) => (err ? reject(err) : resolve(res!)));
   }).finally(() => client.close());
 }

@@ -4,7 +4,7 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { parseManifest, type Manifest } from '../../src/common/manifest.js';
+import { loadManifest, type Manifest } from '../../src/common/manifest.js';
 import * as grpc from '@grpc/grpc-js';
 import { ClusterConnections } from '../../src/router/connections.js';
 
@@ -33,9 +33,9 @@ export interface RunResult {
 }
 
 /** Runs `node kvctl.js ...args` to completion. */
-export function kvctl(args: string[], options: { cwd?: string; timeoutMs?: number } = {}): Promise<RunResult> {
+export function kvctl(args: string[], options: { cwd?: string; timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<RunResult> {
   return new Promise((resolve, reject) => {
-    const p = spawn(process.execPath, [KVCTL, ...args], { cwd: options.cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+    const p = spawn(process.execPath, [KVCTL, ...args], { cwd: options.cwd, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...options.env } });
     let stdout = '';
     let stderr = '';
     p.stdout.on('data', (d) => (stdout += d));
@@ -65,11 +65,29 @@ export class TestCluster {
 
   /** Extra environment of every replica process (EMBKV_TEST_FAULTS=1 for the fault switch, say). */
   env: NodeJS.ProcessEnv = {};
+  /** Extra environment of every kvctl command run by kvctl() (EMBKV_TOKEN, say). */
+  kvctlEnv: NodeJS.ProcessEnv = {};
 
   private constructor(readonly dir: string, readonly manifest: Manifest, readonly configPath: string) {}
 
-  static async start(groups: number, replicas: number, extra: { partitions?: number; keepVersions?: number; env?: NodeJS.ProcessEnv } = {}): Promise<TestCluster> {
+  /**
+   * `security`: the manifest's security block (paths relative to the cluster's directory), with
+   * `prepare` writing its files (certificates, tokens) into that directory before any replica starts.
+   */
+  static async start(
+    groups: number, replicas: number,
+    extra: {
+      partitions?: number; keepVersions?: number; env?: NodeJS.ProcessEnv; kvctlEnv?: NodeJS.ProcessEnv;
+      security?: object; prepare?: (dir: string) => void | Promise<void>;
+    } = {},
+  ): Promise<TestCluster> {
     const dir = mkdtempSync(join(tmpdir(), 'embkv-test-'));
+    try {
+      await extra.prepare?.(dir);
+    } catch (err) {
+      rmSync(dir, { recursive: true, force: true });
+      throw err;
+    }
     const ports = await freePorts(groups * replicas);
     const raw = {
       partitions: extra.partitions ?? 64,
@@ -77,12 +95,14 @@ export class TestCluster {
       groups: Array.from({ length: groups }, (_, g) => ({
         replicas: Array.from({ length: replicas }, (_, r) => `127.0.0.1:${ports[g * replicas + r]}`),
       })),
+      ...(extra.security ? { security: extra.security } : {}),
     };
-    const manifest = parseManifest(raw);
     const configPath = join(dir, 'cluster.json');
     writeFileSync(configPath, JSON.stringify(raw, null, 2));
+    const manifest = loadManifest(configPath);
     const c = new TestCluster(dir, manifest, configPath);
     if (extra.env) c.env = extra.env;
+    if (extra.kvctlEnv) c.kvctlEnv = extra.kvctlEnv;
     for (let g = 0; g < groups; g++) for (let r = 0; r < replicas; r++) c.startReplica(g, r);
     await c.waitReady();
     return c;
@@ -203,8 +223,9 @@ export class TestCluster {
     }
   }
 
-  kvctl(args: string[], timeoutMs?: number): Promise<RunResult> {
-    return kvctl([...args, '--config', this.configPath], { cwd: this.dir, ...(timeoutMs ? { timeoutMs } : {}) });
+  /** Runs kvctl against this cluster, with the cluster's kvctlEnv and `env`. */
+  kvctl(args: string[], timeoutMs?: number, env: NodeJS.ProcessEnv = {}): Promise<RunResult> {
+    return kvctl([...args, '--config', this.configPath], { cwd: this.dir, env: { ...this.kvctlEnv, ...env }, ...(timeoutMs ? { timeoutMs } : {}) });
   }
 
   async close(): Promise<void> {
