@@ -291,10 +291,12 @@ program
   .option('--host <h>', 'address to listen on', '127.0.0.1')
   .option('--stats-interval-ms <ms>', 'log per-group stats this often (0: never; kvctl status --router shows them any time)', intArg('--stats-interval-ms', 0, 86_400_000), 60_000)
   .option('--insecure', 'listen on a non-loopback host although the manifest has no security', false)
-  .action(async (o: { config: string; port: number; host: string; statsIntervalMs: number; insecure: boolean }) => {
+  .option('--max-inflight-mb <mb>', 'memory the calls in flight may hold together; calls beyond it are refused with KV_RESOURCE_EXHAUSTED', intArg('--max-inflight-mb', 1, 1_048_576), 1024)
+  .action(async (o: { config: string; port: number; host: string; statsIntervalMs: number; insecure: boolean; maxInflightMb: number }) => {
     const [{ RouterServer }, { rootLogger }] = await Promise.all([import('../router/server.js'), import('../common/log.js')]);
     const router = new RouterServer({
       manifest: loadManifest(o.config), host: o.host, port: o.port, logger: rootLogger('embkv'), statsIntervalMs: o.statsIntervalMs, insecure: o.insecure,
+      maxInflightBytes: o.maxInflightMb * 1024 * 1024,
     });
     process.on('SIGHUP', () => {
       try {
@@ -308,6 +310,8 @@ program
     process.stderr.write(`kvctl: router listening on ${o.host}:${router.port}\n`);
     await stop;
     await router.close();
+    // Closed: nothing else may hold the process.
+    process.exit(0);
   });
 
 program

@@ -619,3 +619,12 @@ export function shardControlClientConstructor(): grpc.ServiceClientConstructor {
 }
 
 export const EmbkvClient = grpc.makeGenericClientConstructor(EMBKV_CLIENT_SERVICE, 'Embkv');
+
+/**
+ * The HTTP/2 stream under a unary call (grpc-js keeps it on the call's base intercepting call), whose
+ * 'close' marks the answer sent; undefined if this grpc-js keeps it elsewhere.
+ */
+export function streamOf(call: object): { once(event: 'close', fn: () => void): unknown; closed?: boolean } | undefined {
+  const stream = (call as { call?: { stream?: { once?: unknown; closed?: boolean } } }).call?.stream;
+  return stream !== undefined && typeof stream.once === 'function' && stream.closed !== true ? (stream as ReturnType<typeof streamOf>) : undefined;
+}

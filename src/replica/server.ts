@@ -7,7 +7,7 @@ import { ORDER_SCALE } from '../common/limits.js';
 import { partitionOfHalves } from '../common/partition.js';
 import type { Manifest } from '../common/manifest.js';
 import { YoungGcBudget } from '../common/process-tuning.js';
-import { AnswerBufferPool, SERVER_OPTIONS, embkvServerService, installZeroCopyFraming, shardControlService, type LookupRequest } from '../common/wire.js';
+import { AnswerBufferPool, SERVER_OPTIONS, streamOf, embkvServerService, installZeroCopyFraming, shardControlService, type LookupRequest } from '../common/wire.js';
 import { checkTableName, checkVersion } from '../common/validate.js';
 import { Shard } from '../shard/shard.js';
 import { PeerSync } from './peer-sync.js';
@@ -356,15 +356,6 @@ function methodOf(call: grpc.ServerUnaryCall<unknown, unknown>): string {
 
 /** How long a stop waits for answers to leave when grpc-js does not show a call's stream. */
 const UNTRACKED_FLUSH_MS = 500;
-
-/**
- * The HTTP/2 stream under a unary call (grpc-js keeps it on the call's base intercepting call), whose
- * 'close' marks the answer sent; undefined if this grpc-js keeps it elsewhere.
- */
-function streamOf(call: object): { once(event: 'close', fn: () => void): unknown; closed?: boolean } | undefined {
-  const stream = (call as { call?: { stream?: { once?: unknown; closed?: boolean } } }).call?.stream;
-  return stream !== undefined && typeof stream.once === 'function' && stream.closed !== true ? (stream as ReturnType<typeof streamOf>) : undefined;
-}
 
 /**
  * protobufjs compiles each message type's codec on first use: ~10-15 ms per replica on the first

@@ -1,18 +1,24 @@
 import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
-import { invalidArgument, toGrpcError } from '../common/errors.js';
+import { KvError, KvErrorCode, invalidArgument, toGrpcError } from '../common/errors.js';
+import { checkAnswerSize } from '../common/limits.js';
 import { keysFromBytes } from '../common/keys.js';
 import type { Manifest } from '../common/manifest.js';
 import { checkTableName } from '../common/validate.js';
 import { AUTHORIZATION, type TokenAuth, checkProtectedMode, serverCredentials, tokenAuthOf } from '../common/security.js';
 import { releaseReceived } from '../common/pooled-receive.js';
-import { AnswerBufferPool, SERVER_OPTIONS, allocLookupResponse, embkvServerService, installZeroCopyFraming, type LookupRequest } from '../common/wire.js';
+import { AnswerBufferPool, SERVER_OPTIONS, allocLookupResponse, embkvServerService, installZeroCopyFraming, streamOf, type LookupRequest } from '../common/wire.js';
 import { Fanout } from './fanout.js';
 import { parseReplicaPolicy, type ReplicaPolicyOptions } from './policy.js';
 import { ROUTER_STATS_SERVICE, type FanoutStats } from './stats.js';
 
 export const DEFAULT_ROUTER_DEADLINE_MS = 5000;
-export const MAX_ROUTER_KEYS = 4_000_000;
+/** At most this many keys a call, as the SDK takes by default. */
+export const MAX_ROUTER_KEYS = 2_000_000;
+/** Bytes the calls in flight may hold together (keys, the groups' answers, the merged answer). */
+export const DEFAULT_MAX_INFLIGHT_BYTES = 1024 * 1024 * 1024;
+/** The dim assumed for a table the router has not answered yet, to price a call. */
+const UNSEEN_DIM = 64;
 
 export interface RouterOptions {
   manifest: Manifest;
@@ -27,6 +33,8 @@ export interface RouterOptions {
   statsIntervalMs?: number;
   /** Allow a non-loopback host without security (protected mode, README: Security). */
   insecure?: boolean;
+  /** Bytes the calls in flight may hold together; a call beyond it is refused with KV_RESOURCE_EXHAUSTED. */
+  maxInflightBytes?: number;
 }
 
 /**
@@ -41,6 +49,13 @@ export class RouterServer {
   private statsTimer: NodeJS.Timeout | undefined;
   /** Answer buffers, reused once their stream closes: a 150k-key answer at dim 32 is 19 MB. */
   private readonly answers = new AnswerBufferPool();
+  /** What the calls in flight hold, by the price each was admitted at; released when its stream closes. */
+  private inflightBytes = 0;
+  private readonly maxInflightBytes: number;
+  private closing = false;
+  private drained: (() => void) | undefined;
+  /** The dim each table answered with last, to price the next call of it. */
+  private readonly dims = new Map<string, number>();
 
   /**
    * The router checks its callers' tokens against the manifest's tokens file, and forwards the
@@ -54,6 +69,8 @@ export class RouterServer {
     this.fanout = new Fanout(options.manifest, undefined, parseReplicaPolicy((options.policy ?? {}) as Record<string, unknown>));
     this.log = options.logger.child({ component: 'router' });
     this.auth = tokenAuthOf(options.manifest);
+    this.maxInflightBytes = options.maxInflightBytes ?? DEFAULT_MAX_INFLIGHT_BYTES;
+    if (!Number.isSafeInteger(this.maxInflightBytes) || this.maxInflightBytes < 1) throw invalidArgument('maxInflightBytes must be a positive integer');
   }
 
   /** Re-reads the tokens file (kvctl router does on SIGHUP); see ReplicaServer.reloadTokens. */
@@ -113,10 +130,52 @@ export class RouterServer {
     this.log.info({ requests: s.requests, failures: s.failures, p50Ms: s.latencyMs.p50, p99Ms: s.latencyMs.p99, groups }, 'router stats');
   }
 
-  async close(): Promise<void> {
+  /**
+   * Stops as a replica does: new calls are refused with KV_UNAVAILABLE, the calls in flight finish
+   * (at most `drainMs`), then every connection is closed without waiting for clients to hang up.
+   */
+  async close(drainMs = 10_000): Promise<void> {
+    if (this.closing) return;
+    this.closing = true;
     clearInterval(this.statsTimer);
-    await new Promise<void>((resolve) => this.server.tryShutdown(() => resolve()));
+    if (this.inflightBytes > 0) {
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, drainMs);
+        this.drained = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+    }
+    this.server.forceShutdown();
     this.fanout.close();
+  }
+
+  /**
+   * Admits a call: its price is what it will hold at its peak (its keys, the groups' answers, and the
+   * merged answer). Refused at once when the price would pass the bound on bytes in flight (a call
+   * arriving when nothing is in flight is always taken), or when its answer would pass what a replica
+   * answers. The price is released when the call's stream closes.
+   */
+  private admit(call: object, table: string, n: number): void {
+    if (this.closing) throw new KvError(KvErrorCode.UNAVAILABLE, 'the router is shutting down');
+    const dim = this.dims.get(table);
+    if (dim !== undefined) checkAnswerSize(n, dim);
+    const price = n * (8 + 2 * (4 * (dim ?? UNSEEN_DIM) + 1));
+    if (this.inflightBytes > 0 && this.inflightBytes + price > this.maxInflightBytes) {
+      throw new KvError(KvErrorCode.RESOURCE_EXHAUSTED, `the router holds ${this.inflightBytes} bytes for calls in flight and this call needs ${price}; the limit is ${this.maxInflightBytes} (kvctl router --max-inflight-mb): retry with backoff`);
+    }
+    this.inflightBytes += price;
+    let released = false;
+    const release = (): void => {
+      if (released) return;
+      released = true;
+      this.inflightBytes -= price;
+      if (this.inflightBytes === 0) this.drained?.();
+    };
+    const stream = streamOf(call);
+    if (stream !== undefined) stream.once('close', release);
+    else (call as grpc.ServerUnaryCall<unknown, unknown>).on('finish', release);
   }
 
   private onLookup(call: grpc.ServerUnaryCall<LookupRequest, Buffer>, callback: grpc.sendUnaryData<Buffer>): void {
@@ -128,6 +187,7 @@ export class RouterServer {
         checkTableName(req.table);
         const keys = keysFromBytes(req.keys);
         if (keys.length / 2 > MAX_ROUTER_KEYS) throw invalidArgument(`a lookup holds ${keys.length / 2} keys; at most ${MAX_ROUTER_KEYS}`);
+        this.admit(call, req.table, keys.length / 2);
         const callDeadline = call.getDeadline();
         const deadline = callDeadline instanceof Date ? callDeadline.getTime()
           : Number.isFinite(callDeadline) ? Number(callDeadline) : Date.now() + (this.options.deadlineMs ?? DEFAULT_ROUTER_DEADLINE_MS);
@@ -142,6 +202,8 @@ export class RouterServer {
           metadata: this.auth === undefined ? undefined : forwarded(call.metadata),
           // A pooled buffer holds an earlier answer: the placement writes every row, absent ones as zeros.
           alloc: (n, dim, version) => {
+            this.rememberDim(req.table, dim);
+            checkAnswerSize(n, dim);
             const r = allocLookupResponse(version, dim, n, this.answers);
             buf = r.buf;
             return { values: r.values, found: r.found, dirty: true };
@@ -151,6 +213,12 @@ export class RouterServer {
       .then(() => callback(null, buf!), (err: unknown) => callback(toGrpcError(err)))
       // The request's keys were partitioned into the fan-out's own arrays: its buffer can be reused.
       .finally(() => releaseReceived(call.request.keys.buffer));
+  }
+
+  private rememberDim(table: string, dim: number): void {
+    // Bounded: a caller naming many tables cannot grow it without end.
+    if (!this.dims.has(table) && this.dims.size >= 4096) this.dims.clear();
+    this.dims.set(table, dim);
   }
 }
 

@@ -5,7 +5,7 @@ import type { Logger } from 'pino';
 import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
 import { readFully } from '../common/files.js';
 import { firstNonFinite, keyAt } from '../common/keys.js';
-import { MAX_DIM, MAX_PUT_KEYS, ORDER_SCALE } from '../common/limits.js';
+import { MAX_DIM, MAX_PUT_KEYS, ORDER_SCALE, checkAnswerSize } from '../common/limits.js';
 import { BLOCK_HEAD, BLOCK_MAGIC, blockBytes, blockChecksum } from '../common/rows-file.js';
 import { checkTableName, checkVersion } from '../common/validate.js';
 import { allocLookupResponse, type AnswerBufferPool } from '../common/wire.js';
@@ -16,7 +16,6 @@ import { KeySet, VersionData } from './version-data.js';
 /** Bounds on what a replica accepts. */
 export const MAX_LOOKUP_KEYS = 4_000_000;
 /** The largest answer a replica builds (the message limit of the wire is 512 MiB). */
-export const MAX_ANSWER_BYTES = 256 * 1024 * 1024;
 export const MAX_LOAD_BATCH_ROWS = 1 << 17;
 /** Memory that real-time updates of one table may hold on a replica before puts are refused. */
 export const DEFAULT_MAX_REALTIME_BYTES = 512 * 1024 * 1024;
@@ -236,9 +235,7 @@ export class Shard {
     if (want === 0) throw new KvError(KvErrorCode.VERSION_NOT_FOUND, `table ${table} has no published version`);
     const v = t.versions.get(want);
     if (v === undefined) throw new KvError(KvErrorCode.VERSION_NOT_FOUND, `table ${table} version ${want} is not held by this replica`);
-    if (n * v.data.dim * 4 > MAX_ANSWER_BYTES) {
-      throw new KvError(KvErrorCode.RESOURCE_EXHAUSTED, `an answer of ${n} keys of dim ${v.data.dim} would exceed ${MAX_ANSWER_BYTES} bytes; split the request`);
-    }
+    checkAnswerSize(n, v.data.dim);
     const res = allocLookupResponse(v.meta.version, v.data.dim, n, pool);
     v.data.lookup(keys, n, res.values, res.found);
     if (t.overlay !== undefined && t.overlay.dim === v.data.dim) t.overlay.lookupOver(keys, n, res.values, res.found);

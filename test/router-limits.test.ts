@@ -1,0 +1,107 @@
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import * as grpc from '@grpc/grpc-js';
+import { EmbkvClient, type LookupResponse } from '../src/common/wire.js';
+import { fetchRouterStats } from '../src/router/stats.js';
+import { freePorts, KVCTL, TestCluster } from './helpers/cluster.js';
+import { expected, makeModel, makeRequest, writeModelPart } from './helpers/model.js';
+
+/** A Lookup through the router, as any gRPC client sends it: resolves with the answer or the status. */
+function lookup(stub: grpc.Client, table: string, keys: BigUint64Array): Promise<LookupResponse | grpc.ServiceError> {
+  return new Promise((resolve) =>
+    (stub as unknown as { lookup: Function }).lookup(
+      { table, version: 0, keys: new Uint8Array(keys.buffer, keys.byteOffset, keys.byteLength) },
+      { deadline: new Date(Date.now() + 120_000) },
+      (err: grpc.ServiceError | null, r: LookupResponse) => resolve(err ?? r),
+    ));
+}
+
+const failed = (r: LookupResponse | grpc.ServiceError): r is grpc.ServiceError => r instanceof Error;
+
+describe('the router bounds the work it holds', () => {
+  let cluster: TestCluster;
+  let router: ChildProcess;
+  let stub: grpc.Client;
+  let address: string;
+  const narrow = makeModel(2000, 4, 31, 1);
+  const wide = makeModel(100, 64, 32, 1);
+
+  before(async () => {
+    cluster = await TestCluster.start(1, 1, { partitions: 4 });
+    for (const [table, m] of [['narrow', narrow], ['wide', wide]] as const) {
+      const dir = join(cluster.dir, table);
+      mkdirSync(dir);
+      await writeModelPart(join(dir, 'part-0'), m, 0, m.keys.length);
+      const r = await cluster.kvctl(['load', '--table', table, '--version', '1', '--full', dir, '--publish']);
+      assert.equal(r.code, 0, r.stderr);
+    }
+    const [port] = await freePorts(1);
+    address = `127.0.0.1:${port}`;
+    // 1 MiB in flight: one 20k-key call of the dim-4 table (~0.8 MB) at a time.
+    router = spawn(process.execPath, [KVCTL, 'router', '--config', cluster.configPath, '--port', String(port), '--max-inflight-mb', '1'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    await new Promise<void>((resolve, reject) => {
+      let err = '';
+      router.stderr!.on('data', (d) => {
+        err += d;
+        if (err.includes('router listening')) resolve();
+      });
+      router.once('exit', (code) => reject(new Error(`router exited ${code}: ${err}`)));
+    });
+    stub = new EmbkvClient(address, grpc.credentials.createInsecure(), { 'grpc.max_receive_message_length': -1, 'grpc.max_send_message_length': -1 });
+  });
+
+  after(async () => {
+    stub?.close();
+    if (router !== undefined && router.exitCode === null) {
+      const gone = once(router, 'exit');
+      router.kill('SIGTERM');
+      await gone;
+    }
+    await cluster?.close();
+  });
+
+  test('a call beyond the bytes in flight is refused at once with RESOURCE_EXHAUSTED, and taken again once they are released', async () => {
+    // The router learns the table's dim from a first answer, and prices its calls by it.
+    assert.ok(!failed(await lookup(stub, 'narrow', makeRequest(narrow, 10))));
+    cluster.signalReplica(0, 0, 'SIGSTOP');
+    let held: Promise<LookupResponse | grpc.ServiceError>;
+    const heldKeys = makeRequest(narrow, 20_000);
+    try {
+      held = lookup(stub, 'narrow', heldKeys);
+      // The frozen replica keeps it in flight: wait until the router has sent it on.
+      for (;;) {
+        const s = await fetchRouterStats(address, 5000);
+        if (s.groups[0]!.replicas[0]!.outstanding > 0) break;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      const refused = await lookup(stub, 'narrow', makeRequest(narrow, 20_000));
+      assert.ok(failed(refused), 'the second call should be refused');
+      assert.equal(refused.code, grpc.status.RESOURCE_EXHAUSTED);
+      assert.match(refused.details, /the router holds \d+ bytes for calls in flight .* the limit is 1048576 \(kvctl router --max-inflight-mb\)/);
+    } finally {
+      cluster.signalReplica(0, 0, 'SIGCONT');
+    }
+    const first = await held;
+    assert.ok(!failed(first), `the call in flight is answered: ${failed(first) ? first.details : ''}`);
+    assert.deepEqual(Uint8Array.from(first.found), expected(narrow, heldKeys).found);
+    const again = await lookup(stub, 'narrow', makeRequest(narrow, 20_000));
+    assert.ok(!failed(again), 'released: the next call is taken');
+  });
+
+  test('no call may ask more than a replica answers: 2M keys at most, 256 MiB of answer at most', async () => {
+    const tooMany = await lookup(stub, 'narrow', new BigUint64Array(2_000_001));
+    assert.ok(failed(tooMany));
+    assert.equal(tooMany.code, grpc.status.INVALID_ARGUMENT);
+    assert.match(tooMany.details, /holds 2000001 keys; at most 2000000/);
+    assert.ok(!failed(await lookup(stub, 'wide', makeRequest(wide, 10))));
+    // 1.1M keys of dim 64 would be a 282 MB answer: refused before any replica is asked.
+    const tooBig = await lookup(stub, 'wide', new BigUint64Array(1_100_000));
+    assert.ok(failed(tooBig));
+    assert.equal(tooBig.code, grpc.status.RESOURCE_EXHAUSTED);
+    assert.match(tooBig.details, /an answer of 1100000 keys of dim 64 would exceed 268435456 bytes; split the request/);
+  });
+});
