@@ -81,13 +81,15 @@ program
   .requiredOption('--replica <r>', 'replica index within the group', intArg('--replica', 0, 63))
   .option('--data <dir>', 'data directory (default ./data/gGrR)')
   .option('--max-put-skew-ms <ms>', 'refuse puts stamped further ahead of this replica\'s clock (default 5000)', intArg('--max-put-skew-ms', 0, 3_600_000))
+  .option('--max-inflight-mb <mb>', 'answers not yet sent may hold this much before lookups are refused with KV_RESOURCE_EXHAUSTED (default 512)', intArg('--max-inflight-mb', 1, 1_048_576))
   .option('--insecure', 'listen on a non-loopback address although the manifest has no security', false)
-  .action(async (o: { config: string; group: number; replica: number; data?: string; maxPutSkewMs?: number; insecure: boolean }) => {
+  .action(async (o: { config: string; group: number; replica: number; data?: string; maxPutSkewMs?: number; maxInflightMb?: number; insecure: boolean }) => {
     const manifest = loadManifest(o.config);
     const [{ ReplicaServer }, { rootLogger }] = await Promise.all([import('../replica/server.js'), import('../common/log.js')]);
     const server = new ReplicaServer({
       manifest, group: o.group, replica: o.replica, dataDir: o.data ?? `data/g${o.group}r${o.replica}`, logger: rootLogger('embkv'), insecure: o.insecure,
       ...(o.maxPutSkewMs !== undefined ? { maxPutSkewMs: o.maxPutSkewMs } : {}),
+      ...(o.maxInflightMb !== undefined ? { maxInflightBytes: o.maxInflightMb * 1024 * 1024 } : {}),
     });
     // SIGHUP re-reads the tokens file (an invalid one is logged and the tokens in force stay).
     process.on('SIGHUP', () => {

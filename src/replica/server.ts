@@ -24,6 +24,8 @@ export interface ReplicaOptions {
   listenAddress?: string;
   /** How far ahead of this replica's clock a put's write order may be (default DEFAULT_MAX_PUT_SKEW_MS). */
   maxPutSkewMs?: number;
+  /** Bytes of answers not yet sent beyond which lookups are refused (default DEFAULT_REPLICA_MAX_INFLIGHT_BYTES). */
+  maxInflightBytes?: number;
   /** Allow a non-loopback address without security (protected mode, README: Security). */
   insecure?: boolean;
 }
@@ -33,6 +35,12 @@ export interface ReplicaOptions {
  * with a correct clock, would otherwise lose to it until its stamp came round.
  */
 export const DEFAULT_MAX_PUT_SKEW_MS = 5000;
+
+/**
+ * A replica refuses lookups with KV_RESOURCE_EXHAUSTED while its answers not yet sent hold this much
+ * (clients that do not read, or a burst larger than the network drains): at most this plus one answer.
+ */
+export const DEFAULT_REPLICA_MAX_INFLIGHT_BYTES = 512 * 1024 * 1024;
 
 type State = 'new' | 'opening' | 'open' | 'closing' | 'closed';
 
@@ -67,6 +75,9 @@ export class ReplicaServer {
   /** Set when a call's stream could not be watched: a stop then gives answers a moment to leave. */
   private untracked = false;
   private heldLoad = false;
+  /** Bytes of lookup answers handed to grpc-js whose streams have not closed yet. */
+  private answerBytes = 0;
+  private readonly maxInflightBytes: number;
   /** Token checks when the manifest names a tokens file; undefined: every call is let in. */
   private readonly auth: TokenAuth | undefined;
 
@@ -77,6 +88,7 @@ export class ReplicaServer {
     const addr = g.replicas[replica];
     if (addr === undefined) throw invalidArgument(`replica ${replica} is not in group ${group} (it has ${g.replicas.length} replicas)`);
     this.address = options.listenAddress ?? addr;
+    this.maxInflightBytes = options.maxInflightBytes ?? DEFAULT_REPLICA_MAX_INFLIGHT_BYTES;
     checkProtectedMode(manifest.security, this.address, options.insecure === true, `replica ${group}/${replica}`);
     this.log = options.logger.child({ component: 'replica', group, replica });
     this.auth = tokenAuthOf(manifest);
@@ -206,7 +218,18 @@ export class ReplicaServer {
       const req = call.request;
       checkTableName(req.table);
       const keys = keysFromBytes(req.keys);
-      callback(null, this.shard.lookup(req.table, req.version, keys, this.answers));
+      if (this.answerBytes > 0 && this.answerBytes >= this.maxInflightBytes) {
+        throw new KvError(KvErrorCode.RESOURCE_EXHAUSTED, `this replica holds ${this.answerBytes} bytes of answers not yet sent; the limit is ${this.maxInflightBytes} (kvctl serve --max-inflight-mb): retry on another replica or with backoff`);
+      }
+      const answer = this.shard.lookup(req.table, req.version, keys, this.answers);
+      // Held until the answer has left (its stream closes); without a stream to watch, until handed over.
+      const bytes = answer.length;
+      const stream = streamOf(call);
+      if (stream !== undefined) {
+        this.answerBytes += bytes;
+        stream.once('close', () => void (this.answerBytes -= bytes));
+      }
+      callback(null, answer);
       // The request's message and its HTTP/2 read buffers are garbage now (see YoungGcBudget).
       this.youngGc.spend(2 * req.keys.byteLength);
     } catch (err) {

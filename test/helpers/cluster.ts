@@ -65,6 +65,8 @@ export class TestCluster {
 
   /** Extra environment of every replica process (EMBKV_TEST_FAULTS=1 for the fault switch, say). */
   env: NodeJS.ProcessEnv = {};
+  /** Extra `kvctl serve` flags of every replica. */
+  serveArgs: string[] = [];
   /** Extra environment of every kvctl command run by kvctl() (EMBKV_TOKEN, say). */
   kvctlEnv: NodeJS.ProcessEnv = {};
 
@@ -79,6 +81,8 @@ export class TestCluster {
     extra: {
       partitions?: number; keepVersions?: number; env?: NodeJS.ProcessEnv; kvctlEnv?: NodeJS.ProcessEnv;
       security?: object; prepare?: (dir: string) => void | Promise<void>;
+      /** Extra `kvctl serve` flags of every replica. */
+      serveArgs?: string[];
     } = {},
   ): Promise<TestCluster> {
     const dir = mkdtempSync(join(tmpdir(), 'embkv-test-'));
@@ -103,6 +107,7 @@ export class TestCluster {
     const c = new TestCluster(dir, manifest, configPath);
     if (extra.env) c.env = extra.env;
     if (extra.kvctlEnv) c.kvctlEnv = extra.kvctlEnv;
+    if (extra.serveArgs) c.serveArgs = extra.serveArgs;
     for (let g = 0; g < groups; g++) for (let r = 0; r < replicas; r++) c.startReplica(g, r);
     await c.waitReady();
     return c;
@@ -114,7 +119,7 @@ export class TestCluster {
    */
   startReplica(g: number, r: number, env: NodeJS.ProcessEnv = {}): ChildProcess {
     const name = `g${g}r${r}`;
-    const p = spawn(process.execPath, [KVCTL, 'serve', '--config', this.configPath, '--group', String(g), '--replica', String(r), '--data', join(this.dir, name)], {
+    const p = spawn(process.execPath, [KVCTL, 'serve', '--config', this.configPath, '--group', String(g), '--replica', String(r), '--data', join(this.dir, name), ...this.serveArgs], {
       stdio: ['ignore', 'ignore', 'pipe', 'ipc'],
       env: { ...process.env, ...this.env, ...env },
     });

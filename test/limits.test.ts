@@ -1,11 +1,13 @@
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
+import * as http2 from 'node:http2';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
-import { EmbkvClient, type LookupResponse } from '../src/common/wire.js';
+import { bytesOf } from '../src/common/keys.js';
+import { EmbkvClient, encodeLookupRequest, type LookupResponse } from '../src/common/wire.js';
 import { fetchRouterStats } from '../src/router/stats.js';
 import { freePorts, KVCTL, TestCluster } from './helpers/cluster.js';
 import { expected, makeModel, makeRequest, writeModelPart } from './helpers/model.js';
@@ -103,5 +105,60 @@ describe('the router bounds the work it holds', () => {
     assert.ok(failed(tooBig));
     assert.equal(tooBig.code, grpc.status.RESOURCE_EXHAUSTED);
     assert.match(tooBig.details, /an answer of 1100000 keys of dim 64 would exceed 268435456 bytes; split the request/);
+  });
+});
+
+describe('a replica bounds the answers it holds', () => {
+  let cluster: TestCluster;
+  const model = makeModel(20_000, 32, 33, 1);
+
+  before(async () => {
+    // 1 MiB of answers not yet sent; one answer of 20k keys at dim 32 is 2.5 MB.
+    cluster = await TestCluster.start(1, 1, { partitions: 4, serveArgs: ['--max-inflight-mb', '1'] });
+    const dir = join(cluster.dir, 'm');
+    mkdirSync(dir);
+    await writeModelPart(join(dir, 'part-0'), model, 0, model.keys.length);
+    const r = await cluster.kvctl(['load', '--table', 'emb', '--version', '1', '--full', dir, '--publish']);
+    assert.equal(r.code, 0, r.stderr);
+  });
+
+  after(() => cluster?.close());
+
+  test('a client that does not read holds its answer in flight; lookups beyond the bound are refused until it lets go', async () => {
+    const address = cluster.manifest.groups[0]!.replicas[0]!;
+    // A plain HTTP/2 client that sends one Lookup and never reads: the answer cannot leave past the
+    // 64 KiB flow-control window, so its stream stays open.
+    const session = http2.connect(`http://${address}`);
+    try {
+      const msg = encodeLookupRequest({ table: 'emb', version: 0, keys: bytesOf(model.keys) });
+      const framed = Buffer.alloc(5 + msg.length);
+      framed.writeUInt32BE(msg.length, 1);
+      msg.copy(framed, 5);
+      const stream = session.request({ ':method': 'POST', ':path': '/embkv.v1.Embkv/Lookup', 'content-type': 'application/grpc', te: 'trailers' });
+      stream.pause();
+      const answering = once(stream, 'response');
+      stream.end(framed);
+      await answering;
+
+      const stub = new EmbkvClient(address, grpc.credentials.createInsecure(), { 'grpc.max_receive_message_length': -1 });
+      try {
+        const refused = await lookup(stub, 'emb', makeRequest(model, 1000));
+        assert.ok(failed(refused), 'refused while the unread answer is held');
+        assert.equal(refused.code, grpc.status.RESOURCE_EXHAUSTED);
+        assert.match(refused.details, /this replica holds \d+ bytes of answers not yet sent; the limit is 1048576 \(kvctl serve --max-inflight-mb\)/);
+        // The reader goes away: its stream closes, and the replica answers again.
+        session.destroy();
+        for (;;) {
+          const r = await lookup(stub, 'emb', makeRequest(model, 1000));
+          if (!failed(r)) break;
+          assert.equal(r.code, grpc.status.RESOURCE_EXHAUSTED, r.details);
+          await new Promise((res) => setTimeout(res, 20));
+        }
+      } finally {
+        stub.close();
+      }
+    } finally {
+      session.destroy();
+    }
   });
 });
