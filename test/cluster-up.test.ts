@@ -9,15 +9,8 @@ import { REPLICA_MALLOC_ENV, REPLICA_NODE_FLAGS } from '../src/common/process-tu
 import { statusAll } from '../src/loader/cluster-ops.js';
 import { ClusterConnections } from '../src/router/connections.js';
 import { freePorts, KVCTL } from './helpers/cluster.js';
+import { alive } from './helpers/util.js';
 
-const alive = (pid: number): boolean => {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-};
 
 async function until<T>(what: string, fn: () => Promise<T | undefined>, timeoutMs = 20_000): Promise<T> {
   const end = Date.now() + timeoutMs;

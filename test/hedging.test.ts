@@ -1,5 +1,4 @@
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, afterEach, before, describe, test } from 'node:test';
@@ -13,7 +12,7 @@ import { DEFAULT_HEDGE_MAX_TOKENS, DEFAULT_HEDGE_TOKEN_RATIO, parseReplicaPolicy
 import { ReplicaTracker } from '../src/router/replica-health.js';
 import { LatencyWindow, type FanoutStats } from '../src/router/stats.js';
 import { HedgeThrottle } from '../src/router/throttle.js';
-import { freePorts, KVCTL, TestCluster } from './helpers/cluster.js';
+import { startRouter, TestCluster } from './helpers/cluster.js';
 import { expected, makeModel, makeRequest, sameBits, writeModelPart, type Model } from './helpers/model.js';
 import { codeOf } from './helpers/util.js';
 
@@ -293,17 +292,8 @@ describe('hedging, health and failing well on real replica processes (2 groups x
   });
 
   test('the router serves its stats to kvctl status --router', async () => {
-    const [port] = await freePorts(1);
-    const router: ChildProcess = spawn(process.execPath, [KVCTL, 'router', '--config', cluster.configPath, '--port', String(port)], { stdio: ['ignore', 'ignore', 'pipe'] });
+    const { proc: router, port } = await startRouter(cluster.configPath);
     try {
-      await new Promise<void>((resolve, reject) => {
-        let err = '';
-        router.stderr!.on('data', (d) => {
-          err += d;
-          if (err.includes('router listening')) resolve();
-        });
-        router.once('exit', (code) => reject(new Error(`router exited ${code}: ${err}`)));
-      });
       // Two lookups through the router, as any gRPC client would send them.
       const { EmbkvClient } = await import('../src/common/wire.js');
       const stub = new EmbkvClient(`127.0.0.1:${port}`, grpc.credentials.createInsecure(), { 'grpc.max_receive_message_length': -1 });

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import * as http2 from 'node:http2';
 import { mkdirSync } from 'node:fs';
@@ -9,7 +9,7 @@ import * as grpc from '@grpc/grpc-js';
 import { bytesOf } from '../src/common/keys.js';
 import { EmbkvClient, encodeLookupRequest, type LookupResponse } from '../src/common/wire.js';
 import { fetchRouterStats } from '../src/router/stats.js';
-import { freePorts, KVCTL, TestCluster } from './helpers/cluster.js';
+import { startRouter, TestCluster } from './helpers/cluster.js';
 import { expected, makeModel, makeRequest, writeModelPart } from './helpers/model.js';
 
 /** A Lookup through the router, as any gRPC client sends it: resolves with the answer or the status. */
@@ -41,18 +41,10 @@ describe('the router bounds the work it holds', () => {
       const r = await cluster.kvctl(['load', '--table', table, '--version', '1', '--full', dir, '--publish']);
       assert.equal(r.code, 0, r.stderr);
     }
-    const [port] = await freePorts(1);
-    address = `127.0.0.1:${port}`;
     // 1 MiB in flight: one 20k-key call of the dim-4 table (~0.8 MB) at a time.
-    router = spawn(process.execPath, [KVCTL, 'router', '--config', cluster.configPath, '--port', String(port), '--max-inflight-mb', '1'], { stdio: ['ignore', 'ignore', 'pipe'] });
-    await new Promise<void>((resolve, reject) => {
-      let err = '';
-      router.stderr!.on('data', (d) => {
-        err += d;
-        if (err.includes('router listening')) resolve();
-      });
-      router.once('exit', (code) => reject(new Error(`router exited ${code}: ${err}`)));
-    });
+    const started = await startRouter(cluster.configPath, ['--max-inflight-mb', '1']);
+    router = started.proc;
+    address = `127.0.0.1:${started.port}`;
     stub = new EmbkvClient(address, grpc.credentials.createInsecure(), { 'grpc.max_receive_message_length': -1, 'grpc.max_send_message_length': -1 });
   });
 

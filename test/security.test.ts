@@ -161,8 +161,15 @@ describe('a 1 x 2 cluster with TLS and tokens', () => {
     const client = new EmbeddingClient({ config: cluster.configPath, token: TOKENS.write });
     try {
       await client.putEmbeddings([v1.keys[0]!], new Float32Array(DIM).fill(7), { table: 'emb' });
-      const r = await client.getEmbeddings([v1.keys[0]!], { table: 'emb' });
-      assert.deepEqual(Array.from(r.values), new Array(DIM).fill(7));
+      // Logged by at least one replica when it resolves; every replica serves it within a second.
+      for (;;) {
+        const r = await client.getEmbeddings([v1.keys[0]!], { table: 'emb' });
+        if (r.values[0] === 7) {
+          assert.deepEqual(Array.from(r.values), new Array(DIM).fill(7));
+          break;
+        }
+        await new Promise((res) => setTimeout(res, 20));
+      }
     } finally {
       await client.close();
     }

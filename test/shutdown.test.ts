@@ -12,6 +12,7 @@ import { statusAll } from '../src/loader/cluster-ops.js';
 import { TEST_DELAY_METADATA } from '../src/replica/server.js';
 import { ClusterConnections } from '../src/router/connections.js';
 import { freePorts, KVCTL, TestCluster } from './helpers/cluster.js';
+import { alive } from './helpers/util.js';
 import { makeModel, writeModelPart } from './helpers/model.js';
 
 /** The bar for an idle stop: Redis stops in well under a second; embkv must within 2 s. */
@@ -140,14 +141,6 @@ describe('stopping kvctl cluster up and kvctl demo', () => {
     rmSync(dir, { recursive: true, force: true });
   });
 
-  const alive = (pid: number): boolean => {
-    try {
-      process.kill(pid, 0);
-      return true;
-    } catch {
-      return false;
-    }
-  };
 
   /** Starts `kvctl args` in the test dir; resolves once its output has a line matching `ready`. */
   async function startUntil(args: string[], ready: RegExp): Promise<{ proc: ReturnType<typeof spawn>; output: () => string }> {

@@ -175,43 +175,40 @@ program
     );
   });
 
-for (const [name, rollback] of [['publish', false], ['rollback', true]] as const) {
+/** The commands on one version of a table, cluster-wide: what each does, and the line it prints. */
+const VERSION_COMMANDS: [name: string, description: string, run: (conns: ClusterConnections, table: string, version: number) => Promise<string>][] = [
+  ['publish', 'make a loaded version current on every replica', async (conns, table, version) => {
+    const r = await publishVersion(conns, table, version, false);
+    return `${table}: version ${version} is current on every replica (was ${[...new Set(r.previous)].join(', ')})`;
+  }],
+  ['rollback', 'make an older kept version current again', async (conns, table, version) => {
+    const r = await publishVersion(conns, table, version, true);
+    return `${table}: version ${version} is current on every replica (was ${[...new Set(r.previous)].join(', ')})`;
+  }],
+  ['drop', 'drop a version that is not current from every replica (memory and rows files)', async (conns, table, version) => {
+    const r = await dropVersion(conns, table, version);
+    return `${table}: version ${version} dropped from ${r.dropped} replica${r.dropped === 1 ? '' : 's'}`;
+  }],
+];
+
+for (const [name, description, run] of VERSION_COMMANDS) {
   program
     .command(name)
-    .description(rollback ? 'make an older kept version current again' : 'make a loaded version current on every replica')
+    .description(description)
     .option('--config <file>', 'cluster manifest', DEFAULT_CONFIG_PATH)
     .requiredOption('--table <name>', 'table name')
     .requiredOption('--version <n>', 'version number', intArg('--version', 1))
     .option('--token-file <file>', TOKEN_FILE_HELP)
     .action(async (o: { config: string; table: string; version: number; tokenFile?: string }) => {
+      checkTableName(o.table, '--table');
       const conns = new ClusterConnections(loadManifest(o.config), { token: tokenFrom(o) });
       try {
-        const r = await publishVersion(conns, o.table, o.version, rollback);
-        const prev = [...new Set(r.previous)].join(', ');
-        process.stdout.write(`${o.table}: version ${o.version} is current on every replica (was ${prev})\n`);
+        process.stdout.write(`${await run(conns, o.table, o.version)}\n`);
       } finally {
         conns.close();
       }
     });
 }
-
-program
-  .command('drop')
-  .description('drop a version that is not current from every replica (memory and rows files)')
-  .option('--config <file>', 'cluster manifest', DEFAULT_CONFIG_PATH)
-  .requiredOption('--table <name>', 'table name')
-  .requiredOption('--version <n>', 'version number', intArg('--version', 1))
-  .option('--token-file <file>', TOKEN_FILE_HELP)
-  .action(async (o: { config: string; table: string; version: number; tokenFile?: string }) => {
-    checkTableName(o.table, '--table');
-    const conns = new ClusterConnections(loadManifest(o.config), { token: tokenFrom(o) });
-    try {
-      const r = await dropVersion(conns, o.table, o.version);
-      process.stdout.write(`${o.table}: version ${o.version} dropped from ${r.dropped} replica${r.dropped === 1 ? '' : 's'}\n`);
-    } finally {
-      conns.close();
-    }
-  });
 
 program
   .command('get')

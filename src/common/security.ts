@@ -1,6 +1,7 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import * as grpc from '@grpc/grpc-js';
+import type { Logger } from 'pino';
 import { KvError, KvErrorCode } from './errors.js';
 import type { Manifest, SecurityConfig } from './manifest.js';
 
@@ -96,10 +97,20 @@ export class TokenAuth {
     this.set(loadTokens(path));
   }
 
-  /** Re-reads the file; throws (keeping the tokens in force) if it is invalid. Returns the token count. */
-  reload(): number {
-    const tokens = loadTokens(this.path);
+  /**
+   * Re-reads the file; throws (keeping the tokens in force) if it is invalid, after logging either
+   * outcome to `log`. Returns the token count.
+   */
+  reload(log?: Logger): number {
+    let tokens: TokenEntry[];
+    try {
+      tokens = loadTokens(this.path);
+    } catch (err) {
+      log?.error({ err: (err as Error).message }, 'tokens file refused; the tokens in force stay');
+      throw err;
+    }
     this.set(tokens);
+    log?.info({ tokens: tokens.length, file: this.path }, 'tokens reloaded');
     return tokens.length;
   }
 

@@ -16,14 +16,22 @@ export interface PutRequest {
   deadline: number;
 }
 
+/**
+ * After one replica of a group logged a put, the others get half as long again as it took (at least
+ * STRAGGLER_WAIT_MIN_MS): a frozen replica holds a put to about 1.5 times its usual time.
+ */
+const STRAGGLER_WAIT_FACTOR = 0.5;
+const STRAGGLER_WAIT_MIN_MS = 5;
+
 /** gRPC statuses after which a replica is taken to be down rather than to refuse the batch. */
 const DOWN = new Set<number>([grpc.status.UNAVAILABLE, grpc.status.DEADLINE_EXCEEDED, grpc.status.CANCELLED, grpc.status.UNKNOWN]);
 
 /**
- * Sends a real-time batch to every replica of each owning group. A group acknowledges as soon as one
- * replica has logged the batch durably: the others' answers are not waited for (a frozen or slow
- * replica holds no put), and a replica that missed the batch pulls it from its peers. A refusal (bad
- * input, unknown table) that comes before the group's acknowledgement rejects the call.
+ * Sends a real-time batch to every replica of each owning group. A group acknowledges once one
+ * replica has logged the batch durably and the others have too, or have had half as long again (see
+ * firstAcknowledgement): a frozen or slow replica holds no put for long, and a replica that missed
+ * the batch pulls it from its peers. A refusal (bad input, unknown table) that comes before the
+ * group's first acknowledgement rejects the call.
  */
 export async function putToGroups(conns: ClusterConnections, req: PutRequest): Promise<void> {
   const { manifest } = conns;
@@ -53,25 +61,44 @@ export async function putToGroups(conns: ClusterConnections, req: PutRequest): P
 }
 
 /**
- * Resolves at the first replica that logged the batch; rejects at the first refusal before that, or
- * with UNAVAILABLE once every replica is down. Calls still out are left to end by their deadline.
+ * Resolves once every replica has answered, or, when one is slower, half as long again after the
+ * first replica logged the batch as that one took (at least STRAGGLER_WAIT_MIN_MS): healthy replicas
+ * all have a put when it resolves, and a frozen one delays it about 1.5-fold. Rejects at the first
+ * refusal before any replica logged the batch, or with UNAVAILABLE once every replica is down. Calls
+ * still out are left to end by their deadline; their replicas catch up through peer sync.
  */
 function firstAcknowledgement(g: number, calls: Promise<unknown>[], replicas: readonly ReplicaConn[]): Promise<void> {
+  const started = Date.now();
   return new Promise<void>((resolve, reject) => {
     let pending = calls.length;
     let down: KvError | undefined;
+    let acked = false;
     let settled = false;
+    let timer: NodeJS.Timeout | undefined;
+    const finish = (): void => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      resolve();
+    };
     calls.forEach((p, r) => {
       p.then(
         () => {
-          if (!settled) {
-            settled = true;
-            resolve();
+          pending--;
+          if (!acked) {
+            acked = true;
+            timer = setTimeout(finish, Math.max(STRAGGLER_WAIT_MIN_MS, STRAGGLER_WAIT_FACTOR * (Date.now() - started)));
+            timer.unref();
           }
+          if (pending === 0) finish();
         },
         (se: grpc.ServiceError) => {
           pending--;
           if (settled) return;
+          if (acked) {
+            if (pending === 0) finish();
+            return;
+          }
           const err = fromGrpcError(se, `group ${g} replica ${r} (${replicas[r]!.address})`);
           if (!DOWN.has(se.code)) {
             settled = true;

@@ -51,6 +51,21 @@ export function kvctl(args: string[], options: { cwd?: string; timeoutMs?: numbe
   });
 }
 
+/** Starts `kvctl router` for `configPath` on a free port with `args`; resolves once it listens. */
+export async function startRouter(configPath: string, args: string[] = []): Promise<{ proc: ChildProcess; port: number }> {
+  const [port] = await freePorts(1);
+  const proc = spawn(process.execPath, [KVCTL, 'router', '--config', configPath, '--port', String(port), ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+  await new Promise<void>((resolve, reject) => {
+    let err = '';
+    proc.stderr!.on('data', (d) => {
+      err += d;
+      if (err.includes('router listening')) resolve();
+    });
+    proc.once('exit', (code) => reject(new Error(`router exited ${code}: ${err}`)));
+  });
+  return { proc, port: port! };
+}
+
 /**
  * A cluster of real `kvctl serve` processes on loopback, each replica its own process and data
  * directory under a temporary directory.

@@ -23,3 +23,13 @@ export async function codeOf(p: Promise<unknown>): Promise<string> {
     return err.code;
   }
 }
+
+/** Whether a process of this pid is running (signal 0 reaches it). */
+export function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
