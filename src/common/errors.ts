@@ -79,6 +79,39 @@ const STATUS_TO_CODE: Partial<Record<GrpcStatus, KvErrorCodeName>> = {
   [GrpcStatus.PERMISSION_DENIED]: KvErrorCode.PERMISSION_DENIED,
 };
 
+/** The most of a caller's input an error message repeats back (echo), in UTF-16 units. */
+export const MAX_ECHO_CHARS = 200;
+/** The most an error's details (and each metadata value) may carry on the wire, in bytes. */
+export const MAX_WIRE_DETAIL_BYTES = 1024;
+
+/**
+ * `value` as an error message shows it: JSON-like (bigints as `123n`), at most MAX_ECHO_CHARS, with
+ * the length of what was cut. A 64 MiB table name must not come back in a message, or in the
+ * grpc-message trailer, whose size the client's metadata limit refuses.
+ */
+export function echo(value: unknown, max = MAX_ECHO_CHARS): string {
+  let text: string;
+  if (typeof value === 'string' && value.length > max) {
+    return `${JSON.stringify(value.slice(0, max))}... (${value.length} characters)`;
+  }
+  try {
+    text = typeof value === 'bigint' ? `${value}n` : value === undefined ? 'undefined' : (JSON.stringify(value) ?? String(value));
+  } catch {
+    text = String(value);
+  }
+  return text.length > max ? `${text.slice(0, max)}... (${text.length} characters)` : text;
+}
+
+/** `text` cut to at most `maxBytes` bytes of UTF-8 (on a character boundary), marked when cut. */
+export function truncateBytes(text: string, maxBytes = MAX_WIRE_DETAIL_BYTES): string {
+  if (text.length * 3 <= maxBytes || Buffer.byteLength(text) <= maxBytes) return text;
+  const mark = ` ... (${Buffer.byteLength(text)} bytes, truncated)`;
+  let cut = Buffer.from(text).subarray(0, maxBytes - mark.length).toString('utf8');
+  // A character split at the cut decodes as U+FFFD: drop it.
+  if (cut.endsWith('\uFFFD')) cut = cut.slice(0, -1);
+  return cut + mark;
+}
+
 const KNOWN_CODES = new Set<string>(Object.values(KvErrorCode));
 const CODE_KEY = 'kv-code';
 const DETAIL_KEY = 'kv-detail';
@@ -89,17 +122,23 @@ export interface GrpcErrorShape {
   metadata: Metadata;
 }
 
-/** KvError (or anything thrown by a handler) to a gRPC status; no stack traces on the wire. */
+/**
+ * KvError (or anything thrown by a handler) to a gRPC status; no stack traces on the wire. Details
+ * and metadata are bounded (truncateBytes), so no handler can echo a caller's input back whole.
+ */
 export function toGrpcError(err: unknown): GrpcErrorShape {
   const metadata = new Metadata();
   if (err instanceof KvError) {
     metadata.set(CODE_KEY, err.code);
-    if (err.detail !== undefined) metadata.set(DETAIL_KEY, JSON.stringify(err.detail));
-    return { code: CODE_TO_STATUS[err.code], details: err.message, metadata };
+    if (err.detail !== undefined) {
+      const detail = JSON.stringify(err.detail);
+      if (Buffer.byteLength(detail) <= MAX_WIRE_DETAIL_BYTES) metadata.set(DETAIL_KEY, detail);
+    }
+    return { code: CODE_TO_STATUS[err.code], details: truncateBytes(err.message), metadata };
   }
   metadata.set(CODE_KEY, KvErrorCode.INTERNAL);
   const message = err instanceof Error ? err.message : String(err);
-  return { code: GrpcStatus.INTERNAL, details: `internal error: ${message}`, metadata };
+  return { code: GrpcStatus.INTERNAL, details: truncateBytes(`internal error: ${message}`), metadata };
 }
 
 /** A gRPC call error back to a KvError, keeping the server's code when it sent one. */
