@@ -112,6 +112,41 @@ export function truncateBytes(text: string, maxBytes = MAX_WIRE_DETAIL_BYTES): s
   return cut + mark;
 }
 
+/** What errno codes mean, for messages that name both ("no space left on device (ENOSPC)"). */
+const ERRNO_TEXT: Record<string, string> = {
+  ENOSPC: 'no space left on device',
+  EDQUOT: 'disk quota exceeded',
+  EROFS: 'read-only file system',
+  EIO: 'input/output error',
+  EACCES: 'permission denied',
+  EPERM: 'operation not permitted',
+  EMFILE: 'too many open files',
+};
+
+/** The first errno code (ENOSPC...) in an error's cause chain. */
+export function errnoOf(err: unknown): string | undefined {
+  for (let e = err, depth = 0; e !== undefined && e !== null && depth < 8; e = (e as { cause?: unknown }).cause, depth++) {
+    const code = (e as { code?: unknown }).code;
+    if (typeof code === 'string' && /^E[A-Z0-9]+$/.test(code)) return code;
+    // LevelDB's own errors carry the reason as text only ("IO error: ...: No space left on device").
+    const m = typeof (e as Error).message === 'string' ? /no space left on device/i.exec((e as Error).message) : null;
+    if (m !== null) return 'ENOSPC';
+  }
+  return undefined;
+}
+
+/**
+ * A failed file operation as a KvError naming the cause and the path: `no space left on device
+ * (ENOSPC) writing /data/g0r0/rows/emb.v3.rows: 1068688 of 1114128 bytes written`. A full disk is
+ * KV_RESOURCE_EXHAUSTED, anything else KV_INTERNAL.
+ */
+export function ioError(err: unknown, doing: string, after = ''): KvError {
+  const errno = errnoOf(err);
+  const why = errno !== undefined ? `${ERRNO_TEXT[errno] ?? (err as Error).message} (${errno})` : err instanceof Error ? err.message : String(err);
+  const code = errno === 'ENOSPC' || errno === 'EDQUOT' ? KvErrorCode.RESOURCE_EXHAUSTED : KvErrorCode.INTERNAL;
+  return new KvError(code, `${why} ${doing}${after}`, { cause: err });
+}
+
 const KNOWN_CODES = new Set<string>(Object.values(KvErrorCode));
 const CODE_KEY = 'kv-code';
 const DETAIL_KEY = 'kv-detail';
