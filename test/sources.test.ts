@@ -1,7 +1,7 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { appendFileSync, mkdirSync, mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { appendFileSync, mkdirSync, mkdtempSync, rmSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { KvError } from '../src/common/errors.js';
@@ -312,6 +312,48 @@ describe('directories', () => {
     const plan = await planDump(dir, 'full');
     assert.equal(plan.totalRows, 10);
     assert.equal(plan.dim, 2);
+  });
+});
+
+describe('paths that are not regular files', () => {
+  /** A pair whose values file is made by `make` instead of written. */
+  function pairWithValues(make: (valuesPath: string) => void): { dir: string; prefix: string } {
+    const dir = fresh();
+    const prefix = join(dir, 'a');
+    const { keys, values } = sample(3, 2);
+    writePair(prefix, keys, values, 2);
+    rmSync(`${prefix}.values.npy`);
+    make(`${prefix}.values.npy`);
+    return { dir, prefix };
+  }
+
+  it('names a self-referencing symlink and a two-link loop as a symbolic link loop', async () => {
+    for (const make of [
+      (p: string) => symlinkSync('a.values.npy', p),
+      (p: string) => {
+        symlinkSync('b.link', p);
+        symlinkSync('a.values.npy', join(p, '..', 'b.link'));
+      },
+    ]) {
+      const { dir, prefix } = pairWithValues(make);
+      // The pair's prefix, its keys file, and the directory: each names the loop, not a missing file.
+      for (const path of [prefix, `${prefix}.keys.npy`]) await refuses(() => planDump(path, 'full'), 'a.values.npy is a symbolic link loop (ELOOP)');
+      await refuses(() => planDump(dir, 'full'), 'a.values.npy is a symbolic link loop (ELOOP)');
+    }
+  });
+
+  it('names a dangling symlink as one, with its target', async () => {
+    const { dir, prefix } = pairWithValues((p) => symlinkSync('gone.npy', p));
+    await refuses(() => planDump(prefix, 'full'), 'a.values.npy is a dangling symbolic link (to gone.npy');
+    await refuses(() => planDump(dir, 'full'), 'a.values.npy is a dangling symbolic link');
+  });
+
+  it('refuses a FIFO as a FIFO, without opening it (which would wait for a writer)', async () => {
+    const { dir, prefix } = pairWithValues((p) => execFileSync('mkfifo', [p]));
+    for (const path of [prefix, `${prefix}.keys.npy`, dir]) await refuses(() => planDump(path, 'full'), 'a.values.npy is a FIFO, not a regular file');
+    const text = join(fresh(), 'rows.txt');
+    execFileSync('mkfifo', [text]);
+    await refuses(() => planDump(text, 'full'), 'rows.txt is a FIFO, not a regular file or directory');
   });
 });
 

@@ -12,8 +12,11 @@ import { MAX_DEADLINE_MS, checkPositiveInt, parseClientOptions, type EmbeddingCl
 
 export interface GetEmbeddingsOptions {
   table: string;
-  /** A version to read; by default the current one (the same for every shard group). */
-  version?: number;
+  /**
+   * A version to read; by default the current one (the same for every shard group). A bigint is
+   * taken up to 2^53-1; a larger one is refused with KV_INVALID_ARGUMENT.
+   */
+  version?: number | bigint;
   deadlineMs?: number;
   signal?: AbortSignal;
   /**

@@ -1,4 +1,4 @@
-import { invalidArgument } from '../common/errors.js';
+import { echo, invalidArgument } from '../common/errors.js';
 import { DEFAULT_CONFIG_PATH } from '../common/manifest.js';
 import { checkClientToken } from '../common/security.js';
 import {
@@ -49,7 +49,7 @@ const RENAMED: Record<string, string> = {
 
 export function checkPositiveInt(value: unknown, name: string, max: number): number {
   if (typeof value !== 'number' || !Number.isInteger(value) || value < 1 || value > max) {
-    throw invalidArgument(`${name} must be an integer in [1, ${max}], got ${JSON.stringify(value)}`);
+    throw invalidArgument(`${name} must be an integer in [1, ${max}], got ${echo(value)}`);
   }
   return value;
 }

@@ -79,6 +79,74 @@ const STATUS_TO_CODE: Partial<Record<GrpcStatus, KvErrorCodeName>> = {
   [GrpcStatus.PERMISSION_DENIED]: KvErrorCode.PERMISSION_DENIED,
 };
 
+/** The most of a caller's input an error message repeats back (echo), in UTF-16 units. */
+export const MAX_ECHO_CHARS = 200;
+/** The most an error's details (and each metadata value) may carry on the wire, in bytes. */
+export const MAX_WIRE_DETAIL_BYTES = 1024;
+
+/**
+ * `value` as an error message shows it: JSON-like (bigints as `123n`), at most MAX_ECHO_CHARS, with
+ * the length of what was cut. A 64 MiB table name must not come back in a message, or in the
+ * grpc-message trailer, whose size the client's metadata limit refuses.
+ */
+export function echo(value: unknown, max = MAX_ECHO_CHARS): string {
+  let text: string;
+  if (typeof value === 'string' && value.length > max) {
+    return `${JSON.stringify(value.slice(0, max))}... (${value.length} characters)`;
+  }
+  try {
+    text = typeof value === 'bigint' ? `${value}n` : value === undefined ? 'undefined' : (JSON.stringify(value) ?? String(value));
+  } catch {
+    text = String(value);
+  }
+  return text.length > max ? `${text.slice(0, max)}... (${text.length} characters)` : text;
+}
+
+/** `text` cut to at most `maxBytes` bytes of UTF-8 (on a character boundary), marked when cut. */
+export function truncateBytes(text: string, maxBytes = MAX_WIRE_DETAIL_BYTES): string {
+  if (text.length * 3 <= maxBytes || Buffer.byteLength(text) <= maxBytes) return text;
+  const mark = ` ... (${Buffer.byteLength(text)} bytes, truncated)`;
+  let cut = Buffer.from(text).subarray(0, maxBytes - mark.length).toString('utf8');
+  // A character split at the cut decodes as U+FFFD: drop it.
+  if (cut.endsWith('\uFFFD')) cut = cut.slice(0, -1);
+  return cut + mark;
+}
+
+/** What errno codes mean, for messages that name both ("no space left on device (ENOSPC)"). */
+const ERRNO_TEXT: Record<string, string> = {
+  ENOSPC: 'no space left on device',
+  EDQUOT: 'disk quota exceeded',
+  EROFS: 'read-only file system',
+  EIO: 'input/output error',
+  EACCES: 'permission denied',
+  EPERM: 'operation not permitted',
+  EMFILE: 'too many open files',
+};
+
+/** The first errno code (ENOSPC...) in an error's cause chain. */
+export function errnoOf(err: unknown): string | undefined {
+  for (let e = err, depth = 0; e !== undefined && e !== null && depth < 8; e = (e as { cause?: unknown }).cause, depth++) {
+    const code = (e as { code?: unknown }).code;
+    if (typeof code === 'string' && /^E[A-Z0-9]+$/.test(code)) return code;
+    // LevelDB's own errors carry the reason as text only ("IO error: ...: No space left on device").
+    const m = typeof (e as Error).message === 'string' ? /no space left on device/i.exec((e as Error).message) : null;
+    if (m !== null) return 'ENOSPC';
+  }
+  return undefined;
+}
+
+/**
+ * A failed file operation as a KvError naming the cause and the path: `no space left on device
+ * (ENOSPC) writing /data/g0r0/rows/emb.v3.rows: 1068688 of 1114128 bytes written`. A full disk is
+ * KV_RESOURCE_EXHAUSTED, anything else KV_INTERNAL.
+ */
+export function ioError(err: unknown, doing: string, after = ''): KvError {
+  const errno = errnoOf(err);
+  const why = errno !== undefined ? `${ERRNO_TEXT[errno] ?? (err as Error).message} (${errno})` : err instanceof Error ? err.message : String(err);
+  const code = errno === 'ENOSPC' || errno === 'EDQUOT' ? KvErrorCode.RESOURCE_EXHAUSTED : KvErrorCode.INTERNAL;
+  return new KvError(code, `${why} ${doing}${after}`, { cause: err });
+}
+
 const KNOWN_CODES = new Set<string>(Object.values(KvErrorCode));
 const CODE_KEY = 'kv-code';
 const DETAIL_KEY = 'kv-detail';
@@ -89,17 +157,23 @@ export interface GrpcErrorShape {
   metadata: Metadata;
 }
 
-/** KvError (or anything thrown by a handler) to a gRPC status; no stack traces on the wire. */
+/**
+ * KvError (or anything thrown by a handler) to a gRPC status; no stack traces on the wire. Details
+ * and metadata are bounded (truncateBytes), so no handler can echo a caller's input back whole.
+ */
 export function toGrpcError(err: unknown): GrpcErrorShape {
   const metadata = new Metadata();
   if (err instanceof KvError) {
     metadata.set(CODE_KEY, err.code);
-    if (err.detail !== undefined) metadata.set(DETAIL_KEY, JSON.stringify(err.detail));
-    return { code: CODE_TO_STATUS[err.code], details: err.message, metadata };
+    if (err.detail !== undefined) {
+      const detail = JSON.stringify(err.detail);
+      if (Buffer.byteLength(detail) <= MAX_WIRE_DETAIL_BYTES) metadata.set(DETAIL_KEY, detail);
+    }
+    return { code: CODE_TO_STATUS[err.code], details: truncateBytes(err.message), metadata };
   }
   metadata.set(CODE_KEY, KvErrorCode.INTERNAL);
   const message = err instanceof Error ? err.message : String(err);
-  return { code: GrpcStatus.INTERNAL, details: `internal error: ${message}`, metadata };
+  return { code: GrpcStatus.INTERNAL, details: truncateBytes(`internal error: ${message}`), metadata };
 }
 
 /** A gRPC call error back to a KvError, keeping the server's code when it sent one. */

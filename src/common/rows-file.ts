@@ -1,3 +1,4 @@
+import { ioError } from './errors.js';
 import type { FileHandle } from 'node:fs/promises';
 import { crc32 } from 'node:zlib';
 
@@ -37,6 +38,18 @@ export function blockHead(keys: Uint8Array, floats: Uint8Array, n: number, dim: 
 /** Writes a block of n rows at byte `at` of a file (one writev); `path` names the file in errors. */
 export async function writeBlock(fh: FileHandle, path: string, at: number, keys: Uint8Array, floats: Uint8Array, n: number, dim: number): Promise<void> {
   const bytes = blockBytes(n, dim);
-  const { bytesWritten } = await fh.writev([new Uint8Array(blockHead(keys, floats, n, dim).buffer), keys, floats], at);
-  if (bytesWritten !== bytes) throw new Error(`short write to ${path}: ${bytesWritten} of ${bytes} bytes`);
+  const parts = [new Uint8Array(blockHead(keys, floats, n, dim).buffer), keys, floats];
+  let written = 0;
+  try {
+    written = (await fh.writev(parts, at)).bytesWritten;
+    // A short write (a disk filling up): the rest is written, and that write fails with the reason.
+    while (written < bytes) {
+      const rest = Buffer.concat(parts).subarray(written);
+      const { bytesWritten } = await fh.write(rest, 0, rest.length, at + written);
+      if (bytesWritten === 0) throw new Error('the file system wrote nothing');
+      written += bytesWritten;
+    }
+  } catch (err) {
+    throw ioError(err, `writing ${path}`, `: ${written} of ${bytes} bytes written`);
+  }
 }

@@ -1,7 +1,7 @@
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import * as grpc from '@grpc/grpc-js';
-import { invalidArgument } from './errors.js';
+import { KvError, invalidArgument } from './errors.js';
 
 /**
  * The Lookup messages are encoded by hand (standard protobuf, see proto/embkv.proto) so that keys and
@@ -14,6 +14,13 @@ export const PROTO_PATH = fileURLToPath(new URL('../../../proto/embkv.proto', im
 /** grpc-js options for 20 MB answers (FEASIBILITY: the 4 MiB default refuses them, and the default
  * flow-control window halves throughput). */
 export const MAX_MESSAGE_BYTES = 512 * 1024 * 1024;
+/**
+ * The largest request a server takes. Requests are small next to answers: a LoadRows batch is at
+ * most 32 MiB, a router's Lookup of MAX_ROUTER_KEYS keys 32 MB, a 150k-key Lookup 1.2 MB. Anything
+ * larger is refused by grpc-js with RESOURCE_EXHAUSTED before it is buffered whole, where 512 MiB
+ * let a 64 MiB garbage request be taken in and go unanswered.
+ */
+export const MAX_REQUEST_BYTES = 48 * 1024 * 1024;
 export const FLOW_CONTROL_WINDOW_BYTES = 16 * 1024 * 1024;
 export const CHANNEL_OPTIONS: grpc.ChannelOptions = {
   'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
@@ -28,7 +35,7 @@ export const CHANNEL_OPTIONS: grpc.ChannelOptions = {
   'grpc.max_reconnect_backoff_ms': 5000,
 };
 export const SERVER_OPTIONS: grpc.ServerOptions = {
-  'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
+  'grpc.max_receive_message_length': MAX_REQUEST_BYTES,
   'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
   'grpc-node.flow_control_window': FLOW_CONTROL_WINDOW_BYTES,
 };
@@ -71,7 +78,9 @@ function writeVarint(buf: Uint8Array, pos: number, v: number): number {
 class Reader {
   pos = 0;
   constructor(readonly buf: Uint8Array) {}
-  varint(): number {
+  /** A varint; `field` names it in the refusal of a value above 2^53-1 (a tag or length when absent). */
+  varint(field?: string): number {
+    const start = this.pos;
     let result = 0;
     let mul = 1;
     for (let i = 0; i < 10; i++) {
@@ -79,12 +88,20 @@ class Reader {
       const b = this.buf[this.pos++]!;
       result += (b & 127) * mul;
       if (b < 128) {
-        if (result > Number.MAX_SAFE_INTEGER) throw invalidArgument('integer field larger than 2^53');
+        if (result > Number.MAX_SAFE_INTEGER) throw tooLarge(this.buf, start, this.pos, field);
         return result;
       }
       mul *= 128;
     }
-    throw invalidArgument('malformed varint');
+    throw invalidArgument('malformed varint (longer than 10 bytes)');
+  }
+  /** An unknown field's varint: any uint64, unchecked. */
+  skipVarint(): void {
+    for (let i = 0; i < 10; i++) {
+      if (this.pos >= this.buf.length) throw invalidArgument('message truncated inside a varint');
+      if (this.buf[this.pos++]! < 128) return;
+    }
+    throw invalidArgument('malformed varint (longer than 10 bytes)');
   }
   bytes(): Uint8Array {
     const len = this.varint();
@@ -94,12 +111,38 @@ class Reader {
     return out;
   }
   skip(wireType: number): void {
-    if (wireType === 0) this.varint();
+    if (wireType === 0) this.skipVarint();
     else if (wireType === 1) this.pos += 8;
     else if (wireType === 2) this.bytes();
     else if (wireType === 5) this.pos += 4;
     else throw invalidArgument(`unsupported protobuf wire type ${wireType}`);
     if (this.pos > this.buf.length) throw invalidArgument('message truncated');
+  }
+}
+
+/** The refusal of a varint above 2^53-1, with its exact value (numbers lose it). */
+function tooLarge(buf: Uint8Array, start: number, end: number, field: string | undefined): KvError {
+  let v = 0n;
+  for (let i = end - 1; i >= start; i--) v = (v << 7n) | BigInt(buf[i]! & 127);
+  if (v >= 1n << 64n) return invalidArgument('malformed varint (above 2^64-1)');
+  return field === undefined
+    ? invalidArgument(`malformed message: a tag or length of ${v}`)
+    : invalidArgument(`${field} ${v} is above 2^53-1, the largest ${field} embkv takes`);
+}
+
+/**
+ * Every integer field of a flat message (every request is one) within 2^53-1: protobufjs would turn
+ * a larger uint64 into the nearest double, a different number, without a word. `names` maps field
+ * numbers to the names a refusal gives.
+ */
+export function checkVarintFields(buf: Uint8Array, names: ReadonlyMap<number, string>): void {
+  const r = new Reader(buf);
+  while (r.pos < buf.length) {
+    const tag = r.varint();
+    const field = Math.floor(tag / 8);
+    const wt = tag & 7;
+    if (wt === 0) r.varint(names.get(field) ?? `field ${field}`);
+    else r.skip(wt);
   }
 }
 
@@ -150,7 +193,7 @@ export function decodeLookupRequest(buf: Uint8Array): LookupRequest {
     const field = Math.floor(tag / 8);
     const wt = tag & 7;
     if (field === 1 && wt === 2) table = Buffer.from(r.bytes()).toString('utf8');
-    else if (field === 2 && wt === 0) version = r.varint();
+    else if (field === 2 && wt === 0) version = r.varint('version');
     else if (field === 3 && wt === 2) keys = r.bytes();
     else r.skip(wt);
   }
@@ -422,8 +465,8 @@ export function decodeLookupResponse(buf: Uint8Array): LookupResponse {
     const tag = r.varint();
     const field = Math.floor(tag / 8);
     const wt = tag & 7;
-    if (field === 1 && wt === 0) version = r.varint();
-    else if (field === 2 && wt === 0) dim = r.varint();
+    if (field === 1 && wt === 0) version = r.varint('version');
+    else if (field === 2 && wt === 0) dim = r.varint('dim');
     else if (field === 3 && wt === 2) found = r.bytes();
     else if (field === 5 && wt === 2) valuesBytes = r.bytes();
     else r.skip(wt);
@@ -533,7 +576,7 @@ export function decodeLoadRowsRequest(buf: Uint8Array): LoadRowsRequest {
     const field = Math.floor(tag / 8);
     const wt = tag & 7;
     if (field === 1 && wt === 2) req.table = Buffer.from(r.bytes()).toString('utf8');
-    else if (field === 2 && wt === 0) req.version = r.varint();
+    else if (field === 2 && wt === 0) req.version = r.varint('version');
     else if (field === 3 && wt === 2) req.loadId = Buffer.from(r.bytes()).toString('utf8');
     else if (field === 4 && wt === 2) req.keys = r.bytes();
     else if (field === 5 && wt === 2) req.values = r.bytes();
@@ -545,6 +588,34 @@ export function decodeLoadRowsRequest(buf: Uint8Array): LoadRowsRequest {
 
 // ---- service definitions ---------------------------------------------------------------------------
 
+/**
+ * What a server's request deserializer hands on for a message it cannot decode. grpc-js answers a
+ * deserializer that throws with INTERNAL "Error deserializing request", which tells the caller
+ * nothing; the handler throws this error instead (see decoded), so the caller gets
+ * INVALID_ARGUMENT with the decoder's reason.
+ */
+export class UndecodableRequest {
+  constructor(readonly error: KvError) {}
+}
+
+/** A server handler's request, or the decoder's refusal of it thrown. Every handler calls it first. */
+export function decoded<T>(request: T | UndecodableRequest): T {
+  if (request instanceof UndecodableRequest) throw request.error;
+  return request;
+}
+
+/** `decode` with its failure handed on as an UndecodableRequest instead of thrown to grpc-js. */
+function tolerant<T>(decode: (b: Buffer) => T, method: string): (b: Buffer) => T | UndecodableRequest {
+  return (b) => {
+    try {
+      return decode(b);
+    } catch (err) {
+      const reason = err instanceof Error ? err.message : String(err);
+      return new UndecodableRequest(err instanceof KvError ? err : invalidArgument(`malformed ${method} request: ${reason}`, { cause: err }));
+    }
+  };
+}
+
 const identity = (b: Buffer): Buffer => b;
 
 /** The Embkv service with hand codecs: the server receives decoded requests and sends prebuilt buffers. */
@@ -554,7 +625,7 @@ export const EMBKV_SERVER_SERVICE = {
     requestStream: false,
     responseStream: false,
     requestSerialize: encodeLookupRequest,
-    requestDeserialize: (b: Buffer): LookupRequest => decodeLookupRequest(b),
+    requestDeserialize: tolerant(decodeLookupRequest, 'Lookup'),
     responseSerialize: identity,
     responseDeserialize: identity,
     originalName: 'Lookup',
@@ -591,6 +662,12 @@ function protoPackage(): grpc.GrpcObject {
 }
 
 let controlService: grpc.ServiceDefinition | undefined;
+
+/** Field numbers to names of a proto-loader method's request (its descriptor rides along). */
+function fieldNames(method: object): Map<number, string> {
+  const fields = (method as { requestType?: { type?: { field?: { name: string; number: number }[] } } }).requestType?.type?.field ?? [];
+  return new Map(fields.map((f) => [f.number, f.name]));
+}
 let controlClient: grpc.ServiceClientConstructor | undefined;
 
 /**
@@ -601,14 +678,25 @@ export function shardControlService(): grpc.ServiceDefinition {
   if (controlService === undefined) {
     const v1 = (protoPackage()['embkv'] as grpc.GrpcObject)['v1'] as grpc.GrpcObject;
     const generated = (v1['ShardControl'] as grpc.ServiceClientConstructor).service;
-    controlService = {
-      ...generated,
-      LoadRows: {
-        ...generated['LoadRows']!,
-        requestSerialize: (r: Buffer | Partial<LoadRowsRequest>): Buffer => (Buffer.isBuffer(r) ? r : encodeLoadRowsRequest(r)),
-        requestDeserialize: (b: Buffer): LoadRowsRequest => decodeLoadRowsRequest(b),
-      },
-    };
+    const methods: Record<string, grpc.MethodDefinition<unknown, unknown>> = {};
+    // Integer fields are checked before protobufjs rounds them, and a refusal reaches the handler.
+    for (const [name, m] of Object.entries(generated)) {
+      const names = fieldNames(m);
+      const deserialize = m.requestDeserialize;
+      methods[name] = {
+        ...m,
+        requestDeserialize: tolerant((b: Buffer): unknown => {
+          checkVarintFields(b, names);
+          return deserialize(b);
+        }, name),
+      };
+    }
+    methods['LoadRows'] = {
+      ...generated['LoadRows']!,
+      requestSerialize: (r: Buffer | Partial<LoadRowsRequest>): Buffer => (Buffer.isBuffer(r) ? r : encodeLoadRowsRequest(r)),
+      requestDeserialize: tolerant(decodeLoadRowsRequest, 'LoadRows'),
+    } as grpc.MethodDefinition<unknown, unknown>;
+    controlService = methods;
   }
   return controlService;
 }

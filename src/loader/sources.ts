@@ -6,7 +6,8 @@
  * syntax as it goes. Every refusal is a KvError with code KV_INVALID_DATA whose message names the file and,
  * where there is one, the row (0-based for NumPy) or line (1-based for text).
  */
-import { open, readdir, stat, type FileHandle } from 'node:fs/promises';
+import { constants as fsConstants, type Stats } from 'node:fs';
+import { lstat, open as openFile, readdir, readlink, stat, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { readFully } from '../common/files.js';
 import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
@@ -256,9 +257,9 @@ const ROLE_EXPECT: Record<NpyRole, string> = {
 export async function readNpyHeader(path: string, role: NpyRole): Promise<NpyHeader> {
   let fh: FileHandle;
   try {
-    fh = await open(path, 'r');
+    fh = await openDumpFile(path);
   } catch (err) {
-    throw dataError(`${path}: cannot open: ${(err as Error).message}`);
+    throw err instanceof KvError ? err : dataError(`${path}: cannot open: ${(err as Error).message}`);
   }
   try {
     const fileBytes = (await fh.stat()).size;
@@ -505,9 +506,9 @@ function hasRadixPrefix(s: string, start: number, end: number): boolean {
 async function* textLineBlocks(path: string): AsyncGenerator<{ lines: string[]; firstLine: number }> {
   let fh: FileHandle;
   try {
-    fh = await open(path, 'r');
+    fh = await openDumpFile(path);
   } catch (err) {
-    throw dataError(`${path}: cannot open: ${(err as Error).message}`);
+    throw err instanceof KvError ? err : dataError(`${path}: cannot open: ${(err as Error).message}`);
   }
   try {
     let buf = Buffer.allocUnsafe(TEXT_READ_BYTES);
@@ -587,12 +588,58 @@ function npyRoleOf(name: string): { prefix: string; role: NpyRole } | undefined 
   return undefined;
 }
 
-async function statOrUndefined(p: string): Promise<import('node:fs').Stats | undefined> {
+/** What a path is that is not a regular file, for messages ("a FIFO"). */
+function kindOf(s: Stats): string {
+  if (s.isDirectory()) return 'a directory';
+  if (s.isFIFO()) return 'a FIFO';
+  if (s.isSocket()) return 'a socket';
+  if (s.isCharacterDevice()) return 'a character device';
+  if (s.isBlockDevice()) return 'a block device';
+  if (s.isSymbolicLink()) return 'a symbolic link';
+  return 'not a regular file';
+}
+
+const notRegular = (p: string, s: Stats): KvError =>
+  dataError(s.isDirectory() ? `${p} is a directory, not a regular file` : `${p} is ${kindOf(s)}, not a regular file`);
+
+/**
+ * What `p` leads to (following links), or undefined when nothing is there. A link that leads
+ * nowhere, a link loop, or a path that cannot be read is refused with what it is: "no values file"
+ * would send the user looking for a file that is there.
+ */
+async function statOrUndefined(p: string): Promise<Stats | undefined> {
   try {
     return await stat(p);
-  } catch {
-    return undefined;
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ELOOP') throw dataError(`${p} is a symbolic link loop (ELOOP)`);
+    if (code === 'ENOENT') {
+      const link = await lstat(p).catch(() => undefined);
+      if (link?.isSymbolicLink()) {
+        const target = await readlink(p).catch(() => '?');
+        throw dataError(`${p} is a dangling symbolic link (to ${target}, which does not exist)`);
+      }
+      return undefined;
+    }
+    if (code === 'ENOTDIR') return undefined;
+    throw dataError(`${p}: cannot stat: ${(err as Error).message}`);
   }
+}
+
+/**
+ * Opens a dump file for reading, refusing anything but a regular file. O_NONBLOCK: opening a FIFO
+ * for reading would otherwise wait for a writer forever (it has no effect on a regular file's reads).
+ */
+async function openDumpFile(path: string): Promise<FileHandle> {
+  const fh = await openFile(path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
+  try {
+    const s = await fh.stat();
+    if (!s.isFile()) throw notRegular(path, s);
+  } catch (err) {
+    await fh.close();
+    throw err;
+  }
+  return fh;
 }
 
 /** Where each plan's dim came from, for messages about rows read later. */
@@ -626,9 +673,9 @@ export async function planDump(path: string, mode: LoadMode, expectedDim?: numbe
       if (name.startsWith('.') || name.startsWith('_')) continue;
       const full = join(path, name);
       const est = await statOrUndefined(full);
-      if (est === undefined) throw dataError(`${full}: cannot stat (a dangling link?)`);
+      if (est === undefined) throw dataError(`${full}: removed while the directory was read`);
       if (est.isDirectory()) throw dataError(`${full}: subdirectories are not read; a dump directory holds part files only`);
-      if (!est.isFile()) throw dataError(`${full}: not a regular file`);
+      if (!est.isFile()) throw notRegular(full, est);
       const npy = npyRoleOf(name);
       if (npy !== undefined) {
         let g = byPrefix.get(npy.prefix);
@@ -656,7 +703,7 @@ export async function planDump(path: string, mode: LoadMode, expectedDim?: numbe
   } else if (st?.isFile()) {
     groups.push({ text: path, name: basename(path) });
   } else if (st !== undefined) {
-    throw dataError(`${path}: not a regular file or directory`);
+    throw dataError(`${path} is ${kindOf(st)}, not a regular file or directory`);
   } else if ((await statOrUndefined(`${path}.keys.npy`)) !== undefined || (await statOrUndefined(`${path}.deletes.npy`)) !== undefined) {
     groups.push(await npyGroupAt(path, basename(path)));
   } else {
@@ -727,7 +774,9 @@ async function npyGroupAt(prefixPath: string, name: string): Promise<NpyGroup> {
   for (const [suffix, role] of Object.entries(NPY_SUFFIX)) {
     const p = prefixPath + suffix;
     const s = await statOrUndefined(p);
-    if (s?.isFile()) g[`${role}Path`] = p;
+    if (s === undefined) continue;
+    if (!s.isFile()) throw notRegular(p, s);
+    g[`${role}Path`] = p;
   }
   return g;
 }
@@ -796,11 +845,11 @@ async function* readNpyRows(part: PartInfo, dim: number, chunkRows: number, sign
   const rows = part.rows;
   const kh = await reopenChecked(keysPath, 'keys', rows, dim);
   const vh = await reopenChecked(valuesPath, 'values', rows, dim);
-  const kf = await open(keysPath, 'r');
+  const kf = await openDumpFile(keysPath);
   let vf: FileHandle | undefined;
   let pending: Promise<DumpItem> | undefined;
   try {
-    vf = await open(valuesPath, 'r');
+    vf = await openDumpFile(valuesPath);
     const valuesFile = vf;
     const rowBytes = dim * 4;
     // With reuse: chunk k is read into pair k % 2. Pair k % 2 is refilled for chunk k + 2, which is
@@ -848,7 +897,7 @@ async function* readNpyRows(part: PartInfo, dim: number, chunkRows: number, sign
 async function* readNpyDeletes(part: PartInfo, chunkRows: number, signal: AbortSignal | undefined): AsyncGenerator<DumpItem> {
   const path = part.deletesPath!;
   const h = await reopenChecked(path, 'deletes', part.deletes, 0);
-  const fh = await open(path, 'r');
+  const fh = await openDumpFile(path);
   try {
     for (let first = 0; first < part.deletes; first += chunkRows) {
       if (signal?.aborted) throw abortError(signal);

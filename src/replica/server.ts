@@ -7,7 +7,7 @@ import { ORDER_SCALE } from '../common/limits.js';
 import { partitionOfHalves } from '../common/partition.js';
 import type { Manifest } from '../common/manifest.js';
 import { YoungGcBudget } from '../common/process-tuning.js';
-import { AnswerBufferPool, SERVER_OPTIONS, streamOf, embkvServerService, installZeroCopyFraming, shardControlService, type LookupRequest } from '../common/wire.js';
+import { AnswerBufferPool, SERVER_OPTIONS, decoded, embkvServerService, installZeroCopyFraming, shardControlService, streamOf, type LookupRequest } from '../common/wire.js';
 import { checkTableName, checkVersion } from '../common/validate.js';
 import { Shard } from '../shard/shard.js';
 import { PeerSync } from './peer-sync.js';
@@ -197,6 +197,7 @@ export class ReplicaServer {
 
   private onLookup(call: grpc.ServerUnaryCall<LookupRequest, Buffer>, callback: grpc.sendUnaryData<Buffer>): void {
     try {
+      checkRequest(call.request);
       this.admit(call, 'lookup', 'Lookup');
     } catch (err) {
       return callback(toGrpcError(err));
@@ -208,7 +209,6 @@ export class ReplicaServer {
   private lookup(call: grpc.ServerUnaryCall<LookupRequest, Buffer>, callback: grpc.sendUnaryData<Buffer>): void {
     try {
       const req = call.request;
-      checkTableName(req.table);
       const keys = keysFromBytes(req.keys);
       if (this.answerBytes > 0 && this.answerBytes >= this.maxInflightBytes) {
         throw new KvError(KvErrorCode.RESOURCE_EXHAUSTED, `this replica holds ${this.answerBytes} bytes of answers not yet sent; the limit is ${this.maxInflightBytes} (kvctl serve --max-inflight-mb): retry on another replica or with backoff`);
@@ -235,6 +235,7 @@ export class ReplicaServer {
     const delayMs = testDelayMs(call.metadata, this.options.group, this.options.replica);
     if (delayMs === 0) return this.onLookup(call, callback);
     try {
+      checkRequest(call.request);
       this.admit(call, 'lookup', 'Lookup');
     } catch (err) {
       return callback(toGrpcError(err));
@@ -288,6 +289,7 @@ export class ReplicaServer {
     const unary = <Req, Res>(fn: (req: Req) => Promise<Res> | Res) =>
       (call: grpc.ServerUnaryCall<Req, Res>, callback: grpc.sendUnaryData<Res>): void => {
         try {
+          checkRequest(call.request);
           // A stopping replica refuses new calls with a clear answer, and waits for those it took.
           this.admit(call, 'control', methodOf(call));
         } catch (err) {
@@ -358,6 +360,15 @@ export class ReplicaServer {
       }),
     };
   }
+}
+
+/**
+ * Before any other work, the token check included: a request the decoder refused, or a table name
+ * past its length, is answered INVALID_ARGUMENT with a bounded message and costs nothing more.
+ */
+function checkRequest(request: unknown): void {
+  const table = (decoded(request) as { table?: unknown }).table;
+  if (table !== undefined) checkTableName(table);
 }
 
 /** A stop waits this long past the last deadline of the calls in flight. */

@@ -1,4 +1,4 @@
-import { invalidArgument } from '../common/errors.js';
+import { echo, invalidArgument } from '../common/errors.js';
 
 /**
  * How a request picks replicas, hedges and probes: the options shared by the SDK (EmbeddingClientOptions
@@ -87,14 +87,14 @@ export const REPLICA_POLICY_RENAMED: Readonly<Record<string, string>> = {
 
 function int(value: unknown, name: string, min: number, max: number): number {
   if (typeof value !== 'number' || !Number.isInteger(value) || value < min || value > max) {
-    throw invalidArgument(`${name} must be an integer in [${min}, ${max}], got ${JSON.stringify(value)}`);
+    throw invalidArgument(`${name} must be an integer in [${min}, ${max}], got ${echo(value)}`);
   }
   return value;
 }
 
 function num(value: unknown, name: string, min: number, max: number, minOpen = false): number {
   if (typeof value !== 'number' || !Number.isFinite(value) || value > max || (minOpen ? value <= min : value < min)) {
-    throw invalidArgument(`${name} must be a number in ${minOpen ? '(' : '['}${min}, ${max}], got ${JSON.stringify(value)}`);
+    throw invalidArgument(`${name} must be a number in ${minOpen ? '(' : '['}${min}, ${max}], got ${echo(value)}`);
   }
   return value;
 }
@@ -102,7 +102,7 @@ function num(value: unknown, name: string, min: number, max: number, minOpen = f
 /** Merges the policy fields of `o` with the defaults and validates them; other fields are ignored. */
 export function parseReplicaPolicy(o: Readonly<Record<string, unknown>>): ResolvedReplicaPolicy {
   const hedging = o['hedging'] ?? DEFAULT_HEDGING;
-  if (typeof hedging !== 'boolean') throw invalidArgument(`hedging must be true or false, got ${JSON.stringify(hedging)}`);
+  if (typeof hedging !== 'boolean') throw invalidArgument(`hedging must be true or false, got ${echo(hedging)}`);
   const fixed = o['hedgeDelayMs'] === undefined ? undefined : int(o['hedgeDelayMs'], 'hedgeDelayMs', 0, MAX_HEDGE_DELAY_MS);
   if (fixed !== undefined) {
     if (!hedging) throw invalidArgument('hedgeDelayMs has no effect with hedging: false; drop one of them');

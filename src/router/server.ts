@@ -7,7 +7,7 @@ import type { Manifest } from '../common/manifest.js';
 import { checkTableName } from '../common/validate.js';
 import { AUTHORIZATION, type TokenAuth, checkProtectedMode, serverCredentials, tokenAuthOf } from '../common/security.js';
 import { releaseReceived } from '../common/pooled-receive.js';
-import { AnswerBufferPool, SERVER_OPTIONS, allocLookupResponse, embkvServerService, installZeroCopyFraming, streamOf, type LookupRequest } from '../common/wire.js';
+import { AnswerBufferPool, SERVER_OPTIONS, allocLookupResponse, decoded, embkvServerService, installZeroCopyFraming, streamOf, type LookupRequest, UndecodableRequest } from '../common/wire.js';
 import { Fanout } from './fanout.js';
 import { parseReplicaPolicy, type ReplicaPolicyOptions } from './policy.js';
 import { ROUTER_STATS_SERVICE, type FanoutStats } from './stats.js';
@@ -174,9 +174,10 @@ export class RouterServer {
     let buf: Buffer | undefined;
     Promise.resolve()
       .then(() => {
-        this.auth?.check(call.metadata, 'Lookup');
-        const req = call.request;
+        // Before any other work, the token check included (see the replica's checkRequest).
+        const req = decoded(call.request);
         checkTableName(req.table);
+        this.auth?.check(call.metadata, 'Lookup');
         const keys = keysFromBytes(req.keys);
         if (keys.length / 2 > MAX_ROUTER_KEYS) throw invalidArgument(`a lookup holds ${keys.length / 2} keys; at most ${MAX_ROUTER_KEYS}`);
         this.admit(call, req.table, keys.length / 2);
@@ -204,7 +205,9 @@ export class RouterServer {
       })
       .then(() => callback(null, buf!), (err: unknown) => callback(toGrpcError(err)))
       // The request's keys were partitioned into the fan-out's own arrays: its buffer can be reused.
-      .finally(() => releaseReceived(call.request.keys.buffer));
+      .finally(() => {
+        if (!(call.request instanceof UndecodableRequest)) releaseReceived(call.request.keys.buffer);
+      });
   }
 
   private rememberDim(table: string, dim: number): void {

@@ -2,6 +2,7 @@ import { copyFile, link, mkdir, open, readdir, rm, stat, unlink, type FileHandle
 import { join, resolve } from 'node:path';
 import { ClassicLevel } from 'classic-level';
 import { pack, unpack } from 'msgpackr';
+import { errnoOf, ioError } from '../common/errors.js';
 import { readFully } from '../common/files.js';
 import { BLOCK_HEAD, BLOCK_MAGIC, blockBytes, blockChecksum, writeBlock } from '../common/rows-file.js';
 import { bytesOf, floatsFromBytes, keysFromBytes } from '../common/keys.js';
@@ -128,7 +129,9 @@ export class ShardStore {
       if (cause?.code === 'LEVEL_LOCKED') {
         throw new Error(`data directory ${this.dir} is in use by another process (is this replica already running?)`, { cause: err });
       }
-      throw new Error(`cannot open data directory ${this.dir}: ${(err as Error).message}`, { cause: err });
+      // classic-level says only "Database failed to open"; the reason is down its cause chain.
+      if (errnoOf(err) !== undefined) throw ioError(err, `opening data directory ${this.dir}`, `: ${causeChain(err)}`);
+      throw new Error(`cannot open data directory ${this.dir}: ${causeChain(err)}`, { cause: err });
     }
     if ((await mkdir(this.rowsDir, { recursive: true })) !== undefined) await syncDir(this.dir);
     await rm(this.stageDir, { recursive: true, force: true });
@@ -439,4 +442,11 @@ function decodePut(value: Uint8Array): PutRecord {
   const keys = keysFromBytes(value.subarray(off, off + head.n * 8));
   const values = floatsFromBytes(value.subarray(off + head.n * 8));
   return { seq: head.seq, table: head.table, order: head.order, writer: head.writer, keys, values };
+}
+
+/** The messages of an error and its causes, joined: "Database failed to open: IO error: ...". */
+function causeChain(err: unknown): string {
+  const parts: string[] = [];
+  for (let e = err, depth = 0; e instanceof Error && depth < 8; e = e.cause, depth++) parts.push(e.message);
+  return parts.join(': ');
 }
