@@ -6,7 +6,7 @@ import { promisify } from 'node:util';
 import { Supervisor } from '../src/cli/supervisor.js';
 import { EmbeddingClientImpl } from '../src/client/client.js';
 import type { EmbeddingsResult } from '../src/client/client.js';
-import { loadManifest, type Manifest } from '../src/common/manifest.js';
+import { loadManifest, type Manifest } from '../src/cluster/manifest.js';
 import { timeRequests, type RequestFigures } from './measure.js';
 import { fillRequest, requestBuffer, verifyAnswer, type Model, type RequestBuffer } from './model.js';
 import { freePorts, type Resources } from './resources.js';

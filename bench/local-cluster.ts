@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { Supervisor } from '../src/cli/supervisor.js';
-import type { Manifest } from '../src/common/manifest.js';
+import type { Manifest } from '../src/cluster/manifest.js';
 import { percentile } from './measure.js';
 import { freePorts, type Resources } from './resources.js';
 

@@ -18,7 +18,7 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import * as grpc from '@grpc/grpc-js';
 import { EmbeddingClient } from '../src/index.js';
-import { partitionOf } from '../src/common/partition.js';
+import { partitionOf } from '../src/cluster/partition.js';
 import { EmbkvClient, type LookupResponse } from '../src/common/wire.js';
 import { guard, kvctlLoadPublish, kvctlStatus, percentiles, startCluster, type LocalCluster } from './local-cluster.js';
 import { makeModel, Rng, writeModel } from './model.js';

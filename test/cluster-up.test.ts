@@ -4,10 +4,10 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { parseManifest } from '../src/common/manifest.js';
+import { parseManifest } from '../src/cluster/manifest.js';
 import { REPLICA_MALLOC_ENV, REPLICA_NODE_FLAGS } from '../src/common/process-tuning.js';
 import { statusAll } from '../src/loader/cluster-ops.js';
-import { ClusterConnections } from '../src/router/connections.js';
+import { ClusterConnections } from '../src/cluster/connections.js';
 import { freePorts, KVCTL } from './helpers/cluster.js';
 import { alive } from './helpers/util.js';
 

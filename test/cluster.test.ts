@@ -6,7 +6,7 @@ import { fileURLToPath } from 'node:url';
 import { after, afterEach, before, describe, test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
 import { EmbeddingClient, stringKey } from '../src/index.js';
-import { loadManifest } from '../src/common/manifest.js';
+import { loadManifest } from '../src/cluster/manifest.js';
 import { CHANNEL_OPTIONS, EMBKV_CLIENT_SERVICE, EmbkvClient, decodeLookupResponse, encodeLookupRequest, type LookupRequest, type LookupResponse } from '../src/common/wire.js';
 import { runLoad } from '../src/loader/loader.js';
 import { writeNpy } from '../src/loader/npy-write.js';

@@ -8,7 +8,7 @@ import { after, before, describe, test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
 import { bytesOf } from '../src/common/keys.js';
 import { EmbkvClient, encodeLookupRequest, type LookupResponse } from '../src/common/wire.js';
-import { fetchRouterStats } from '../src/router/stats.js';
+import { fetchRouterStats } from '../src/router/stats-service.js';
 import { startRouter, TestCluster } from './helpers/cluster.js';
 import { expected, makeModel, makeRequest, writeModelPart } from './helpers/model.js';
 

@@ -9,7 +9,7 @@ import {
   localManifest,
   parseManifest,
   resolveManifest,
-} from '../src/common/manifest.js';
+} from '../src/cluster/manifest.js';
 import { KvError } from '../src/common/errors.js';
 
 let dir = '';

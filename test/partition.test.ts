@@ -7,7 +7,7 @@ import {
   partitionOfHalves,
   partitionOfReference,
   sortByGroup,
-} from '../src/common/partition.js';
+} from '../src/cluster/partition.js';
 import { stringKey } from '../src/common/keys.js';
 import { mulberry32 } from './helpers/util.js';
 

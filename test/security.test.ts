@@ -7,12 +7,12 @@ import { after, before, describe, test } from 'node:test';
 import * as grpc from '@grpc/grpc-js';
 import { EmbeddingClient, KvError } from '../src/index.js';
 import { KvErrorCode, fromGrpcError } from '../src/common/errors.js';
-import { parseManifest, type Manifest } from '../src/common/manifest.js';
+import { parseManifest, type Manifest } from '../src/cluster/manifest.js';
 import {
   TokenAuth, authMetadata, checkProtectedMode, isLoopbackHost, loadTokens, parseTokens, requiredRole, tokensEqual,
-} from '../src/common/security.js';
+} from '../src/cluster/security.js';
 import { call, type ReplicaStatus } from '../src/loader/cluster-ops.js';
-import { ClusterConnections } from '../src/router/connections.js';
+import { ClusterConnections } from '../src/cluster/connections.js';
 import { RouterServer } from '../src/router/server.js';
 import { EMBKV_CLIENT_SERVICE, EmbkvClient, type LookupRequest, type LookupResponse } from '../src/common/wire.js';
 import { rootLogger } from '../src/common/log.js';

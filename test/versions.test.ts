@@ -10,9 +10,9 @@ import { codeOf } from './helpers/util.js';
 import { writeNpy } from '../src/loader/npy-write.js';
 import { CHANNEL_OPTIONS, EmbkvClient, type LookupResponse } from '../src/common/wire.js';
 import { KVCTL, TestCluster } from './helpers/cluster.js';
-import { parseManifest } from '../src/common/manifest.js';
+import { parseManifest } from '../src/cluster/manifest.js';
 import { statusAll, type ReplicaStatus } from '../src/loader/cluster-ops.js';
-import { ClusterConnections } from '../src/router/connections.js';
+import { ClusterConnections } from '../src/cluster/connections.js';
 import { expected, makeModel, sameBits, scramble, writeModelPart, type Model } from './helpers/model.js';
 
 const DIM = 8;

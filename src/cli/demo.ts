@@ -3,11 +3,11 @@ import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { EmbeddingClientImpl } from '../client/client.js';
 import { KvError, KvErrorCode } from '../common/errors.js';
-import type { Manifest } from '../common/manifest.js';
+import type { Manifest } from '../cluster/manifest.js';
 import { statusAll } from '../loader/cluster-ops.js';
 import { runLoad } from '../loader/loader.js';
 import { writeNpyPair } from '../loader/npy-write.js';
-import { ClusterConnections } from '../router/connections.js';
+import { ClusterConnections } from '../cluster/connections.js';
 import { Progress } from './output.js';
 import { Supervisor } from './supervisor.js';
 

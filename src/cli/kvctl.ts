@@ -4,13 +4,13 @@ import { Command, InvalidArgumentError } from 'commander';
 // Each command imports what it runs when it runs (a replica's storage engine, the router, the
 // loader): kvctl starts in about half the time that loading every module took.
 import { KvError, KvErrorCode, fromGrpcError } from '../common/errors.js';
-import { DEFAULT_CONFIG_PATH, loadManifest, localManifest, type Manifest } from '../common/manifest.js';
+import { DEFAULT_CONFIG_PATH, loadManifest, localManifest, type Manifest } from '../cluster/manifest.js';
 import { dropVersion, publishVersion, statusAll } from '../loader/cluster-ops.js';
 import { checkTableName } from '../common/validate.js';
-import { ClusterConnections } from '../router/connections.js';
-import { fetchRouterStats, formatFanoutStats } from '../router/stats.js';
-import { Progress, formatStatus } from './output.js';
-import { checkClientToken } from '../common/security.js';
+import { ClusterConnections } from '../cluster/connections.js';
+import { fetchRouterStats } from '../router/stats-service.js';
+import { Progress, formatFanoutStats, formatStatus } from './output.js';
+import { checkClientToken } from '../cluster/security.js';
 
 const intArg = (name: string, min: number, max = Number.MAX_SAFE_INTEGER) => (value: string): number => {
   const n = Number(value);

@@ -1,6 +1,7 @@
 import type { KvError } from '../common/errors.js';
 import type { ReplicaStatus } from '../loader/cluster-ops.js';
-import type { ReplicaConn } from '../router/connections.js';
+import type { FanoutStats } from '../fanout/stats.js';
+import type { ReplicaConn } from '../cluster/connections.js';
 
 export function formatBytes(n: number): string {
   if (n < 1024) return `${n} B`;
@@ -69,6 +70,28 @@ export function formatStatus(all: { conn: ReplicaConn; status?: ReplicaStatus; e
         const age = Math.max(0, Math.round((Date.now() - t.lastPutAtMs) / 1000));
         lines.push(`      real-time: ${num(t.realtimeKeys)} keys from ${num(t.realtimeBatches)} batches, last put ${age} s ago, catch-up lag ${num(t.realtimeLagMs)} ms`);
       }
+    }
+  }
+  return lines.join('\n') + '\n';
+}
+
+const fmt = (x: number | null): string => (x === null || Number.isNaN(x) ? '-' : x < 10 ? x.toFixed(1) : x.toFixed(0));
+
+/** Human-readable lines of FanoutStats (for `kvctl status --router` and logs). */
+export function formatFanoutStats(s: FanoutStats): string {
+  const l = s.latencyMs;
+  const lines = [`  requests ${s.requests}  failures ${s.failures}  p50/p95/p99 ${fmt(l.p50)}/${fmt(l.p95)}/${fmt(l.p99)} ms`];
+  for (const g of s.groups) {
+    const gl = g.latencyMs;
+    lines.push(
+      `  group ${g.group}  requests ${g.requests}  hedges ${g.hedgesSent} (won ${g.hedgesWon}, throttled ${g.hedgesThrottled})  retries ${g.retries}` +
+        `  failures ${g.failures}  p50/p95/p99 ${fmt(gl.p50)}/${fmt(gl.p95)}/${fmt(gl.p99)} ms  hedge delay ${fmt(g.hedgeDelayMs)} ms  tokens ${g.hedgeTokens.toFixed(1)}`,
+    );
+    for (const r of g.replicas) {
+      lines.push(
+        `    replica ${r.replica}  ${r.address}  ${r.health.toUpperCase()}${r.avoidedForMs > 0 ? ` (avoided ${r.avoidedForMs} ms)` : ''}` +
+          `  attempts ${r.attempts}  answers ${r.answers}  failures ${r.failures}  ewma ${fmt(r.ewmaMs)} ms${r.lastError ? `  last error: ${r.lastError}` : ''}`,
+      );
     }
   }
   return lines.join('\n') + '\n';

@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { REPLICA_MALLOC_ENV, REPLICA_NODE_FLAGS, withMallocEnv } from '../common/process-tuning.js';
-import type { Manifest } from '../common/manifest.js';
+import type { Manifest } from '../cluster/manifest.js';
 
 const KVCTL = fileURLToPath(new URL('./kvctl.js', import.meta.url));
 const MAX_BACKOFF_MS = 10_000;

@@ -2,11 +2,11 @@ import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
 import { randomInt, randomUUID } from 'node:crypto';
 import { firstNonFinite, packKeys, repeatedKey, type KeyInput } from '../common/keys.js';
 import { MAX_PUT_KEYS, ORDER_SCALE } from '../common/limits.js';
-import { resolveManifest, type Manifest } from '../common/manifest.js';
-import { Fanout, type AnswerAllocator } from '../router/fanout.js';
-import { ClusterConnections } from '../router/connections.js';
-import type { FanoutStats } from '../router/stats.js';
-import { putToGroups } from '../router/put.js';
+import { resolveManifest, type Manifest } from '../cluster/manifest.js';
+import { Fanout, type AnswerAllocator } from '../fanout/fanout.js';
+import { ClusterConnections } from '../cluster/connections.js';
+import type { FanoutStats } from '../fanout/stats.js';
+import { putToGroups } from '../fanout/put.js';
 import { checkTableName, checkVersion } from '../common/validate.js';
 import { MAX_DEADLINE_MS, checkPositiveInt, parseClientOptions, type EmbeddingClientOptions, type ResolvedClientOptions } from './options.js';
 

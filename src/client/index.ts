@@ -8,7 +8,7 @@ export {
   DEFAULT_HEDGE_MAX_DELAY_MS, DEFAULT_HEDGE_MAX_TOKENS, DEFAULT_HEDGE_TOKEN_RATIO, DEFAULT_HEALTH_PROBE_INTERVAL_MS,
 } from './options.js';
 export type { ClientStats } from './client.js';
-export type { FanoutStats, GroupStats, LatencyPercentiles, ReplicaStats } from '../router/stats.js';
+export type { FanoutStats, GroupStats, LatencyPercentiles, ReplicaStats } from '../fanout/stats.js';
 export type { EmbeddingClientOptions } from './options.js';
 /** The SDK entry point: `new EmbeddingClient({ config: 'cluster.json' })`. */
 export const EmbeddingClient = EmbeddingClientImpl;

@@ -1,16 +1,16 @@
 import { echo, invalidArgument } from '../common/errors.js';
-import { DEFAULT_CONFIG_PATH } from '../common/manifest.js';
-import { checkClientToken } from '../common/security.js';
+import { DEFAULT_CONFIG_PATH } from '../cluster/manifest.js';
+import { checkClientToken } from '../cluster/security.js';
 import {
   REPLICA_POLICY_KEYS, REPLICA_POLICY_RENAMED, parseReplicaPolicy, type ReplicaPolicyOptions, type ResolvedReplicaPolicy,
-} from '../router/policy.js';
+} from '../cluster/policy.js';
 
 // Replica choice, hedging and health probes: the options and defaults live with the code that uses
 // them (src/router/policy.ts, shared with the router) and are re-exported here.
 export {
   DEFAULT_HEDGING, DEFAULT_HEDGE_PERCENTILE, DEFAULT_HEDGE_MIN_DELAY_MS, DEFAULT_HEDGE_MAX_DELAY_MS, DEFAULT_HEDGE_MAX_TOKENS,
   DEFAULT_HEDGE_TOKEN_RATIO, DEFAULT_HEALTH_PROBE_INTERVAL_MS,
-} from '../router/policy.js';
+} from '../cluster/policy.js';
 
 export const DEFAULT_DEADLINE_MS = 5000;
 export const DEFAULT_MAX_KEYS_PER_REQUEST = 2_000_000;

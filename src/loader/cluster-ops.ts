@@ -1,6 +1,6 @@
 import type * as grpc from '@grpc/grpc-js';
 import { KvError, KvErrorCode, fromGrpcError } from '../common/errors.js';
-import { controlCall, type ClusterConnections, type ReplicaConn } from '../router/connections.js';
+import { controlCall, type ClusterConnections, type ReplicaConn } from '../cluster/connections.js';
 
 export const DEFAULT_CONTROL_DEADLINE_MS = 30_000;
 

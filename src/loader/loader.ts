@@ -4,12 +4,12 @@ import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
 import { keyAt } from '../common/keys.js';
-import type { Manifest } from '../common/manifest.js';
+import type { Manifest } from '../cluster/manifest.js';
 import { blockBytes, writeBlock } from '../common/rows-file.js';
 import { checkTableName, checkVersion } from '../common/validate.js';
 import { LoadRowsMessage, encodeLoadRowsRequest, installZeroCopyRequests } from '../common/wire.js';
-import { ClusterConnections, type ReplicaConn } from '../router/connections.js';
-import { assignGroups, groupTable } from '../common/partition.js';
+import { ClusterConnections, type ReplicaConn } from '../cluster/connections.js';
+import { assignGroups, groupTable } from '../cluster/partition.js';
 import { call, statusAll, switchVersion } from './cluster-ops.js';
 import { planDump, readDump, type DeleteChunk, type DumpPlan, type RowChunk } from './sources.js';
 

@@ -5,8 +5,8 @@ import { floatsFromBytes, keysFromBytes } from '../common/keys.js';
 import { CHANNEL_OPTIONS, shardControlClientConstructor } from '../common/wire.js';
 import { ORDER_SCALE } from '../common/limits.js';
 import type { Shard } from '../shard/shard.js';
-import type { SecurityConfig } from '../common/manifest.js';
-import { authMetadata, channelCredentials } from '../common/security.js';
+import type { SecurityConfig } from '../cluster/manifest.js';
+import { authMetadata, channelCredentials } from '../cluster/security.js';
 
 export const PULL_INTERVAL_MS = 250;
 /** Refusals that a retry would meet again: the batch is skipped. */

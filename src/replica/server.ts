@@ -4,14 +4,14 @@ import type { Logger } from 'pino';
 import { KvError, KvErrorCode, invalidArgument, toGrpcError } from '../common/errors.js';
 import { bytesOf, floatsFromBytes, keyAt, keysFromBytes, repeatedKey } from '../common/keys.js';
 import { ORDER_SCALE } from '../common/limits.js';
-import { partitionOfHalves } from '../common/partition.js';
-import type { Manifest } from '../common/manifest.js';
+import { partitionOfHalves } from '../cluster/partition.js';
+import type { Manifest } from '../cluster/manifest.js';
 import { YoungGcBudget } from '../common/process-tuning.js';
 import { AnswerBufferPool, SERVER_OPTIONS, decoded, embkvServerService, installZeroCopyFraming, shardControlService, streamOf, type LookupRequest } from '../common/wire.js';
 import { checkTableName, checkVersion } from '../common/validate.js';
 import { Shard } from '../shard/shard.js';
 import { PeerSync } from './peer-sync.js';
-import { type TokenAuth, checkProtectedMode, serverCredentials, tokenAuthOf } from '../common/security.js';
+import { type TokenAuth, checkProtectedMode, serverCredentials, tokenAuthOf } from '../cluster/security.js';
 import { ShardStore } from '../shard/store.js';
 
 export interface ReplicaOptions {

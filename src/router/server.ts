@@ -3,14 +3,15 @@ import type { Logger } from 'pino';
 import { KvError, KvErrorCode, invalidArgument, toGrpcError } from '../common/errors.js';
 import { checkAnswerSize } from '../common/limits.js';
 import { keysFromBytes } from '../common/keys.js';
-import type { Manifest } from '../common/manifest.js';
+import type { Manifest } from '../cluster/manifest.js';
 import { checkTableName } from '../common/validate.js';
-import { AUTHORIZATION, type TokenAuth, checkProtectedMode, serverCredentials, tokenAuthOf } from '../common/security.js';
+import { AUTHORIZATION, type TokenAuth, checkProtectedMode, serverCredentials, tokenAuthOf } from '../cluster/security.js';
 import { releaseReceived } from '../common/pooled-receive.js';
 import { AnswerBufferPool, SERVER_OPTIONS, allocLookupResponse, decoded, embkvServerService, installZeroCopyFraming, streamOf, type LookupRequest, UndecodableRequest } from '../common/wire.js';
-import { Fanout } from './fanout.js';
-import { parseReplicaPolicy, type ReplicaPolicyOptions } from './policy.js';
-import { ROUTER_STATS_SERVICE, type FanoutStats } from './stats.js';
+import { Fanout } from '../fanout/fanout.js';
+import { parseReplicaPolicy, type ReplicaPolicyOptions } from '../cluster/policy.js';
+import type { FanoutStats } from '../fanout/stats.js';
+import { ROUTER_STATS_SERVICE } from './stats-service.js';
 
 export const DEFAULT_ROUTER_DEADLINE_MS = 5000;
 /** At most this many keys a call, as the SDK takes by default. */

@@ -4,9 +4,9 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { loadManifest, type Manifest } from '../../src/common/manifest.js';
+import { loadManifest, type Manifest } from '../../src/cluster/manifest.js';
 import * as grpc from '@grpc/grpc-js';
-import { ClusterConnections } from '../../src/router/connections.js';
+import { ClusterConnections } from '../../src/cluster/connections.js';
 
 export const KVCTL = fileURLToPath(new URL('../../src/cli/kvctl.js', import.meta.url));
 

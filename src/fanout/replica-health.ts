@@ -1,6 +1,6 @@
 import * as grpc from '@grpc/grpc-js';
-import type { ReplicaConn } from './connections.js';
-import { HEALTH_PROBE_DEADLINE_MS, HEALTH_PROBE_MAX_INTERVAL_MS } from './policy.js';
+import type { ReplicaConn } from '../cluster/connections.js';
+import { HEALTH_PROBE_DEADLINE_MS, HEALTH_PROBE_MAX_INTERVAL_MS } from '../cluster/policy.js';
 import type { ReplicaStats } from './stats.js';
 import { readField } from '../common/wire.js';
 

@@ -1,8 +1,8 @@
 import * as grpc from '@grpc/grpc-js';
 import { KvError, KvErrorCode, fromGrpcError } from '../common/errors.js';
 import type { PackedKeys } from '../common/keys.js';
-import { controlCall, type ClusterConnections, type ReplicaConn } from './connections.js';
-import { assignGroups, groupTable, sortByGroup } from '../common/partition.js';
+import { controlCall, type ClusterConnections, type ReplicaConn } from '../cluster/connections.js';
+import { assignGroups, groupTable, sortByGroup } from '../cluster/partition.js';
 
 export interface PutRequest {
   table: string;

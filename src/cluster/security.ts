@@ -2,7 +2,7 @@ import { createHash, timingSafeEqual } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import * as grpc from '@grpc/grpc-js';
 import type { Logger } from 'pino';
-import { KvError, KvErrorCode } from './errors.js';
+import { KvError, KvErrorCode } from '../common/errors.js';
 import type { Manifest, SecurityConfig } from './manifest.js';
 
 /**

@@ -1,6 +1,6 @@
 import * as grpc from '@grpc/grpc-js';
-import type { Manifest } from '../common/manifest.js';
-import { AUTHORIZATION, channelCredentials } from '../common/security.js';
+import type { Manifest } from './manifest.js';
+import { AUTHORIZATION, channelCredentials } from './security.js';
 import { CHANNEL_OPTIONS, EmbkvClient, shardControlClientConstructor } from '../common/wire.js';
 
 /** One channel per replica address, shared by its lookup and control stubs. */

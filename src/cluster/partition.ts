@@ -1,4 +1,4 @@
-import type { PackedKeys } from './keys.js';
+import type { PackedKeys } from '../common/keys.js';
 
 /**
  * Key -> partition: the MurmurHash3 64-bit finalizer (fmix64) of the key, modulo the partition count.

@@ -1,6 +1,6 @@
 import { readFileSync } from 'node:fs';
 import { dirname, isAbsolute, resolve } from 'node:path';
-import { KvError, KvErrorCode } from './errors.js';
+import { KvError, KvErrorCode } from '../common/errors.js';
 
 /** The cluster manifest (`cluster.json`, SPEC: Cluster manifest). */
 export interface Manifest {

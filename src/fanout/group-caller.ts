@@ -1,8 +1,8 @@
 import * as grpc from '@grpc/grpc-js';
 import { KvError, KvErrorCode, fromGrpcError } from '../common/errors.js';
 import { EMBKV_CLIENT_SERVICE, type LookupRequest, type LookupResponse } from '../common/wire.js';
-import type { ReplicaConn } from './connections.js';
-import type { ResolvedReplicaPolicy } from './policy.js';
+import type { ReplicaConn } from '../cluster/connections.js';
+import type { ResolvedReplicaPolicy } from '../cluster/policy.js';
 import { ReplicaTracker } from './replica-health.js';
 import { LatencyWindow, latencyOf, type GroupStats } from './stats.js';
 import { HedgeThrottle } from './throttle.js';

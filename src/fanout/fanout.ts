@@ -2,13 +2,13 @@ import { setMaxListeners } from 'node:events';
 import type * as grpc from '@grpc/grpc-js';
 import { KvError, KvErrorCode } from '../common/errors.js';
 import type { PackedKeys } from '../common/keys.js';
-import type { Manifest } from '../common/manifest.js';
+import type { Manifest } from '../cluster/manifest.js';
 import { installPooledReceive, releaseReceived } from '../common/pooled-receive.js';
 import type { LookupResponse } from '../common/wire.js';
-import { ClusterConnections } from './connections.js';
+import { ClusterConnections } from '../cluster/connections.js';
 import { GroupCaller } from './group-caller.js';
-import { assignGroups, groupTable, sortByGroup } from '../common/partition.js';
-import { parseReplicaPolicy, type ResolvedReplicaPolicy } from './policy.js';
+import { assignGroups, groupTable, sortByGroup } from '../cluster/partition.js';
+import { parseReplicaPolicy, type ResolvedReplicaPolicy } from '../cluster/policy.js';
 import { LatencyWindow, latencyOf, type FanoutStats } from './stats.js';
 
 /**
