@@ -199,7 +199,7 @@ export async function runEmbkvOnCluster(
 /**
  * Every replica's status, asked by `kvctl status --json` in a process of its own: the bench process
  * is the SDK client, and a ranking service that only looks up never loads the control service (see
- * protoPackage in src/common/wire.ts); status calls from here would load it into the heap that its
+ * protoPackage in src/wire/services.ts); status calls from here would load it into the heap that its
  * garbage collections walk.
  */
 async function kvctlStatus(configPath: string): Promise<StatusEntry[]> {

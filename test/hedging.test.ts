@@ -295,7 +295,7 @@ describe('hedging, health and failing well on real replica processes (2 groups x
     const { proc: router, port } = await startRouter(cluster.configPath);
     try {
       // Two lookups through the router, as any gRPC client would send them.
-      const { EmbkvClient } = await import('../src/common/wire.js');
+      const { EmbkvClient } = await import('../src/wire/services.js');
       const stub = new EmbkvClient(`127.0.0.1:${port}`, grpc.credentials.createInsecure(), { 'grpc.max_receive_message_length': -1 });
       try {
         for (let i = 0; i < 2; i++) {

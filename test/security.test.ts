@@ -14,7 +14,8 @@ import {
 import { call, type ReplicaStatus } from '../src/loader/cluster-ops.js';
 import { ClusterConnections } from '../src/cluster/connections.js';
 import { RouterServer } from '../src/router/server.js';
-import { EMBKV_CLIENT_SERVICE, EmbkvClient, type LookupRequest, type LookupResponse } from '../src/common/wire.js';
+import { type LookupRequest, type LookupResponse } from '../src/wire/lookup.js';
+import { EMBKV_CLIENT_SERVICE, EmbkvClient } from '../src/wire/services.js';
 import { rootLogger } from '../src/common/log.js';
 import { KVCTL, TestCluster, freePorts } from './helpers/cluster.js';
 import { expected, makeModel, makeRequest, sameBits, writeModelPart, type Model } from './helpers/model.js';

@@ -7,7 +7,7 @@ import { ClassicLevel } from 'classic-level';
 import { pack } from 'msgpackr';
 import { pino } from 'pino';
 import { blockBytes, blockHead } from '../src/common/rows-file.js';
-import { decodeLookupResponse } from '../src/common/wire.js';
+import { decodeLookupResponse } from '../src/wire/lookup.js';
 import { Shard } from '../src/shard/shard.js';
 import { ShardStore } from '../src/shard/store.js';
 import { codeOf } from './helpers/util.js';

@@ -2,27 +2,11 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as grpc from '@grpc/grpc-js';
 import protobuf from 'protobufjs';
-import {
-  PROTO_PATH,
-  AnswerBufferPool,
-  allocLookupResponse,
-  decodeLookupRequest,
-  decodeLookupResponse,
-  encodeLookupRequest,
-  EMBKV_SERVER_SERVICE,
-  LoadRowsMessage,
-  decodeLoadRowsRequest,
-  answersFramedInPlace,
-  embkvServerService,
-  installZeroCopyFraming,
-  installZeroCopyRequests,
-  requestsFramedInPlace,
-  shardControlClientConstructor,
-  shardControlService,
-  encodeLoadRowsRequest,
-  type LoadRowsRequest,
-  type LookupRequest,
-} from '../src/common/wire.js';
+import { AnswerBufferPool } from '../src/transport/answer-pool.js';
+import { answersFramedInPlace, installZeroCopyFraming, installZeroCopyRequests, requestsFramedInPlace } from '../src/transport/grpc-patches.js';
+import { LoadRowsMessage, decodeLoadRowsRequest, encodeLoadRowsRequest, type LoadRowsRequest } from '../src/wire/load-rows.js';
+import { allocLookupResponse, decodeLookupRequest, decodeLookupResponse, encodeLookupRequest, type LookupRequest } from '../src/wire/lookup.js';
+import { PROTO_PATH, EMBKV_SERVER_SERVICE, embkvServerService, shardControlClientConstructor, shardControlService } from '../src/wire/services.js';
 import { EmbeddingClient } from '../src/index.js';
 import { KvError } from '../src/common/errors.js';
 import { VersionData } from '../src/shard/version-data.js';

@@ -1,7 +1,8 @@
 import * as grpc from '@grpc/grpc-js';
 import type { Manifest } from './manifest.js';
 import { AUTHORIZATION, channelCredentials } from './security.js';
-import { CHANNEL_OPTIONS, EmbkvClient, shardControlClientConstructor } from '../common/wire.js';
+import { CHANNEL_OPTIONS } from '../transport/options.js';
+import { EmbkvClient, shardControlClientConstructor } from '../wire/services.js';
 
 /** One channel per replica address, shared by its lookup and control stubs. */
 export interface ReplicaConn {
@@ -10,7 +11,7 @@ export interface ReplicaConn {
   address: string;
   channel: grpc.Channel;
   lookup: grpc.Client;
-  /** Made at first use (see protoPackage in common/wire.ts): a client that only looks up never needs it. */
+  /** Made at first use (see protoPackage in wire/services.ts): a client that only looks up never needs it. */
   readonly control: grpc.Client;
   /** Metadata for one call: `base` (copied) or empty, with this connection's token unless `base` carries one. */
   callMetadata(base?: grpc.Metadata): grpc.Metadata;

@@ -1,6 +1,7 @@
 import * as grpc from '@grpc/grpc-js';
 import { KvError, KvErrorCode, fromGrpcError } from '../common/errors.js';
-import { EMBKV_CLIENT_SERVICE, type LookupRequest, type LookupResponse } from '../common/wire.js';
+import { type LookupRequest, type LookupResponse } from '../wire/lookup.js';
+import { EMBKV_CLIENT_SERVICE } from '../wire/services.js';
 import type { ReplicaConn } from '../cluster/connections.js';
 import type { ResolvedReplicaPolicy } from '../cluster/policy.js';
 import { ReplicaTracker } from './replica-health.js';

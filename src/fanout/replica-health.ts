@@ -2,7 +2,7 @@ import * as grpc from '@grpc/grpc-js';
 import type { ReplicaConn } from '../cluster/connections.js';
 import { HEALTH_PROBE_DEADLINE_MS, HEALTH_PROBE_MAX_INTERVAL_MS } from '../cluster/policy.js';
 import type { ReplicaStats } from './stats.js';
-import { readField } from '../common/wire.js';
+import { readField } from '../wire/protobuf.js';
 
 const HEALTH_CHECK_PATH = '/grpc.health.v1.Health/Check';
 // HealthCheckRequest { string service = 1; } with service "" (the whole server) encodes as no bytes.

@@ -1,7 +1,7 @@
 import * as grpc from '@grpc/grpc-js';
 import type { SecurityConfig } from '../cluster/manifest.js';
 import { authMetadata, channelCredentials } from '../cluster/security.js';
-import { readField } from '../common/wire.js';
+import { readField } from '../wire/protobuf.js';
 import type { FanoutStats } from '../fanout/stats.js';
 
 /**
