@@ -76,7 +76,7 @@ describe('the router bounds the work it holds', () => {
       const refused = await lookup(stub, 'narrow', makeRequest(narrow, 20_000));
       assert.ok(failed(refused), 'the second call should be refused');
       assert.equal(refused.code, grpc.status.RESOURCE_EXHAUSTED);
-      assert.match(refused.details, /the router holds \d+ bytes for calls in flight .* the limit is 1048576 \(kvctl router --max-inflight-mb\)/);
+      assert.match(refused.details, /the router holds \d+ bytes for calls in flight .* the limit is 1048576 \(maxInflightBytes\)/);
     } finally {
       cluster.signalReplica(0, 0, 'SIGCONT');
     }

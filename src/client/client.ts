@@ -7,7 +7,7 @@ import { Fanout, type AnswerAllocator } from '../fanout/fanout.js';
 import { ClusterConnections } from '../cluster/connections.js';
 import type { FanoutStats } from '../fanout/stats.js';
 import { putToGroups } from '../fanout/put.js';
-import { checkTableName, checkVersion } from '../common/validate.js';
+import { checkTableName, checkVersion, refuseUnknownOptions } from '../common/validate.js';
 import { MAX_DEADLINE_MS, checkPositiveInt, parseClientOptions, type EmbeddingClientOptions, type ResolvedClientOptions } from './options.js';
 
 export interface GetEmbeddingsOptions {
@@ -60,6 +60,7 @@ export type ClientStats = FanoutStats;
 
 
 const GET_OPTIONS = new Set(['table', 'version', 'deadlineMs', 'signal', 'out']);
+const PUT_OPTIONS = new Set(['table', 'deadlineMs']);
 
 export class EmbeddingClientImpl implements EmbeddingClient {
   private state: 'open' | 'closed' = 'open';
@@ -83,7 +84,7 @@ export class EmbeddingClientImpl implements EmbeddingClient {
     const started = Date.now();
     if (this.state !== 'open') throw new KvError(KvErrorCode.CLOSED, 'the client is closed');
     if (typeof options !== 'object' || options === null) throw invalidArgument('options must be an object with at least { table }');
-    for (const k of Object.keys(options)) if (!GET_OPTIONS.has(k)) throw invalidArgument(`unsupported option ${k} (known: ${[...GET_OPTIONS].join(', ')})`);
+    refuseUnknownOptions(options, GET_OPTIONS);
     const table = checkTableName(options.table, 'options.table');
     const version = options.version === undefined ? 0 : checkVersion(options.version, 'options.version');
     const deadlineMs = options.deadlineMs === undefined ? this.options.deadlineMs : checkPositiveInt(options.deadlineMs, 'options.deadlineMs', MAX_DEADLINE_MS);
@@ -116,7 +117,7 @@ export class EmbeddingClientImpl implements EmbeddingClient {
     const started = Date.now();
     if (this.state !== 'open') throw new KvError(KvErrorCode.CLOSED, 'the client is closed');
     if (typeof options !== 'object' || options === null) throw invalidArgument('options must be an object with at least { table }');
-    for (const k of Object.keys(options)) if (k !== 'table' && k !== 'deadlineMs') throw invalidArgument(`unsupported option ${k} (known: table, deadlineMs)`);
+    refuseUnknownOptions(options, PUT_OPTIONS);
     const table = checkTableName(options.table, 'options.table');
     const deadlineMs = options.deadlineMs === undefined ? this.options.deadlineMs : checkPositiveInt(options.deadlineMs, 'options.deadlineMs', MAX_DEADLINE_MS);
     if (!(values instanceof Float32Array)) throw invalidArgument('values must be a Float32Array of keys.length * dim floats');

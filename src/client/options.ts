@@ -1,6 +1,7 @@
 import { echo, invalidArgument } from '../common/errors.js';
 import { DEFAULT_CONFIG_PATH } from '../cluster/manifest.js';
 import { checkClientToken } from '../cluster/security.js';
+import { refuseUnknownOptions } from '../common/validate.js';
 import {
   REPLICA_POLICY_KEYS, REPLICA_POLICY_RENAMED, parseReplicaPolicy, type ReplicaPolicyOptions, type ResolvedReplicaPolicy,
 } from '../cluster/policy.js';
@@ -58,12 +59,7 @@ export function checkPositiveInt(value: unknown, name: string, max: number): num
 export function parseClientOptions(options: EmbeddingClientOptions | undefined): ResolvedClientOptions {
   const o = (options ?? {}) as Record<string, unknown>;
   if (typeof o !== 'object' || o === null) throw invalidArgument('options must be an object');
-  for (const k of Object.keys(o)) {
-    if (!KNOWN.has(k)) {
-      const hint = RENAMED[k];
-      throw invalidArgument(hint ? `unsupported option ${k}, use ${hint}` : `unsupported option ${k} (known: ${[...KNOWN].join(', ')})`);
-    }
-  }
+  refuseUnknownOptions(o, KNOWN, RENAMED);
   const config = o['config'] ?? DEFAULT_CONFIG_PATH;
   if (typeof config !== 'string' && (typeof config !== 'object' || config === null)) {
     throw invalidArgument('config must be a path to cluster.json or a manifest object');

@@ -1,4 +1,5 @@
 import * as grpc from '@grpc/grpc-js';
+import { KvError, KvErrorCode } from '../common/errors.js';
 import type { Manifest } from './manifest.js';
 import { AUTHORIZATION, channelCredentials } from './security.js';
 import { CHANNEL_OPTIONS } from '../transport/options.js';
@@ -86,7 +87,7 @@ export function controlCall<Res>(conn: ReplicaConn, method: string, request: obj
   return new Promise<Res>((resolve, reject) => {
     const fn = (conn.control as unknown as Record<string, Function>)[method];
     if (typeof fn !== 'function') {
-      reject(new Error(`no control method ${method}`));
+      reject(new KvError(KvErrorCode.INTERNAL, `no control method ${method}`));
       return;
     }
     fn.call(conn.control, request, conn.callMetadata(), { deadline: new Date(Date.now() + deadlineMs) }, (err: grpc.ServiceError | null, res: Res) =>

@@ -33,3 +33,15 @@ export function checkVersion(version: unknown, arg = 'version', allowZero = fals
   }
   return version;
 }
+
+/**
+ * Refuses an options object with a key outside `known`, naming the right option where `renamed`
+ * knows it (undici: 'unsupported keepAlive, use pipelining=0 instead').
+ */
+export function refuseUnknownOptions(options: object, known: ReadonlySet<string>, renamed: Readonly<Record<string, string>> = {}): void {
+  for (const k of Object.keys(options)) {
+    if (known.has(k)) continue;
+    const hint = renamed[k];
+    throw invalidArgument(hint !== undefined ? `unsupported option ${k}, use ${hint}` : `unsupported option ${k} (known: ${[...known].join(', ')})`);
+  }
+}

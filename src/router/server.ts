@@ -42,6 +42,32 @@ export interface RouterOptions {
   maxInflightBytes?: number;
 }
 
+export const DEFAULT_ROUTER_STATS_INTERVAL_MS = 0;
+
+/** RouterOptions with the defaults filled in. */
+interface ResolvedRouterOptions {
+  deadlineMs: number;
+  policy: ReturnType<typeof parseReplicaPolicy>;
+  statsIntervalMs: number;
+  insecure: boolean;
+  maxInflightBytes: number;
+}
+
+/** Merges RouterOptions with the exported defaults and validates them, in one place. */
+export function parseRouterOptions(o: RouterOptions): ResolvedRouterOptions {
+  const positive = (v: number, name: string, min: number): number => {
+    if (!Number.isSafeInteger(v) || v < min) throw invalidArgument(`${name} must be an integer >= ${min}, got ${v}`);
+    return v;
+  };
+  return {
+    deadlineMs: positive(o.deadlineMs ?? DEFAULT_ROUTER_DEADLINE_MS, 'deadlineMs', 1),
+    policy: parseReplicaPolicy((o.policy ?? {}) as Record<string, unknown>),
+    statsIntervalMs: positive(o.statsIntervalMs ?? DEFAULT_ROUTER_STATS_INTERVAL_MS, 'statsIntervalMs', 0),
+    insecure: o.insecure === true,
+    maxInflightBytes: positive(o.maxInflightBytes ?? DEFAULT_MAX_INFLIGHT_BYTES, 'maxInflightBytes', 1),
+  };
+}
+
 /**
  * The router endpoint: the same Embkv.Lookup service as a replica, for any keys. It fans out exactly
  * like the SDK and writes the merged answer straight into the response buffer.
@@ -56,7 +82,7 @@ export class RouterServer {
   private readonly answers = new AnswerBufferPool();
   /** What the calls in flight hold, by the price each was admitted at; released when its stream closes. */
   private inflightBytes = 0;
-  private readonly maxInflightBytes: number;
+  private readonly resolved: ResolvedRouterOptions;
   private closing = false;
   private drained: (() => void) | undefined;
   /** The dim each table answered with last, to price the next call of it. */
@@ -70,12 +96,11 @@ export class RouterServer {
   private readonly auth: TokenAuth | undefined;
 
   constructor(private readonly options: RouterOptions) {
-    checkProtectedMode(options.manifest.security, `${options.host}:${options.port}`, options.insecure === true, 'the router');
-    this.fanout = new Fanout(options.manifest, undefined, parseReplicaPolicy((options.policy ?? {}) as Record<string, unknown>));
+    this.resolved = parseRouterOptions(options);
+    checkProtectedMode(options.manifest.security, `${options.host}:${options.port}`, this.resolved.insecure, 'the router');
+    this.fanout = new Fanout(options.manifest, undefined, this.resolved.policy);
     this.log = options.logger.child({ component: 'router' });
     this.auth = tokenAuthOf(options.manifest);
-    this.maxInflightBytes = options.maxInflightBytes ?? DEFAULT_MAX_INFLIGHT_BYTES;
-    if (!Number.isSafeInteger(this.maxInflightBytes) || this.maxInflightBytes < 1) throw invalidArgument('maxInflightBytes must be a positive integer');
   }
 
   /** Re-reads the tokens file (kvctl router does on SIGHUP); see ReplicaServer.reloadTokens. */
@@ -106,8 +131,8 @@ export class RouterServer {
       this.server.bindAsync(addr, serverCredentials(this.options.manifest.security), (err, port) => (err ? reject(err) : resolve(port))),
     );
     this.log.info({ host: this.options.host, port: this.boundPort, groups: this.options.manifest.groups.length }, 'router serving');
-    if (this.options.statsIntervalMs) {
-      this.statsTimer = setInterval(() => this.logStats(), this.options.statsIntervalMs);
+    if (this.resolved.statsIntervalMs > 0) {
+      this.statsTimer = setInterval(() => this.logStats(), this.resolved.statsIntervalMs);
       this.statsTimer.unref();
     }
   }
@@ -159,8 +184,8 @@ export class RouterServer {
     const dim = this.dims.get(table);
     if (dim !== undefined) checkAnswerSize(n, dim);
     const price = n * (8 + 2 * (4 * (dim ?? UNSEEN_DIM) + 1));
-    if (this.inflightBytes > 0 && this.inflightBytes + price > this.maxInflightBytes) {
-      throw new KvError(KvErrorCode.RESOURCE_EXHAUSTED, `the router holds ${this.inflightBytes} bytes for calls in flight and this call needs ${price}; the limit is ${this.maxInflightBytes} (kvctl router --max-inflight-mb): retry with backoff`);
+    if (this.inflightBytes > 0 && this.inflightBytes + price > this.resolved.maxInflightBytes) {
+      throw new KvError(KvErrorCode.RESOURCE_EXHAUSTED, `the router holds ${this.inflightBytes} bytes for calls in flight and this call needs ${price}; the limit is ${this.resolved.maxInflightBytes} (maxInflightBytes): retry with backoff`);
     }
     this.inflightBytes += price;
     let released = false;
@@ -188,7 +213,7 @@ export class RouterServer {
         this.admit(call, req.table, keys.length / 2);
         const callDeadline = call.getDeadline();
         const deadline = callDeadline instanceof Date ? callDeadline.getTime()
-          : Number.isFinite(callDeadline) ? Number(callDeadline) : Date.now() + (this.options.deadlineMs ?? DEFAULT_ROUTER_DEADLINE_MS);
+          : Number.isFinite(callDeadline) ? Number(callDeadline) : Date.now() + this.resolved.deadlineMs;
         const ctl = new AbortController();
         call.on('cancelled', () => ctl.abort());
         return this.fanout.lookup({

@@ -1,4 +1,5 @@
 import * as grpc from '@grpc/grpc-js';
+import { KvError, KvErrorCode } from '../common/errors.js';
 import type { SecurityConfig } from '../cluster/manifest.js';
 import { authMetadata, channelCredentials } from '../cluster/security.js';
 import { readField } from '../wire/protobuf.js';
@@ -27,7 +28,7 @@ export function encodeStatsResponse(stats: FanoutStats): Buffer {
 
 export function decodeStatsResponse(buf: Buffer): FanoutStats {
   const json = readField(buf, 1);
-  if (!(json instanceof Uint8Array)) throw new Error('stats answer without its json field');
+  if (!(json instanceof Uint8Array)) throw new KvError(KvErrorCode.INTERNAL, 'the router\'s stats answer has no json field');
   return JSON.parse(Buffer.from(json.buffer, json.byteOffset, json.byteLength).toString('utf8')) as FanoutStats;
 }
 
