@@ -160,6 +160,8 @@ program
       manifest, connections, table: o.table, version: o.version, path: (o.full ?? o.incremental)!, mode, publish, force: o.force, allowEmpty: o.allowEmpty, staging: o.staging,
       ...(o.dim !== undefined ? { dim: o.dim } : {}),
       onProgress: (rows, total) => progress.update(rows, total),
+      // Refusals tell the user which flag to pass.
+      optionNames: { table: '--table', version: '--version', dim: '--dim', allowEmpty: '--allow-empty' },
     }).finally(() => {
       progress.done();
       connections.close();

@@ -53,7 +53,22 @@ export interface LoadOptions {
    * (default true): see stageGroups. false: over gRPC to every group.
    */
   staging?: boolean;
+  /**
+   * How messages name the options, for a caller whose users set them under other names (kvctl passes
+   * its flags, `--dim`); by default the names of these fields.
+   */
+  optionNames?: Partial<LoadOptionNames>;
 }
+
+/** The options a load's refusals tell the user to set, named as the user sets them. */
+export interface LoadOptionNames {
+  table: string;
+  version: string;
+  dim: string;
+  allowEmpty: string;
+}
+
+export const DEFAULT_LOAD_OPTION_NAMES: Readonly<LoadOptionNames> = { table: 'table', version: 'version', dim: 'dim', allowEmpty: 'allowEmpty' };
 
 export interface LoadResult {
   /** Upserts (rows of a full load). */
@@ -77,8 +92,9 @@ export interface LoadResult {
  */
 export async function runLoad(options: LoadOptions): Promise<LoadResult> {
   const started = Date.now();
-  const table = checkTableName(options.table, '--table');
-  const version = checkVersion(options.version, '--version');
+  const names: LoadOptionNames = { ...DEFAULT_LOAD_OPTION_NAMES, ...options.optionNames };
+  const table = checkTableName(options.table, names.table);
+  const version = checkVersion(options.version, names.version);
   const batchRows = options.batchRows ?? DEFAULT_BATCH_ROWS;
   const inflight = options.inflightPerGroup ?? DEFAULT_INFLIGHT_PER_GROUP;
   if (!Number.isInteger(batchRows) || batchRows < 1) throw invalidArgument('batchRows must be a positive integer');
@@ -90,7 +106,7 @@ export async function runLoad(options: LoadOptions): Promise<LoadResult> {
   await installZeroCopyRequests();
   const conns = options.connections ?? new ClusterConnections(options.manifest);
   try {
-    return await load(conns, { options, table, version, batchRows, inflight, rangeBytes, mode, started });
+    return await load(conns, { options, names, table, version, batchRows, inflight, rangeBytes, mode, started });
   } finally {
     if (options.connections === undefined) conns.close();
   }
@@ -118,6 +134,7 @@ async function currentVersion(conns: ClusterConnections, table: string): Promise
 /** A load's options, checked, with their defaults applied. */
 interface CheckedLoad {
   options: LoadOptions;
+  names: LoadOptionNames;
   table: string;
   version: number;
   batchRows: number;
@@ -129,7 +146,7 @@ interface CheckedLoad {
 }
 
 async function load(conns: ClusterConnections, run: CheckedLoad): Promise<LoadResult> {
-  const { options, table, version, batchRows, inflight, rangeBytes, mode, started } = run;
+  const { options, names, table, version, batchRows, inflight, rangeBytes, mode, started } = run;
   const { manifest } = options;
   const incremental = mode === 'incremental';
   // A delta has the current version's dim. A full load does too, unless it declares a new one.
@@ -138,8 +155,8 @@ async function load(conns: ClusterConnections, run: CheckedLoad): Promise<LoadRe
     throw new KvError(KvErrorCode.VERSION_NOT_FOUND, `table ${table} has no current version for a delta to apply to`);
   }
   const expectDim = options.dim ?? current?.dim;
-  const what = options.dim !== undefined ? `--dim ${options.dim}`
-    : `the dim of ${table} v${current?.version}${incremental ? '' : `; pass --dim to load a version with a new dimension`}`;
+  const what = options.dim !== undefined ? `${names.dim} ${options.dim}`
+    : `the dim of ${table} v${current?.version}${incremental ? '' : `; pass ${names.dim} to load a version with a new dimension`}`;
   const plan = await planDump(options.path, mode, expectDim, what);
   const rowsPerBatch = Math.max(1, Math.min(batchRows, Math.floor(MAX_BATCH_BYTES / (plan.dim * 4 + 8))));
   const loadId = randomUUID();
@@ -195,7 +212,7 @@ async function load(conns: ClusterConnections, run: CheckedLoad): Promise<LoadRe
     const baseVersion = await opening;
     if (!incremental && options.allowEmpty !== true && rowsPerGroup.every((n) => n === 0)) {
       // An empty dump is far more often a failed export than a wish to empty the table.
-      throw new KvError(KvErrorCode.INVALID_DATA, `${plan.path} holds no rows: a full load of it would leave table ${table} empty; pass --allow-empty to load an empty version`);
+      throw new KvError(KvErrorCode.INVALID_DATA, `${plan.path} holds no rows: a full load of it would leave table ${table} empty; pass ${names.allowEmpty} to load an empty version`);
     }
 
     await Promise.all(stages.map((st) => st?.syncing));
