@@ -68,7 +68,7 @@ async function refuses(work: () => Promise<unknown>, ...needles: string[]): Prom
 
 /** Plans and reads the whole dump (refusals may come from either step). */
 async function planAndRead(path: string, mode: LoadMode = 'full', expectedDim?: number): Promise<Collected> {
-  return collect(await planDump(path, mode, expectedDim));
+  return collect(await planDump(path, mode, { expectedDim }));
 }
 
 /** A v1.0 .npy file with a hand-written header dict. */
@@ -115,7 +115,7 @@ describe('NumPy pairs', () => {
     const { keys, values } = sample(5, 4);
     const prefix = writePair(join(dir, 'x'), keys, values, 4);
     for (const p of [prefix, `${prefix}.keys.npy`, `${prefix}.values.npy`]) {
-      const plan = await planDump(p, 'full', 4);
+      const plan = await planDump(p, 'full', { expectedDim: 4 });
       assert.equal(plan.parts[0]!.keysPath, `${prefix}.keys.npy`);
       assert.equal(plan.parts[0]!.valuesPath, `${prefix}.values.npy`);
       assert.deepEqual((await collect(plan)).keys, Array.from(keys));
@@ -173,7 +173,7 @@ describe('NumPy pairs', () => {
     const expectKeys = new Uint8Array(readFileSync(join(dir, 'expect.keys.bin')));
     const expectValues = new Uint8Array(readFileSync(join(dir, 'expect.values.bin')));
     for (const name of ['u', 'i']) {
-      const plan = await planDump(join(dir, `${name}.keys.npy`), 'full', 24);
+      const plan = await planDump(join(dir, `${name}.keys.npy`), 'full', { expectedDim: 24 });
       assert.equal(plan.totalRows, 257);
       const keyBytes: number[] = [];
       const valueBytes: number[] = [];
@@ -297,7 +297,7 @@ describe('directories', () => {
     writeFileSync(join(dir, 'part-003.tsv'), '# nothing but a comment\n');
     writeFileSync(join(dir, '_SUCCESS'), '');
     writeFileSync(join(dir, '.crc'), 'junk');
-    const plan = await planDump(dir, 'full', 2);
+    const plan = await planDump(dir, 'full', { expectedDim: 2 });
     assert.deepEqual(plan.parts.map((p) => `${p.kind}:${p.name}`), ['npy:part-000', 'text:part-001.txt', 'npy:part-002', 'text:part-003.tsv']);
     assert.equal(plan.totalRows, -1);
     const got = await collect(plan);
@@ -381,7 +381,7 @@ describe('deltas', () => {
     const plan = await planDump(dir, 'incremental');
     assert.equal(plan.dim, 0);
     assert.deepEqual((await collect(plan)).deletes, [1n, 2n]);
-    assert.equal((await planDump(dir, 'incremental', 8)).dim, 8);
+    assert.equal((await planDump(dir, 'incremental', { expectedDim: 8 })).dim, 8);
   });
 
   it('refuses deletes in a full load', async () => {
@@ -487,7 +487,7 @@ describe('NumPy refusals', () => {
     await refuses(() => planDump(dir, 'full'), 'p1.values.npy', 'dim 5', 'p0.values.npy');
     const d2 = fresh();
     writePair(join(d2, 'p0'), a.keys, a.values, 4);
-    await refuses(() => planDump(d2, 'full', 8), 'p0.values.npy', 'dim 4 differs from 8', 'expected dim');
+    await refuses(() => planDump(d2, 'full', { expectedDim: 8 }), 'p0.values.npy', 'dim 4 differs from 8', 'expected dim');
     writeFileSync(join(d2, 'p1.txt'), '1\t1,2,3\n');
     await refuses(() => planDump(d2, 'full'), 'p1.txt', 'line 1', '3 values', 'expected 4');
   });
@@ -584,6 +584,6 @@ describe('text refusals', () => {
   it('refuses a value count that differs from the expected dim', async () => {
     const p = join(fresh(), 'bad.txt');
     writeFileSync(p, '1\t1,2,3\n');
-    await refuses(() => planDump(p, 'full', 4), 'bad.txt', 'line 1', '3 values; expected 4', 'expected dim');
+    await refuses(() => planDump(p, 'full', { expectedDim: 4 }), 'bad.txt', 'line 1', '3 values; expected 4', 'expected dim');
   });
 });

@@ -157,7 +157,7 @@ async function load(conns: ClusterConnections, run: CheckedLoad): Promise<LoadRe
   const expectDim = options.dim ?? current?.dim;
   const what = options.dim !== undefined ? `${names.dim} ${options.dim}`
     : `the dim of ${table} v${current?.version}${incremental ? '' : `; pass ${names.dim} to load a version with a new dimension`}`;
-  const plan = await planDump(options.path, mode, expectDim, what);
+  const plan = await planDump(options.path, mode, { expectedDim: expectDim, expectedDimWhat: what });
   const rowsPerBatch = Math.max(1, Math.min(batchRows, Math.floor(MAX_BATCH_BYTES / (plan.dim * 4 + 8))));
   const loadId = randomUUID();
   const log = options.logger?.child({ component: 'loader', table, version, loadId });
@@ -229,7 +229,7 @@ async function load(conns: ClusterConnections, run: CheckedLoad): Promise<LoadRe
     log?.info({ rows, deletes, ms: Date.now() - started }, 'load sealed on every replica');
     // Every replica has just answered its LoadSeal: the version is sealed everywhere, so the
     // publish needs no round of Status calls first.
-    if (options.publish) await switchVersion(conns, table, version, false);
+    if (options.publish) await switchVersion(conns, { table, version, rollback: false });
     const stagedGroups = stages.filter((st) => st !== undefined).length;
     return { rows, deletes, baseVersion, rowsPerGroup, dim: plan.dim, ms: Date.now() - started, published: options.publish ?? false, stagedGroups };
   } catch (err) {

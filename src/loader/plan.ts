@@ -52,11 +52,19 @@ interface NpyGroup {
   deletesPath?: string;
 }
 
+export interface PlanDumpOptions {
+  /** The dim every upsert row must have; by default the dump's own (all parts must agree). */
+  expectedDim?: number;
+  /** Where expectedDim comes from, for messages (default 'the expected dim'). */
+  expectedDimWhat?: string;
+}
+
 /**
  * Lists the parts and validates every header, size and dim before a single row is sent. For text parts,
  * reads the first data line to learn dim. `expectedDim` (optional) must match.
  */
-export async function planDump(path: string, mode: LoadMode, expectedDim?: number, expectedDimWhat = 'the expected dim'): Promise<DumpPlan> {
+export async function planDump(path: string, mode: LoadMode, options: PlanDumpOptions = {}): Promise<DumpPlan> {
+  const { expectedDim, expectedDimWhat = 'the expected dim' } = options;
   if (typeof path !== 'string' || path.length === 0) throw invalidArgument('path must be a non-empty string');
   if (mode !== 'full' && mode !== 'incremental') throw invalidArgument(`mode must be 'full' or 'incremental', not ${String(mode)}`);
   if (expectedDim !== undefined && (!Number.isSafeInteger(expectedDim) || expectedDim < 1 || expectedDim > MAX_LOAD_DIM)) {
@@ -117,7 +125,7 @@ export async function planDump(path: string, mode: LoadMode, expectedDim?: numbe
   let totalRows = 0;
   for (const g of groups) {
     if ('text' in g) {
-      const d = await textPartDim(g.text, mode, dim, dimDesc);
+      const d = await textPartDim({ file: g.text, mode, dim, dimSource: dimDesc });
       if (d > 0 && dim === 0) {
         dim = d;
         dimDesc = `the dim of the first data line of ${g.text}`;

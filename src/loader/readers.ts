@@ -61,6 +61,18 @@ function abortError(signal: AbortSignal): KvError {
   return new KvError(KvErrorCode.ABORTED, 'load aborted', { cause: signal.reason });
 }
 
+/** One readDump's settings, as its part readers use them. */
+interface ReadPass {
+  plan: DumpPlan;
+  /** Rows per chunk, also bounded by MAX_CHUNK_BYTES; text deletes are chunked the same. */
+  rowsPerChunk: number;
+  /** NumPy deletes per chunk: chunkRows, as they carry no values. */
+  deletesPerChunk: number;
+  signal: AbortSignal | undefined;
+  /** NumPy rows go to two buffer pairs used in turn (ReadDumpOptions.reuseBuffers). */
+  reuse: boolean;
+}
+
 /**
  * Streams the rows in bounded memory: chunks of at most `chunkRows` rows (default DEFAULT_CHUNK_ROWS, and fewer when a
  * chunk's values would pass MAX_CHUNK_BYTES), validating values (NaN/Inf) and text syntax as it goes.
@@ -76,17 +88,18 @@ export async function* readDump(plan: DumpPlan, options: ReadDumpOptions = {}): 
   }
   const signal = options.signal;
   const rowsPerChunk = plan.dim > 0 ? Math.max(1, Math.min(chunkRows, Math.floor(MAX_CHUNK_BYTES / (plan.dim * 4)))) : chunkRows;
+  const pass: ReadPass = { plan, rowsPerChunk, deletesPerChunk: chunkRows, signal, reuse: options.reuseBuffers ?? false };
   for (const part of plan.parts) {
     if (signal?.aborted) throw abortError(signal);
     if (part.kind === 'text') {
-      yield* readTextPart(part.textPath!, plan, rowsPerChunk, signal);
+      yield* readTextPart(part.textPath!, pass);
       continue;
     }
     if (part.keysPath !== undefined && part.valuesPath !== undefined) {
-      yield* readNpyRows(part, plan.dim, rowsPerChunk, signal, options.reuseBuffers ?? false);
+      yield* readNpyRows(part, pass);
     }
     if (part.deletesPath !== undefined) {
-      yield* readNpyDeletes(part, chunkRows, signal);
+      yield* readNpyDeletes(part, pass);
     }
   }
 }
@@ -103,7 +116,8 @@ async function readExact(fh: FileHandle, file: string, len: number, pos: number,
   return ab;
 }
 
-async function reopenChecked(path: string, role: NpyRole, rows: number, dim: number): Promise<NpyHeader> {
+async function reopenChecked(path: string, role: NpyRole, planned: { rows: number; dim: number }): Promise<NpyHeader> {
+  const { rows, dim } = planned;
   const h = await readNpyHeader(path, role);
   if (h.shape[0] !== rows || (role === 'values' && h.shape[1] !== dim)) {
     throw dataError(`${path}: changed since the load was planned (shape now (${h.shape.join(', ')}))`);
@@ -111,12 +125,14 @@ async function reopenChecked(path: string, role: NpyRole, rows: number, dim: num
   return h;
 }
 
-async function* readNpyRows(part: PartInfo, dim: number, chunkRows: number, signal: AbortSignal | undefined, reuse: boolean): AsyncGenerator<DumpItem> {
+async function* readNpyRows(part: PartInfo, pass: ReadPass): AsyncGenerator<DumpItem> {
+  const { rowsPerChunk: chunkRows, signal, reuse } = pass;
+  const dim = pass.plan.dim;
   const keysPath = part.keysPath!;
   const valuesPath = part.valuesPath!;
   const rows = part.rows;
-  const kh = await reopenChecked(keysPath, 'keys', rows, dim);
-  const vh = await reopenChecked(valuesPath, 'values', rows, dim);
+  const kh = await reopenChecked(keysPath, 'keys', { rows, dim });
+  const vh = await reopenChecked(valuesPath, 'values', { rows, dim });
   const kf = await openDumpFile(keysPath);
   let vf: FileHandle | undefined;
   let pending: Promise<DumpItem> | undefined;
@@ -166,9 +182,10 @@ async function* readNpyRows(part: PartInfo, dim: number, chunkRows: number, sign
   }
 }
 
-async function* readNpyDeletes(part: PartInfo, chunkRows: number, signal: AbortSignal | undefined): AsyncGenerator<DumpItem> {
+async function* readNpyDeletes(part: PartInfo, pass: ReadPass): AsyncGenerator<DumpItem> {
+  const { deletesPerChunk: chunkRows, signal } = pass;
   const path = part.deletesPath!;
-  const h = await reopenChecked(path, 'deletes', part.deletes, 0);
+  const h = await reopenChecked(path, 'deletes', { rows: part.deletes, dim: 0 });
   const fh = await openDumpFile(path);
   try {
     for (let first = 0; first < part.deletes; first += chunkRows) {
@@ -189,9 +206,10 @@ function fit<T extends Uint32Array | Int32Array | Float32Array>(a: T, len: numbe
 }
 
 /** Text rows accumulate in fresh arrays; upserts and deletes go to separate chunks, each in file order. */
-async function* readTextPart(path: string, plan: DumpPlan, chunkRows: number, signal: AbortSignal | undefined): AsyncGenerator<DumpItem> {
+async function* readTextPart(path: string, pass: ReadPass): AsyncGenerator<DumpItem> {
+  const { plan, rowsPerChunk: chunkRows, signal } = pass;
   const dim = plan.dim;
-  const parser = new TextLineParser(path, plan.mode, dim, planDimDesc.get(plan) ?? 'the dim of the load');
+  const parser = new TextLineParser({ file: path, mode: plan.mode, dim, dimSource: planDimDesc.get(plan) ?? 'the dim of the load' });
   // dim 0 means planning found no upsert line anywhere; parse into a scratch row so such a line is refused.
   const noRows = dim === 0 ? new Float32Array(MAX_LOAD_DIM) : null;
   let rowKeys: Uint32Array | undefined;

@@ -10,7 +10,7 @@
  */
 export { MAX_LOAD_DIM, type LoadMode } from './dump-files.js';
 export { readNpyHeader, type NpyHeader } from './npy.js';
-export { planDump, type DumpPlan, type PartInfo } from './plan.js';
+export { planDump, type DumpPlan, type PartInfo, type PlanDumpOptions } from './plan.js';
 export {
   DEFAULT_CHUNK_ROWS, MAX_CHUNK_BYTES, readDump, type DeleteChunk, type DumpItem, type ReadDumpOptions, type RowChunk,
 } from './readers.js';

@@ -17,6 +17,16 @@ export const LINE_BLANK = 0;
 export const LINE_ROW = 1;
 export const LINE_DELETE = 2;
 
+/** What a text part is read against. */
+export interface TextPartSpec {
+  file: string;
+  mode: LoadMode;
+  /** The dim of every upsert line; 0 when not known yet. */
+  dim: number;
+  /** Where a known dim came from, for messages ("the dim of data/a.values.npy"). */
+  dimSource: string;
+}
+
 /**
  * Parses text lines into caller-provided slots. Key: decimal in [0, 2^64); the line is the text before '#'
  * with CR and surrounding whitespace removed.
@@ -25,13 +35,18 @@ export class TextLineParser {
   /** Parsed key words of the last line. */
   lo = 0;
   hi = 0;
-  /** `dim` 0 means not known yet: the first upsert line sets it. `dimSource` says where a known dim came from. */
-  constructor(
-    private readonly file: string,
-    private readonly mode: LoadMode,
-    public dim: number,
-    private readonly dimSource: string,
-  ) {}
+  /** 0 means not known yet: the first upsert line sets it. */
+  dim: number;
+  private readonly file: string;
+  private readonly mode: LoadMode;
+  private readonly dimSource: string;
+
+  constructor(part: TextPartSpec) {
+    this.file = part.file;
+    this.mode = part.mode;
+    this.dim = part.dim;
+    this.dimSource = part.dimSource;
+  }
 
   private fail(lineNo: number, what: string): never {
     throw dataError(`${this.file}: line ${lineNo}: ${what}`);
@@ -217,10 +232,10 @@ function shown(latin1: string): string {
 }
 
 /** Finds the dim of a text part from its first upsert line (checking the lines before it). 0 if it has none. */
-export async function textPartDim(path: string, mode: LoadMode, dim: number, dimSource: string): Promise<number> {
-  const parser = new TextLineParser(path, mode, dim, dimSource);
-  const scratch = dim > 0 ? new Float32Array(dim) : null;
-  for await (const { lines, firstLine } of textLineBlocks(path)) {
+export async function textPartDim(part: TextPartSpec): Promise<number> {
+  const parser = new TextLineParser(part);
+  const scratch = part.dim > 0 ? new Float32Array(part.dim) : null;
+  for await (const { lines, firstLine } of textLineBlocks(part.file)) {
     for (let i = 0; i < lines.length; i++) {
       const kind = parser.parse(lines[i]!, firstLine + i, scratch, 0);
       if (kind === LINE_ROW) return parser.dim;
