@@ -9,14 +9,12 @@ import { MAX_LOAD_DIM, dataError, fmt, openDumpFile } from './dump-files.js';
 /** numpy itself refuses headers over 10,000 bytes by default; anything near this is not a real header. */
 const MAX_NPY_HEADER_BYTES = 1 << 20;
 
-// ---------------------------------------------------------------------------------------------------------
-// NumPy .npy headers
+// The .npy layout:
 //
 //   offset 0      6       7       8              10 (v1) / 12 (v2, v3)
 //          \x93NUMPY major  minor  header length  {'descr': '<f4', 'fortran_order': False, 'shape': (n, d), }   \n
 //                                 u16 LE (v1)    latin1 (v1, v2) / utf8 (v3), padded with spaces; data follows
 //                                 u32 LE (v2,v3)
-// ---------------------------------------------------------------------------------------------------------
 
 const NPY_MAGIC = Buffer.from([0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59]); // \x93NUMPY
 
