@@ -160,6 +160,8 @@ program
       manifest, connections, table: o.table, version: o.version, path: (o.full ?? o.incremental)!, mode, publish, force: o.force, allowEmpty: o.allowEmpty, staging: o.staging,
       ...(o.dim !== undefined ? { dim: o.dim } : {}),
       onProgress: (rows, total) => progress.update(rows, total),
+      // Refusals tell the user which flag to pass.
+      optionNames: { table: '--table', version: '--version', dim: '--dim', allowEmpty: '--allow-empty' },
     }).finally(() => {
       progress.done();
       connections.close();
@@ -178,11 +180,11 @@ program
 /** The commands on one version of a table, cluster-wide: what each does, and the line it prints. */
 const VERSION_COMMANDS: [name: string, description: string, run: (conns: ClusterConnections, table: string, version: number) => Promise<string>][] = [
   ['publish', 'make a loaded version current on every replica', async (conns, table, version) => {
-    const r = await publishVersion(conns, table, version, false);
+    const r = await publishVersion(conns, { table, version, rollback: false });
     return `${table}: version ${version} is current on every replica (was ${[...new Set(r.previous)].join(', ')})`;
   }],
   ['rollback', 'make an older kept version current again', async (conns, table, version) => {
-    const r = await publishVersion(conns, table, version, true);
+    const r = await publishVersion(conns, { table, version, rollback: true });
     return `${table}: version ${version} is current on every replica (was ${[...new Set(r.previous)].join(', ')})`;
   }],
   ['drop', 'drop a version that is not current from every replica (memory and rows files)', async (conns, table, version) => {

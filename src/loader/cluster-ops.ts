@@ -50,12 +50,20 @@ export async function statusAll(conns: ClusterConnections, deadlineMs = 3000): P
   );
 }
 
+/** A version to make current: a newer one (publish) or an older one (rollback). */
+export interface PublishRequest {
+  table: string;
+  version: number;
+  rollback: boolean;
+}
+
 /**
  * Makes `version` current on every replica. First every replica must confirm that it holds the
  * version complete; only then is any replica flipped, so a publish never strands the cluster on a
  * version that some group lacks.
  */
-export async function publishVersion(conns: ClusterConnections, table: string, version: number, rollback: boolean): Promise<{ previous: number[] }> {
+export async function publishVersion(conns: ClusterConnections, req: PublishRequest): Promise<{ previous: number[] }> {
+  const { table, version, rollback } = req;
   const statuses = await statusAll(conns);
   const missing: string[] = [];
   for (const s of statuses) {
@@ -70,14 +78,15 @@ export async function publishVersion(conns: ClusterConnections, table: string, v
   if (missing.length > 0) {
     throw new KvError(KvErrorCode.VERSION_NOT_FOUND, `cannot ${rollback ? 'roll back to' : 'publish'} ${table} v${version}: ${missing.join('; ')}`);
   }
-  return switchVersion(conns, table, version, rollback);
+  return switchVersion(conns, req);
 }
 
 /**
  * The Publish calls alone, without first asking every replica for its status: for a loader whose
  * LoadSeal calls have just been answered, by every replica, that the version is sealed there.
  */
-export async function switchVersion(conns: ClusterConnections, table: string, version: number, rollback: boolean): Promise<{ previous: number[] }> {
+export async function switchVersion(conns: ClusterConnections, req: PublishRequest): Promise<{ previous: number[] }> {
+  const { table, version, rollback } = req;
   const res = await Promise.all(conns.all().map((c) => call<{ previousVersion: number }>(c, 'Publish', { table, version, rollback })));
   return { previous: res.map((r) => r.previousVersion) };
 }

@@ -1,4 +1,5 @@
 import { open } from 'node:fs/promises';
+import { invalidArgument } from '../common/errors.js';
 
 /**
  * Writes a NumPy .npy file (format 1.0): magic, header dict padded so the data starts at a multiple
@@ -28,7 +29,7 @@ export async function writeNpy(path: string, descr: string, shape: readonly numb
 
 /** Writes PREFIX.keys.npy (<u8) and PREFIX.values.npy (<f4, [n, dim]). */
 export async function writeNpyPair(prefix: string, keys: BigUint64Array, values: Float32Array, dim: number): Promise<void> {
-  if (values.length !== keys.length * dim) throw new Error(`values hold ${values.length} floats for ${keys.length} keys of dim ${dim}`);
+  if (values.length !== keys.length * dim) throw invalidArgument(`values hold ${values.length} floats for ${keys.length} keys of dim ${dim}`);
   await writeNpy(`${prefix}.keys.npy`, '<u8', [keys.length], keys);
   await writeNpy(`${prefix}.values.npy`, '<f4', [keys.length, dim], values);
 }

@@ -1,0 +1,190 @@
+/**
+ * Dump planning: lists the parts of a PATH (a file, a NumPy pair, a directory of parts) and checks every
+ * header, file size and dim before a single row is sent.
+ */
+import { readdir } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
+import { invalidArgument } from '../common/errors.js';
+import { MAX_LOAD_DIM, dataError, fmt, kindOf, notRegular, statOrUndefined, type LoadMode } from './dump-files.js';
+import { readNpyHeader, type NpyRole } from './npy.js';
+import { textPartDim } from './text.js';
+
+export interface PartInfo {
+  kind: 'npy' | 'text';
+  /** NAME for a NumPy pair, the file name for a text part. */
+  name: string;
+  keysPath?: string;
+  valuesPath?: string;
+  deletesPath?: string;
+  textPath?: string;
+  /** Upsert rows, -1 if unknown (text). */
+  rows: number;
+  /** Deletes, -1 if unknown (text). */
+  deletes: number;
+}
+
+export interface DumpPlan {
+  path: string;
+  mode: LoadMode;
+  /** The dim of every upsert row; 0 only for an incremental load that holds deletes alone (and no expectedDim). */
+  dim: number;
+  parts: PartInfo[];
+  /** Sum of known upsert rows, -1 if any part is text. */
+  totalRows: number;
+}
+
+const NPY_SUFFIX: Record<string, NpyRole> = { '.keys.npy': 'keys', '.values.npy': 'values', '.deletes.npy': 'deletes' };
+
+function npyRoleOf(name: string): { prefix: string; role: NpyRole } | undefined {
+  for (const suffix of Object.keys(NPY_SUFFIX)) {
+    if (name.endsWith(suffix) && name.length > suffix.length) return { prefix: name.slice(0, -suffix.length), role: NPY_SUFFIX[suffix]! };
+  }
+  return undefined;
+}
+
+/** Where each plan's dim came from, for messages about rows read later. */
+export const planDimDesc = new WeakMap<DumpPlan, string>();
+
+interface NpyGroup {
+  name: string;
+  keysPath?: string;
+  valuesPath?: string;
+  deletesPath?: string;
+}
+
+export interface PlanDumpOptions {
+  /** The dim every upsert row must have; by default the dump's own (all parts must agree). */
+  expectedDim?: number;
+  /** Where expectedDim comes from, for messages (default 'the expected dim'). */
+  expectedDimWhat?: string;
+}
+
+/**
+ * Lists the parts and validates every header, size and dim before a single row is sent. For text parts,
+ * reads the first data line to learn dim. `expectedDim` (optional) must match.
+ */
+export async function planDump(path: string, mode: LoadMode, options: PlanDumpOptions = {}): Promise<DumpPlan> {
+  const { expectedDim, expectedDimWhat = 'the expected dim' } = options;
+  if (typeof path !== 'string' || path.length === 0) throw invalidArgument('path must be a non-empty string');
+  if (mode !== 'full' && mode !== 'incremental') throw invalidArgument(`mode must be 'full' or 'incremental', not ${String(mode)}`);
+  if (expectedDim !== undefined && (!Number.isSafeInteger(expectedDim) || expectedDim < 1 || expectedDim > MAX_LOAD_DIM)) {
+    throw invalidArgument(`expectedDim must be an integer in [1, ${MAX_LOAD_DIM}], not ${String(expectedDim)}`);
+  }
+
+  const groups: (NpyGroup | { text: string; name: string })[] = [];
+  const st = await statOrUndefined(path);
+  if (st?.isDirectory()) {
+    const entries = (await readdir(path)).sort((a, b) => (a < b ? -1 : a > b ? 1 : 0));
+    const byPrefix = new Map<string, NpyGroup>();
+    for (const name of entries) {
+      // Hidden files and markers such as _SUCCESS are not data.
+      if (name.startsWith('.') || name.startsWith('_')) continue;
+      const full = join(path, name);
+      const est = await statOrUndefined(full);
+      if (est === undefined) throw dataError(`${full}: removed while the directory was read`);
+      if (est.isDirectory()) throw dataError(`${full}: subdirectories are not read; a dump directory holds part files only`);
+      if (!est.isFile()) throw notRegular(full, est);
+      const npy = npyRoleOf(name);
+      if (npy !== undefined) {
+        let g = byPrefix.get(npy.prefix);
+        if (g === undefined) {
+          g = { name: npy.prefix };
+          byPrefix.set(npy.prefix, g);
+          groups.push(g);
+        }
+        g[`${npy.role}Path`] = full;
+      } else if (name.endsWith('.txt') || name.endsWith('.tsv')) {
+        groups.push({ text: full, name });
+      } else {
+        throw dataError(
+          `${full}: unexpected file in a dump directory; parts are NAME.keys.npy + NAME.values.npy` +
+            `${mode === 'incremental' ? ' (+ NAME.deletes.npy)' : ''}, *.txt or *.tsv (names starting with '.' or '_' are ignored)`,
+        );
+      }
+    }
+    if (groups.length === 0) throw dataError(`${path}: the directory holds no data parts`);
+  } else if (st?.isFile() && npyRoleOf(basename(path)) !== undefined) {
+    const { prefix } = npyRoleOf(basename(path))!;
+    groups.push(await npyGroupAt(join(dirname(path), prefix), prefix));
+  } else if (st?.isFile() && path.endsWith('.npy')) {
+    throw dataError(`${path}: a NumPy part must be named NAME.keys.npy, NAME.values.npy or NAME.deletes.npy`);
+  } else if (st?.isFile()) {
+    groups.push({ text: path, name: basename(path) });
+  } else if (st !== undefined) {
+    throw dataError(`${path} is ${kindOf(st)}, not a regular file or directory`);
+  } else if ((await statOrUndefined(`${path}.keys.npy`)) !== undefined || (await statOrUndefined(`${path}.deletes.npy`)) !== undefined) {
+    groups.push(await npyGroupAt(path, basename(path)));
+  } else {
+    throw invalidArgument(`${path}: no such file or directory (nor ${path}.keys.npy)`);
+  }
+
+  let dim = expectedDim ?? 0;
+  // Where the dim came from, for messages: "the expected dim", "the dim of data/a.values.npy".
+  let dimDesc = expectedDim !== undefined ? expectedDimWhat : '';
+  const parts: PartInfo[] = [];
+  let totalRows = 0;
+  for (const g of groups) {
+    if ('text' in g) {
+      const d = await textPartDim({ file: g.text, mode, dim, dimSource: dimDesc });
+      if (d > 0 && dim === 0) {
+        dim = d;
+        dimDesc = `the dim of the first data line of ${g.text}`;
+      }
+      parts.push({ kind: 'text', name: g.name, textPath: g.text, rows: -1, deletes: -1 });
+      totalRows = -1;
+      continue;
+    }
+    if (g.deletesPath !== undefined && mode !== 'incremental') {
+      throw dataError(`${g.deletesPath}: deletes are only allowed in an incremental load`);
+    }
+    if (g.keysPath !== undefined && g.valuesPath === undefined) {
+      throw dataError(`${g.keysPath}: keys file without its values file ${g.name}.values.npy`);
+    }
+    if (g.valuesPath !== undefined && g.keysPath === undefined) {
+      throw dataError(`${g.valuesPath}: values file without its keys file ${g.name}.keys.npy`);
+    }
+    const part: PartInfo = { kind: 'npy', name: g.name, rows: 0, deletes: 0 };
+    if (g.keysPath !== undefined && g.valuesPath !== undefined) {
+      const kh = await readNpyHeader(g.keysPath, 'keys');
+      const vh = await readNpyHeader(g.valuesPath, 'values');
+      if (kh.shape[0] !== vh.shape[0]) {
+        throw dataError(`${g.valuesPath}: holds ${fmt(vh.shape[0]!)} rows but ${g.keysPath} holds ${fmt(kh.shape[0]!)} keys`);
+      }
+      const d = vh.shape[1]!;
+      if (dim === 0) {
+        dim = d;
+        dimDesc = `the dim of ${g.valuesPath}`;
+      } else if (d !== dim) {
+        throw dataError(`${g.valuesPath}: dim ${d} differs from ${dim} (${dimDesc})`);
+      }
+      part.keysPath = g.keysPath;
+      part.valuesPath = g.valuesPath;
+      part.rows = kh.shape[0]!;
+      if (totalRows >= 0) totalRows += part.rows;
+    }
+    if (g.deletesPath !== undefined) {
+      const dh = await readNpyHeader(g.deletesPath, 'deletes');
+      part.deletesPath = g.deletesPath;
+      part.deletes = dh.shape[0]!;
+    }
+    parts.push(part);
+  }
+  if (mode === 'full' && dim === 0) {
+    throw dataError(`${path}: no part holds a data row, so the dim is unknown`);
+  }
+  const plan: DumpPlan = { path, mode, dim, parts, totalRows };
+  planDimDesc.set(plan, dimDesc);
+  return plan;
+}
+
+async function npyGroupAt(prefixPath: string, name: string): Promise<NpyGroup> {
+  const g: NpyGroup = { name };
+  for (const [suffix, role] of Object.entries(NPY_SUFFIX)) {
+    const p = prefixPath + suffix;
+    const s = await statOrUndefined(p);
+    if (s === undefined) continue;
+    if (!s.isFile()) throw notRegular(p, s);
+    g[`${role}Path`] = p;
+  }
+  return g;
+}
