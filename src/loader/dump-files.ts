@@ -58,7 +58,12 @@ export async function statOrUndefined(p: string): Promise<Stats | undefined> {
  * for reading would otherwise wait for a writer forever (it has no effect on a regular file's reads).
  */
 export async function openDumpFile(path: string): Promise<FileHandle> {
-  const fh = await openFile(path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
+  let fh: FileHandle;
+  try {
+    fh = await openFile(path, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
+  } catch (err) {
+    throw dataError(`${path}: cannot open: ${(err as Error).message}`);
+  }
   try {
     const s = await fh.stat();
     if (!s.isFile()) throw notRegular(path, s);

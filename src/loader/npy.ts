@@ -2,8 +2,6 @@
  * The NumPy .npy header reader: checks magic, version, the header dict, dtype and shape for a file's
  * role, and that the file size matches the header exactly. Refusals are KV_INVALID_DATA naming the file.
  */
-import { type FileHandle } from 'node:fs/promises';
-import { KvError } from '../common/errors.js';
 import { MAX_LOAD_DIM, dataError, fmt, openDumpFile } from './dump-files.js';
 
 /** numpy itself refuses headers over 10,000 bytes by default; anything near this is not a real header. */
@@ -163,12 +161,7 @@ const ROLE_EXPECT: Record<NpyRole, string> = {
 
 /** Reads and checks the header of one .npy file, including that the file size matches it exactly. */
 export async function readNpyHeader(path: string, role: NpyRole): Promise<NpyHeader> {
-  let fh: FileHandle;
-  try {
-    fh = await openDumpFile(path);
-  } catch (err) {
-    throw err instanceof KvError ? err : dataError(`${path}: cannot open: ${(err as Error).message}`);
-  }
+  const fh = await openDumpFile(path);
   try {
     const fileBytes = (await fh.stat()).size;
     const pre = Buffer.alloc(12);

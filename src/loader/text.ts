@@ -2,8 +2,6 @@
  * Text parts, `key<TAB>v1,v2,...,vdim` a line (a key alone deletes it in an incremental load): the line
  * reader, in bounded memory, and the line parser, which writes into caller-provided slots.
  */
-import { type FileHandle } from 'node:fs/promises';
-import { KvError } from '../common/errors.js';
 import { MAX_LOAD_DIM, dataError, fmt, openDumpFile, type LoadMode } from './dump-files.js';
 
 /** A text line longer than this is refused rather than buffered without bound. */
@@ -173,12 +171,7 @@ function hasRadixPrefix(s: string, start: number, end: number): boolean {
  * sequence is '#' or '\n', UTF-8 comments are cut off intact (shown() re-decodes text quoted in messages).
  */
 export async function* textLineBlocks(path: string): AsyncGenerator<{ lines: string[]; firstLine: number }> {
-  let fh: FileHandle;
-  try {
-    fh = await openDumpFile(path);
-  } catch (err) {
-    throw err instanceof KvError ? err : dataError(`${path}: cannot open: ${(err as Error).message}`);
-  }
+  const fh = await openDumpFile(path);
   try {
     let buf = Buffer.allocUnsafe(TEXT_READ_BYTES);
     let have = 0; // bytes in buf; [0, have) starts at the beginning of a line
