@@ -165,12 +165,12 @@ export class Shard {
         const done = built.get(v);
         if (done) return done;
         const vm = byVersion.get(v);
-        if (vm === undefined) throw new Error(`table ${meta.name}: version ${v} is needed but not on disk`);
+        if (vm === undefined) throw new KvError(KvErrorCode.DATA_CORRUPT, `table ${meta.name}: version ${v} is needed but not on disk`);
         const started = Date.now();
         const data = vm.base ? (await build(vm.base)).derive() : new VersionData(vm.dim, vm.rows);
         await this.replayBlocks(meta.name, vm, data);
         data.seal();
-        if (data.count !== vm.rows) throw new Error(`table ${meta.name} v${v}: ${data.count} keys rebuilt, ${vm.rows} recorded`);
+        if (data.count !== vm.rows) throw new KvError(KvErrorCode.DATA_CORRUPT, `table ${meta.name} v${v}: ${data.count} keys rebuilt, ${vm.rows} recorded`);
         built.set(v, data);
         this.log.info({ table: meta.name, version: v, base: vm.base, rows: vm.rows, ms: Date.now() - started }, 'restored');
         return data;
@@ -182,7 +182,7 @@ export class Shard {
         }
         t.versions.set(vm.version, { data: await build(vm.version), meta: vm });
       }
-      if (t.current !== 0 && !t.versions.has(t.current)) throw new Error(`table ${meta.name}: current version ${t.current} is not on disk`);
+      if (t.current !== 0 && !t.versions.has(t.current)) throw new KvError(KvErrorCode.DATA_CORRUPT, `table ${meta.name}: current version ${t.current} is not on disk`);
       if (byVersion.size !== meta.versions.length) await this.store.putTable(this.metaOf(t), true);
     }
     // Rows files of versions no table lists: a crash came between dropping a version and deleting its file.
@@ -210,7 +210,7 @@ export class Shard {
       else if (vm.base) data.upsert(block.keys, block.values, block.n);
       else {
         const dup = data.append(block.keys, block.values, block.n);
-        if (dup >= 0) throw new Error(`table ${table} v${vm.version} on disk repeats key ${keyAt(block.keys, dup)}`);
+        if (dup >= 0) throw new KvError(KvErrorCode.DATA_CORRUPT, `table ${table} v${vm.version} on disk repeats key ${keyAt(block.keys, dup)}`);
       }
     }
   }
@@ -581,7 +581,8 @@ export class Shard {
           w.meta.rowsBytes = await this.store.sealRows(table, version, w.meta.blocks);
         }
       } catch (err) {
-        if (err instanceof KvError) {
+        // The store's own KV_INTERNAL failures are wrapped like an error of the file system.
+        if (err instanceof KvError && err.code !== KvErrorCode.INTERNAL) {
           w.failed = err;
           throw err;
         }
@@ -892,7 +893,7 @@ async function letGoStage(w: WriteVersion): Promise<void> {
 async function openRegular(path: string): Promise<FileHandle> {
   const fh = await open(path, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
   try {
-    if (!(await fh.stat()).isFile()) throw new Error(`${path} is not a regular file`);
+    if (!(await fh.stat()).isFile()) throw invalidArgument(`${path} is not a regular file`);
   } catch (err) {
     await fh.close();
     throw err;

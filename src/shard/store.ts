@@ -2,7 +2,7 @@ import { copyFile, link, mkdir, open, readdir, rm, stat, unlink, type FileHandle
 import { join, resolve } from 'node:path';
 import { ClassicLevel } from 'classic-level';
 import { pack, unpack } from 'msgpackr';
-import { errnoOf, ioError } from '../common/errors.js';
+import { KvError, KvErrorCode, errnoOf, ioError } from '../common/errors.js';
 import { readFully } from '../common/files.js';
 import { BLOCK_HEAD, BLOCK_MAGIC, blockBytes, blockChecksum, writeBlock } from '../common/rows-file.js';
 import { bytesOf, floatsFromBytes, keysFromBytes } from '../common/keys.js';
@@ -127,11 +127,11 @@ export class ShardStore {
     } catch (err) {
       const cause = (err as { cause?: { code?: string } }).cause;
       if (cause?.code === 'LEVEL_LOCKED') {
-        throw new Error(`data directory ${this.dir} is in use by another process (is this replica already running?)`, { cause: err });
+        throw new KvError(KvErrorCode.DATA_DIR_LOCKED, `data directory ${this.dir} is in use by another process (is this replica already running?)`, { cause: err });
       }
       // classic-level says only "Database failed to open"; the reason is down its cause chain.
       if (errnoOf(err) !== undefined) throw ioError(err, `opening data directory ${this.dir}`, `: ${causeChain(err)}`);
-      throw new Error(`cannot open data directory ${this.dir}: ${causeChain(err)}`, { cause: err });
+      throw new KvError(KvErrorCode.INTERNAL, `cannot open data directory ${this.dir}: ${causeChain(err)}`, { cause: err });
     }
     if ((await mkdir(this.rowsDir, { recursive: true })) !== undefined) await syncDir(this.dir);
     await rm(this.stageDir, { recursive: true, force: true });
@@ -195,7 +195,7 @@ export class ShardStore {
     const id = `${table}@${version}`;
     const opening = this.writers.get(id);
     if (opening === undefined && blocks > 0) {
-      throw new Error(`the rows file of ${table} v${version} is no longer open for writing; load the version again`);
+      throw new KvError(KvErrorCode.INTERNAL, `the rows file of ${table} v${version} is no longer open for writing; load the version again`);
     }
     if (opening === undefined) {
       // A version without rows here (no key of the load fell in this group): an empty file, so
@@ -268,10 +268,10 @@ export class ShardStore {
     const fh = await open(path, 'r');
     try {
       const st = await fh.stat();
-      if (st.size < bytes) throw new Error(`${path} holds ${st.size} bytes of the ${bytes} read from ${staged}`);
+      if (st.size < bytes) throw new KvError(KvErrorCode.INTERNAL, `${path} holds ${st.size} bytes of the ${bytes} read from ${staged}`);
       // The name must still lead to the file that was read (a link) or have been copied from it.
       const source = linked ? st : await stat(staged);
-      if (source.dev !== read.dev || source.ino !== read.ino) throw new Error(`${staged} was replaced while it was read`);
+      if (source.dev !== read.dev || source.ino !== read.ino) throw new KvError(KvErrorCode.INTERNAL, `${staged} was replaced while it was read`);
       await fh.sync();
     } finally {
       await fh.close();
@@ -291,12 +291,12 @@ export class ShardStore {
     const fh = await open(path, 'r');
     try {
       const size = (await fh.stat()).size;
-      if (size < vm.rowsBytes) throw new Error(`${path} holds ${size} bytes; the seal recorded ${vm.rowsBytes}`);
+      if (size < vm.rowsBytes) throw new KvError(KvErrorCode.DATA_CORRUPT, `${path} holds ${size} bytes; the seal recorded ${vm.rowsBytes}`);
       // One buffer, reused: each block is consumed before the next is read.
       let buf = new ArrayBuffer(1 << 20);
       const head = new Uint32Array(BLOCK_HEAD / 4);
       for (let at = 0; at < vm.rowsBytes;) {
-        if (at + BLOCK_HEAD > vm.rowsBytes) throw new Error(`${path}: truncated block header at byte ${at}`);
+        if (at + BLOCK_HEAD > vm.rowsBytes) throw new KvError(KvErrorCode.DATA_CORRUPT, `${path}: truncated block header at byte ${at}`);
         await readExactly(fh, path, new Uint8Array(head.buffer), at);
         const n = head[1]!;
         const dim = head[2]!;
@@ -304,13 +304,13 @@ export class ShardStore {
         // Rows have the version's dim; a delta's deletes have none.
         const dimOk = dim === vm.dim || (dim === 0 && vm.base !== 0);
         if (head[0] !== BLOCK_MAGIC || !dimOk || at + BLOCK_HEAD + bodyBytes > vm.rowsBytes) {
-          throw new Error(`${path}: corrupt block at byte ${at} (${n} rows of dim ${dim}; the version has dim ${vm.dim})`);
+          throw new KvError(KvErrorCode.DATA_CORRUPT, `${path}: corrupt block at byte ${at} (${n} rows of dim ${dim}; the version has dim ${vm.dim})`);
         }
         if (buf.byteLength < bodyBytes) buf = new ArrayBuffer(bodyBytes);
         await readExactly(fh, path, new Uint8Array(buf, 0, bodyBytes), at + BLOCK_HEAD);
         const keys = new Uint8Array(buf, 0, n * 8);
         const floats = new Uint8Array(buf, n * 8, n * dim * 4);
-        if (blockChecksum(head, [keys, floats]) !== head[3]) throw new Error(`${path}: checksum mismatch in the block at byte ${at}`);
+        if (blockChecksum(head, [keys, floats]) !== head[3]) throw new KvError(KvErrorCode.DATA_CORRUPT, `${path}: checksum mismatch in the block at byte ${at}`);
         yield { keys: new Uint32Array(buf, 0, 2 * n), values: new Float32Array(buf, n * 8, n * dim), n, dim };
         at += BLOCK_HEAD + bodyBytes;
       }
@@ -327,7 +327,7 @@ export class ShardStore {
       const n = head[0]!;
       const dim = head[1]!;
       if (value.byteLength !== 8 + n * 8 + n * dim * 4) {
-        throw new Error(`corrupt block in ${this.dir} for ${table} v${version}: ${value.byteLength} bytes for ${n} rows of dim ${dim}`);
+        throw new KvError(KvErrorCode.DATA_CORRUPT, `corrupt block in ${this.dir} for ${table} v${version}: ${value.byteLength} bytes for ${n} rows of dim ${dim}`);
       }
       yield { keys: keysFromBytes(value.subarray(8, 8 + n * 8)), values: floatsFromBytes(value.subarray(8 + n * 8)), n, dim };
     }
@@ -419,7 +419,7 @@ export class ShardStore {
 
 async function readExactly(fh: FileHandle, path: string, into: Uint8Array, position: number): Promise<void> {
   const got = await readFully(fh, into, position);
-  if (got < into.byteLength) throw new Error(`${path}: unexpected end of file at byte ${position + got}`);
+  if (got < into.byteLength) throw new KvError(KvErrorCode.DATA_CORRUPT, `${path}: unexpected end of file at byte ${position + got}`);
 }
 
 /** [header length u32][msgpack {seq, table, order, writer, n}][pad to 8][keys][values] */

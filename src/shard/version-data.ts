@@ -1,3 +1,4 @@
+import { KvError, KvErrorCode } from '../common/errors.js';
 import { LookupArena } from './wasm-kernel.js';
 
 /**
@@ -119,7 +120,7 @@ export class VersionData {
 
   /** A writable version holding the same entries, sharing this sealed version's vectors. */
   derive(): VersionData {
-    if (!this.sealed) throw new Error('derive from an unsealed version');
+    if (!this.sealed) throw new KvError(KvErrorCode.INTERNAL, 'derive from an unsealed version');
     const d = new VersionData(this.dim);
     d.slots = this.slots.slice();
     d.cap = this.cap;
@@ -169,7 +170,7 @@ export class VersionData {
   }
 
   private write(keys: Uint32Array, values: Float32Array, n: number, replace: boolean): number {
-    if (this.sealed) throw new Error('write to a sealed version');
+    if (this.sealed) throw new KvError(KvErrorCode.INTERNAL, 'write to a sealed version');
     // Every written key takes the next row, so the batch's rows are contiguous: index the keys
     // first, then copy the vectors in one run per slab (a memcpy, not a loop per row).
     const row0 = this.rows;
@@ -215,7 +216,7 @@ export class VersionData {
 
   /** Removes keys; returns how many were present. Backward-shift deletion keeps probe chains whole. */
   delete(keys: Uint32Array, n: number): number {
-    if (this.sealed) throw new Error('delete from a sealed version');
+    if (this.sealed) throw new KvError(KvErrorCode.INTERNAL, 'delete from a sealed version');
     let removed = 0;
     const slots = this.slots;
     const cap = this.cap;
