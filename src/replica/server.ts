@@ -311,23 +311,25 @@ export class ReplicaServer {
       };
     return {
       LoadBegin: unary(async (r: { table: string; version: number; dim: number; loadId: string; force: boolean; incremental: boolean; expectedRows: number; startedAtMs: number }) => {
-        const b = await this.shard.loadBegin(r.table, checkVersion(r.version), r.dim, r.loadId, r.force, r.incremental, r.expectedRows, r.startedAtMs);
+        const b = await this.shard.loadBegin({ ...r, version: checkVersion(r.version) });
         return { currentVersion: b.current, baseVersion: b.base, stageDir: this.shard.stageDir };
       }),
       LoadStage: unary(async (r: { table: string; version: number; loadId: string; path: string; probePath: string; token: Buffer }) =>
-        this.shard.loadStage(r.table, checkVersion(r.version), r.loadId, r.path, r.probePath, r.token)),
+        this.shard.loadStage({ ...r, version: checkVersion(r.version) })),
       LoadRowsFrom: unary(async (r: { table: string; version: number; loadId: string; at: number; bytes: number }) => {
-        const rows = await this.shard.loadRowsFrom(r.table, checkVersion(r.version), r.loadId, r.at, r.bytes);
+        const rows = await this.shard.loadRowsFrom({ ...r, version: checkVersion(r.version) });
         return (TEST_FAULTS && this.holdLoad(r.table, r.version, rows)) || { rows };
       }),
       LoadRows: unary(async (r: { table: string; version: number; loadId: string; keys: Buffer; values: Buffer; deletes: Buffer }) => {
-        const rows = await this.shard.loadRows(r.table, r.version, r.loadId, keysFromBytes(r.keys), floatsFromBytes(r.values), keysFromBytes(r.deletes, 'deletes'));
+        const rows = await this.shard.loadRows({
+          table: r.table, version: r.version, loadId: r.loadId, keys: keysFromBytes(r.keys), values: floatsFromBytes(r.values), deletes: keysFromBytes(r.deletes, 'deletes'),
+        });
         return (TEST_FAULTS && this.holdLoad(r.table, r.version, rows)) || { rows };
       }),
       Put: unary(async (r: { table: string; keys: Buffer; values: Buffer; order: number; writer: string }) => {
         const keys = keysFromBytes(r.keys);
         this.checkPut(keys, r.order);
-        return { seq: await this.shard.put(r.table, keys, floatsFromBytes(r.values), r.order, r.writer) };
+        return { seq: await this.shard.put({ table: r.table, keys, values: floatsFromBytes(r.values), order: r.order, writer: r.writer }) };
       }),
       PutsSince: unary(async (r: { afterSeq: number; maxBatches: number }) => {
         const { batches, last } = await this.shard.putsSince(r.afterSeq, r.maxBatches || 256);
@@ -337,7 +339,7 @@ export class ReplicaServer {
         };
       }),
       LoadSeal: unary(async (r: { table: string; version: number; loadId: string; expectedRows: number }) => ({
-        rows: await this.shard.loadSeal(r.table, r.version, r.loadId, r.expectedRows),
+        rows: await this.shard.loadSeal({ table: r.table, version: r.version, loadId: r.loadId, expectedOps: r.expectedRows }),
       })),
       LoadAbort: unary(async (r: { table: string; version: number; loadId: string }) => {
         await this.shard.loadAbort(r.table, r.version, r.loadId);

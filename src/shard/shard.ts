@@ -87,6 +87,70 @@ export interface ShardOptions {
   logger: Logger;
 }
 
+/** LoadBegin: opens the write version of a full load, or with `incremental` of a delta on the current version. */
+export interface LoadBeginRequest {
+  table: string;
+  version: number;
+  dim: number;
+  loadId: string;
+  /** Take over another load's write version, or load a version older than the current one. */
+  force?: boolean;
+  incremental?: boolean;
+  /** The loader's count of the rows coming, to size the index (a hint only). */
+  expectedRows?: number;
+  /** The loader's clock when the load began; 0: this replica's. */
+  startedAtMs?: number;
+}
+
+/** LoadRows: a batch of rows (and for a delta, deletes) into the write version. */
+export interface LoadRowsRequest {
+  table: string;
+  version: number;
+  loadId: string;
+  keys: Uint32Array;
+  values: Float32Array;
+  deletes: Uint32Array;
+}
+
+/** LoadStage: the loader's staged file of the load's rows, and the probe that proves this replica sees it. */
+export interface LoadStageRequest {
+  table: string;
+  version: number;
+  loadId: string;
+  path: string;
+  probePath: string;
+  token: Uint8Array;
+}
+
+/** LoadRowsFrom: bytes [at, at + bytes) of the load's staged file. */
+export interface LoadRowsFromRequest {
+  table: string;
+  version: number;
+  loadId: string;
+  at: number;
+  bytes: number;
+}
+
+/** LoadSeal: the load is complete once this replica holds `expectedOps` rows and deletes. */
+export interface LoadSealRequest {
+  table: string;
+  version: number;
+  loadId: string;
+  expectedOps: number;
+}
+
+/** Put: a real-time batch for the table's current version. */
+export interface PutRequest {
+  table: string;
+  keys: Uint32Array;
+  values: Float32Array;
+  /** The write order (ms since the epoch times ORDER_SCALE); the highest wins a key. */
+  order: number;
+  writer: string;
+  /** For a batch caught up from a peer: how late it arrived. */
+  lagMs?: number;
+}
+
 export interface VersionStatusInfo {
   version: number;
   dim: number;
@@ -251,9 +315,8 @@ export class Shard {
   // ---- loads --------------------------------------------------------------------------------------
 
   /** Opens the write version of a full load, or of a delta on top of the current version. */
-  async loadBegin(
-    table: string, version: number, dim: number, loadId: string, force: boolean, incremental: boolean, expectedRows = 0, startedAtMs = 0,
-  ): Promise<{ current: number; base: number }> {
+  async loadBegin(req: LoadBeginRequest): Promise<{ current: number; base: number }> {
+    const { table, version, dim, loadId, force = false, incremental = false, expectedRows = 0, startedAtMs = 0 } = req;
     checkTableName(table);
     checkVersion(version);
     if (!Number.isInteger(dim) || dim < 1 || dim > MAX_DIM) throw invalidArgument(`dim must be in [1, ${MAX_DIM}], got ${dim}`);
@@ -307,7 +370,8 @@ export class Shard {
   }
 
   /** A batch of rows (and for a delta, deletes) into the write version; persisted before the answer. */
-  async loadRows(table: string, version: number, loadId: string, keys: Uint32Array, values: Float32Array, deletes: Uint32Array): Promise<number> {
+  async loadRows(req: LoadRowsRequest): Promise<number> {
+    const { table, version, loadId, keys, values, deletes } = req;
     const w = this.acceptingWrite(table, version, loadId);
     if (w.staged !== undefined) {
       // A staged file no range was read from is given up (another replica of the group did not see
@@ -349,7 +413,8 @@ export class Shard {
    * loader proves that this replica sees the file it wrote: `probePath` must hold `token`. Answers
    * whether this replica will read the load's rows from `path`, and if not, why.
    */
-  async loadStage(table: string, version: number, loadId: string, path: string, probePath: string, token: Uint8Array): Promise<{ readable: boolean; reason: string }> {
+  async loadStage(req: LoadStageRequest): Promise<{ readable: boolean; reason: string }> {
+    const { table, version, loadId, path, probePath, token } = req;
     const w = this.acceptingWrite(table, version, loadId);
     if (w.touched !== undefined) return { readable: false, reason: 'a delta takes its rows over gRPC' };
     if (w.ops > 0) return { readable: false, reason: 'rows of this load have arrived over gRPC already' };
@@ -399,7 +464,8 @@ export class Shard {
    * Reads bytes [at, at + bytes) of the load's staged file: whole blocks, each checked (magic, dim,
    * checksum) and applied as a LoadRows batch would be. Ranges may come in any order, never twice.
    */
-  async loadRowsFrom(table: string, version: number, loadId: string, at: number, bytes: number): Promise<number> {
+  async loadRowsFrom(req: LoadRowsFromRequest): Promise<number> {
+    const { table, version, loadId, at, bytes } = req;
     const w = this.acceptingWrite(table, version, loadId);
     const st = w.staged;
     if (st === undefined) throw invalidArgument(`load ${loadId} of ${table} v${version} has no staged file (LoadStage first)`);
@@ -550,7 +616,8 @@ export class Shard {
   }
 
   /** Confirms the write version is complete, persists it and makes it a sealed (not yet current) version. */
-  async loadSeal(table: string, version: number, loadId: string, expectedOps: number): Promise<number> {
+  async loadSeal(req: LoadSealRequest): Promise<number> {
+    const { table, version, loadId, expectedOps } = req;
     return this.withTable(table, async () => {
       const w = this.writeVersion(table, version, loadId);
       if (w.failed !== undefined) throw w.failed;
@@ -761,7 +828,8 @@ export class Shard {
    * disk sync, then applied in one step. A batch already logged (same order and writer) is not
    * applied twice. `lagMs`: for a batch caught up from a peer, how late it arrived.
    */
-  async put(table: string, keys: Uint32Array, values: Float32Array, order: number, writer: string, lagMs = 0): Promise<number> {
+  async put(req: PutRequest): Promise<number> {
+    const { table, keys, values, order, writer, lagMs = 0 } = req;
     checkTableName(table);
     const t = this.tables.get(table);
     if (t === undefined) throw new KvError(KvErrorCode.TABLE_NOT_FOUND, `table ${table} is not held by this replica`);
