@@ -36,9 +36,8 @@ export async function publish(core: ShardCore, table: string, version: number, r
     for (const v of dropped) await core.store.dropVersionRows(table, v);
     if (!rollback && held.meta.base === 0) {
       // Puts older than the new full version are never applied again: the log forgets them.
-      const gone = await core.store.prunePuts(table, t.putsFrom);
-      core.puts.forget(gone);
-      if (gone.length > 0) core.log.info({ table, batches: gone.length }, 'pruned real-time puts that the new version holds');
+      const gone = await core.puts.prune(table, t.putsFrom);
+      if (gone > 0) core.log.info({ table, batches: gone }, 'pruned real-time puts that the new version holds');
     }
     core.log.info({ table, version, previous, dropped }, rollback ? 'rolled back' : 'published');
     return previous;

@@ -3,7 +3,7 @@ import { firstNonFinite, keyAt } from '../common/keys.js';
 import { MAX_PUT_KEYS } from '../common/limits.js';
 import { checkTableName } from '../common/validate.js';
 import { Overlay } from './overlay.js';
-import type { PutRecord, ShardStore } from './store.js';
+import type { PutLog, PutRecord } from './put-log.js';
 import type { TableState } from './tables.js';
 
 /** Memory that real-time updates of one table may hold on a replica before puts are refused. */
@@ -36,7 +36,7 @@ export class RealtimePuts {
   private readonly inFlight = new Map<string, Promise<number>>();
   private seq = 0;
 
-  constructor(private readonly store: ShardStore, private readonly tables: Map<string, TableState>, private readonly maxRealtimeBytes: number) {}
+  constructor(private readonly log: PutLog, private readonly tables: Map<string, TableState>, private readonly maxRealtimeBytes: number) {}
 
   /** The newest put log position. */
   get lastSeq(): number {
@@ -45,9 +45,9 @@ export class RealtimePuts {
 
   /** Replays the put log over the restored versions. */
   async replay(): Promise<void> {
-    this.seq = await this.store.putSeqHighWater();
+    this.seq = await this.log.highWater();
     for (let after = 0; ;) {
-      const recs = await this.store.readPuts(after, Number.MAX_SAFE_INTEGER, 1024);
+      const recs = await this.log.read(after, Number.MAX_SAFE_INTEGER, 1024);
       if (recs.length === 0) break;
       for (const rec of recs) {
         this.seq = Math.max(this.seq, rec.seq);
@@ -94,7 +94,7 @@ export class RealtimePuts {
     const seq = ++this.seq;
     const rec: PutRecord = { seq, table, order, writer, keys, values };
     this.writing.add(seq);
-    const write = this.store.appendPut(rec).then(() => seq);
+    const write = this.log.append(rec).then(() => seq);
     this.inFlight.set(id, write);
     try {
       await write;
@@ -117,7 +117,7 @@ export class RealtimePuts {
     // already on disk, and a peer that moved its cursor past it would never pull it.
     let durable = this.seq;
     for (const s of this.writing) durable = Math.min(durable, s - 1);
-    const batches = await this.store.readPuts(after, durable, Math.min(Math.max(limit, 1), 1024), MAX_PULL_BYTES);
+    const batches = await this.log.read(after, durable, Math.min(Math.max(limit, 1), 1024), MAX_PULL_BYTES);
     return { batches, last: durable };
   }
 
@@ -127,9 +127,14 @@ export class RealtimePuts {
     return this.seen.has(id) && !this.inFlight.has(id);
   }
 
-  /** Forgets batches the log pruned (by `${order}:${writer}`). */
-  forget(ids: Iterable<string>): void {
-    for (const id of ids) this.seen.delete(id);
+  /**
+   * Drops the logged batches of `table` written before `minOrder` (a newer full version holds
+   * them); returns how many.
+   */
+  async prune(table: string, minOrder: number): Promise<number> {
+    const gone = await this.log.prune(table, minOrder);
+    for (const id of gone) this.seen.delete(id);
+    return gone.length;
   }
 }
 

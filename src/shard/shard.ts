@@ -10,7 +10,8 @@ import { DEFAULT_MAX_REALTIME_BYTES, RealtimePuts, type PutRequest } from './put
 import { restore } from './restore.js';
 import { loadRowsFrom, loadStage, type LoadRowsFromRequest, type LoadStageRequest } from './staged-load.js';
 import { status, type TableStatusInfo } from './status.js';
-import type { PutRecord, ShardStore } from './store.js';
+import type { PutRecord } from './put-log.js';
+import type { ShardStore } from './store.js';
 import type { TableState } from './tables.js';
 
 export { DEFAULT_LOAD_IDLE_MS, type LoadBeginRequest, type LoadRowsRequest, type LoadSealRequest } from './load.js';
@@ -50,7 +51,7 @@ export class Shard {
       tables: this.tables,
       keepVersions: options.keepVersions,
       loadIdleMs: options.loadIdleMs ?? DEFAULT_LOAD_IDLE_MS,
-      puts: new RealtimePuts(store, this.tables, options.maxRealtimeBytes ?? DEFAULT_MAX_REALTIME_BYTES),
+      puts: new RealtimePuts(store.putLog, this.tables, options.maxRealtimeBytes ?? DEFAULT_MAX_REALTIME_BYTES),
       withTable<T>(table: string, fn: () => Promise<T>): Promise<T> {
         const prev = metaChains.get(table) ?? Promise.resolve();
         const next = prev.then(fn, fn);
