@@ -76,6 +76,11 @@ function slotsFor(rows: number): number {
   return Math.max(MIN_SLOTS, Math.ceil(rows / MAX_LOAD));
 }
 
+export interface VersionDataOptions {
+  /** 'js': rows in JavaScript arrays and lookups in the JavaScript kernel even where WebAssembly would serve (tests run each kernel). */
+  kernel?: 'auto' | 'js';
+}
+
 export class VersionData {
   readonly dim: number;
   /** Live keys. */
@@ -108,8 +113,9 @@ export class VersionData {
   /** Where the kernels store what they read to touch rows. */
   sink = 0;
 
-  constructor(dim: number, expectedRows = 0) {
+  constructor(dim: number, expectedRows = 0, options: VersionDataOptions = {}) {
     this.dim = dim;
+    this.noArena = options.kernel === 'js';
     const cap = slotsFor(expectedRows);
     this.cap = cap;
     this.expectedRows = expectedRows;
