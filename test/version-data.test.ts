@@ -1,6 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { homeSlot, SLAB_ROWS, VersionData } from '../src/shard/version-data.js';
+import { homeSlot } from '../src/shard/slots.js';
+import { SLAB_ROWS, VersionData } from '../src/shard/version-data.js';
 import { mulberry32 } from './helpers/util.js';
 import { appendInBatches, checkAnswer, keyOf, makeDataset, makeRequest } from './suites/fixtures.js';
 

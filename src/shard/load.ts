@@ -5,7 +5,8 @@ import type { ShardCore } from './core.js';
 import { cleanStage, stagedLength } from './staged-load.js';
 import type { VersionMeta } from './store.js';
 import { metaOf, newTableState, type Held, type TableState } from './tables.js';
-import { KeySet, VersionData } from './version-data.js';
+import { KeySet } from './slots.js';
+import { VersionData } from './version-data.js';
 import { acceptingWrite, applyRows, letGoStage, writeVersion } from './write-version.js';
 
 /**

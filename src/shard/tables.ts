@@ -2,7 +2,8 @@ import type { FileHandle } from 'node:fs/promises';
 import type { KvError } from '../common/errors.js';
 import type { Overlay } from './overlay.js';
 import type { TableMeta, VersionMeta } from './store.js';
-import type { KeySet, VersionData } from './version-data.js';
+import type { KeySet } from './slots.js';
+import type { VersionData } from './version-data.js';
 
 /**
  * What a replica holds of each table, in memory: the sealed versions that serve, the retained bases
