@@ -1,129 +1,10 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { homeSlot, SLAB_ROWS, VersionData } from '../src/shard/version-data.js';
+import { homeSlot } from '../src/shard/slots.js';
+import { SLAB_ROWS, VersionData } from '../src/shard/version-data.js';
 import { mulberry32 } from './helpers/util.js';
+import { appendInBatches, checkAnswer, keyOf, makeDataset, makeRequest } from './suites/fixtures.js';
 
-
-const keyOf = (lo: number, hi: number): bigint => (BigInt(hi) << 32n) | BigInt(lo);
-
-interface Dataset {
-  n: number;
-  dim: number;
-  /** Packed keys [lo, hi, ...]. */
-  keys: Uint32Array;
-  /** Row i's vector at values[i*dim ...]; bit patterns are random (finite). */
-  values: Float32Array;
-  set: Set<bigint>;
-}
-
-/**
- * n distinct random keys; every 4th shares its low half with the previous key and every 7th its high
- * half, so half-collisions are common; a few small and extreme keys are included.
- */
-function makeDataset(n: number, dim: number, seed: number): Dataset {
-  const rnd = mulberry32(seed);
-  const keys = new Uint32Array(2 * n);
-  const set = new Set<bigint>();
-  const fixed: [number, number][] = [[0, 0], [1, 0], [0, 1], [0xffffffff, 0xffffffff], [0xffffffff, 0], [0, 0xffffffff]];
-  let i = 0;
-  let prevLo = 0;
-  let prevHi = 0;
-  while (i < n) {
-    let lo: number;
-    let hi: number;
-    if (i < fixed.length) [lo, hi] = fixed[i]!;
-    else {
-      lo = rnd();
-      hi = rnd();
-      if (i % 4 === 1) lo = prevLo;
-      else if (i % 7 === 3) hi = prevHi;
-      else if (i % 13 === 5) hi = 0;
-    }
-    const k = keyOf(lo, hi);
-    if (set.has(k)) continue;
-    set.add(k);
-    keys[2 * i] = lo;
-    keys[2 * i + 1] = hi;
-    prevLo = lo;
-    prevHi = hi;
-    i++;
-  }
-  const bits = new Uint32Array(n * dim);
-  for (let j = 0; j < bits.length; j++) bits[j] = rnd() & 0xbfffffff; // exponent never all ones: finite
-  return { n, dim, keys, values: new Float32Array(bits.buffer), set };
-}
-
-/** Appends rows [0, n) in batches whose sizes cycle through `sizes`; returns the number of batches. */
-function appendInBatches(v: VersionData, d: Dataset, sizes: readonly number[]): number {
-  let start = 0;
-  let b = 0;
-  while (start < d.n) {
-    const size = Math.min(sizes[b % sizes.length]!, d.n - start);
-    const r = v.append(d.keys.subarray(2 * start, 2 * (start + size)), d.values.subarray(start * d.dim, (start + size) * d.dim), size);
-    assert.equal(r, -1, `batch ${b} (rows ${start}..${start + size})`);
-    start += size;
-    assert.equal(v.count, start);
-    b++;
-  }
-  return b;
-}
-
-/** Checks a lookup answer bit for bit against the dataset; `rowOf[i]` is the expected row or -1. */
-function checkAnswer(d: Dataset, rowOf: Int32Array, out: Float32Array, found: Uint8Array, what: string): void {
-  const outBits = new Uint32Array(out.buffer, out.byteOffset, out.length);
-  const expBits = new Uint32Array(d.values.buffer, d.values.byteOffset, d.values.length);
-  const dim = d.dim;
-  for (let i = 0; i < rowOf.length; i++) {
-    const r = rowOf[i]!;
-    if (found[i] !== (r >= 0 ? 1 : 0)) assert.fail(`${what}: found[${i}] = ${found[i]}, expected ${r >= 0 ? 1 : 0}`);
-    for (let j = 0; j < dim; j++) {
-      const got = outBits[i * dim + j]!;
-      const exp = r >= 0 ? expBits[r * dim + j]! : 0;
-      if (got !== exp) assert.fail(`${what}: position ${i} (row ${r}) component ${j}: bits ${got.toString(16)}, expected ${exp.toString(16)}`);
-    }
-  }
-}
-
-/** A request of present keys, absent keys (random and half-colliding) and duplicates, in shuffled order. */
-function makeRequest(d: Dataset, m: number, seed: number): { keys: Uint32Array; rowOf: Int32Array } {
-  const rnd = mulberry32(seed);
-  const keys = new Uint32Array(2 * m);
-  const rowOf = new Int32Array(m);
-  for (let i = 0; i < m; i++) {
-    const kind = rnd() % 10;
-    let lo: number;
-    let hi: number;
-    let row: number;
-    if (kind < 5 || i === 0) {
-      // present
-      row = rnd() % d.n;
-      lo = d.keys[2 * row]!;
-      hi = d.keys[2 * row + 1]!;
-    } else if (kind < 7) {
-      // a duplicate of an earlier position of the request
-      const j = rnd() % i;
-      lo = keys[2 * j]!;
-      hi = keys[2 * j + 1]!;
-      row = rowOf[j]!;
-    } else {
-      // absent: random, or sharing one half with a present key
-      const src = rnd() % d.n;
-      lo = kind === 7 ? d.keys[2 * src]! : rnd();
-      hi = kind === 8 ? d.keys[2 * src + 1]! : rnd();
-      if (kind === 7) hi = (hi + 1 + (rnd() % 1000)) >>> 0;
-      if (kind === 8) lo = (lo + 1 + (rnd() % 1000)) >>> 0;
-      if (d.set.has(keyOf(lo, hi))) {
-        i--;
-        continue;
-      }
-      row = -1;
-    }
-    keys[2 * i] = lo;
-    keys[2 * i + 1] = hi;
-    rowOf[i] = row;
-  }
-  return { keys, rowOf };
-}
 
 test('200k keys in batches of varying size: lookups are bit-exact before and after seal', () => {
   const d = makeDataset(200_000, 8, 1);
@@ -159,18 +40,7 @@ test('200k keys in batches of varying size: lookups are bit-exact before and aft
   }
 });
 
-test('lookup honours n and answers only the first n positions', () => {
-  const d = makeDataset(100, 4, 3);
-  const v = new VersionData(d.dim);
-  appendInBatches(v, d, [100]);
-  const out = new Float32Array(10 * d.dim);
-  const found = new Uint8Array(10);
-  const hits = v.lookup(d.keys.subarray(0, 20), 6, out, found);
-  assert.equal(hits, 6);
-  assert.deepEqual(Array.from(found), [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]);
-  assert.deepEqual(out.subarray(0, 6 * d.dim), d.values.subarray(0, 6 * d.dim));
-  assert.ok(out.subarray(6 * d.dim).every((x) => x === 0));
-});
+// lookup honours n: test/suites/lookup-suite.ts, for every kernel.
 
 test('append returns the index of a key already present, within a batch and across batches', () => {
   const dim = 3;
@@ -260,11 +130,7 @@ test('keys that share one half are distinct keys', () => {
   for (const [lo, hi] of [[7, 3], [8, 2], [2, 1], [0xffffffff, 2], [1, 1], [2, 0]] as const) {
     assert.equal(v.find(lo, hi), -1, `absent (${lo}, ${hi})`);
   }
-  const out = new Float32Array(4 * dim);
-  const found = new Uint8Array(4);
-  assert.equal(v.lookup(new Uint32Array([7, 2, 7, 3, 0, 0, 8, 1]), 4, out, found), 3);
-  assert.deepEqual(Array.from(found), [1, 0, 1, 1]);
-  assert.deepEqual(Array.from(out), [2.5, 3.5, 0, 0, 14.5, 15.5, 8.5, 9.5]);
+  // Their lookups, for every kernel: test/suites/lookup-suite.ts.
 });
 
 test('many keys with one half in common stay distinct (probe chains full of half-matches)', () => {
@@ -291,11 +157,7 @@ test('many keys with one half in common stay distinct (probe chains full of half
     const loAbsent = (i * 104729 + 2) >>> 0;
     if (v.find(loAbsent, 0x12345678) !== -1) assert.fail(`absent (lo ${loAbsent}, hi 0x12345678) found`);
   }
-  // And through the block lookup kernel.
-  const out = new Float32Array(2 * n);
-  const found = new Uint8Array(2 * n);
-  assert.equal(v.lookup(keys, 2 * n, out, found), 2 * n);
-  assert.deepEqual(Array.from(out), Array.from({ length: 2 * n }, (_, i) => i));
+  // And through every lookup kernel: test/suites/lookup-suite.ts.
 });
 
 test('forEach visits every live entry once with its key and vector', () => {

@@ -4,74 +4,7 @@ import { readFileSync } from 'node:fs';
 import { SLAB_ROWS, VersionData } from '../src/shard/version-data.js';
 import { LOOKUP_KERNEL_WASM } from '../src/shard/wasm-kernel-bytes.js';
 import { LookupArena } from '../src/shard/wasm-kernel.js';
-import { mulberry32 } from './helpers/util.js';
-
-/** n distinct random keys and rows of random finite floats. */
-function dataset(n: number, dim: number, seed: number): { keys: Uint32Array; values: Float32Array } {
-  const rnd = mulberry32(seed);
-  const keys = new Uint32Array(2 * n);
-  const seen = new Set<bigint>();
-  for (let i = 0; i < n;) {
-    const lo = rnd();
-    const hi = i % 5 === 0 ? 0 : rnd();
-    const k = (BigInt(hi) << 32n) | BigInt(lo);
-    if (seen.has(k)) continue;
-    seen.add(k);
-    keys[2 * i] = lo;
-    keys[2 * i + 1] = hi;
-    i++;
-  }
-  const values = new Float32Array(n * dim);
-  const bits = new Uint32Array(values.buffer);
-  for (let i = 0; i < bits.length; i++) bits[i] = rnd() & 0xbf7fffff; // exponent never all ones: finite
-  return { keys, values };
-}
-
-/** A request of `q` keys drawn from `keys`, every 7th one absent. */
-function request(keys: Uint32Array, q: number, seed: number): Uint32Array {
-  const rnd = mulberry32(seed);
-  const n = keys.length / 2;
-  const req = new Uint32Array(2 * q);
-  for (let i = 0; i < q; i++) {
-    const r = rnd() % n;
-    req[2 * i] = keys[2 * r]!;
-    req[2 * i + 1] = keys[2 * r + 1]! ^ (i % 7 === 3 ? 0x80000000 : 0);
-  }
-  return req;
-}
-
-function expected(keys: Uint32Array, values: Float32Array, dim: number, req: Uint32Array): { out: Float32Array; found: Uint8Array } {
-  const at = new Map<string, number>();
-  for (let i = 0; i < keys.length / 2; i++) at.set(`${keys[2 * i]}:${keys[2 * i + 1]}`, i);
-  const q = req.length / 2;
-  const out = new Float32Array(q * dim);
-  const found = new Uint8Array(q);
-  for (let i = 0; i < q; i++) {
-    const r = at.get(`${req[2 * i]}:${req[2 * i + 1]}`);
-    if (r === undefined) continue;
-    found[i] = 1;
-    out.set(values.subarray(r * dim, (r + 1) * dim), i * dim);
-  }
-  return { out, found };
-}
-
-const bitsOf = (f: Float32Array): Uint32Array => new Uint32Array(f.buffer, f.byteOffset, f.length);
-
-/**
- * Looks up q keys drawn from `keys` (every 7th absent) into arrays holding garbage, and checks
- * every found flag and every vector's bits against the dataset; returns the hits lookup counted.
- */
-function checkLookups(v: VersionData, keys: Uint32Array, values: Float32Array, dim: number, q: number, seed: number, label = ''): number {
-  const req = request(keys, q, seed);
-  const want = expected(keys, values, dim, req);
-  const out = new Float32Array(q * dim).fill(7);
-  const found = new Uint8Array(q).fill(9);
-  const hits = v.lookup(req, q, out, found);
-  assert.deepEqual(found, want.found, `${label} found flags`);
-  assert.deepEqual(bitsOf(out), bitsOf(want.out), `${label} vectors`);
-  assert.equal(hits, want.found.reduce((a, b) => a + b, 0), `${label} hits`);
-  return hits;
-}
+import { checkLookups, randomRows as dataset } from './suites/fixtures.js';
 
 test('the embedded kernel is src/shard/lookup-kernel.wat compiled (npm run build:kernel)', async () => {
   const { compileKernel } = (await import('../../scripts/build-kernel.mjs' as string)) as { compileKernel: (p: string) => Promise<Buffer> };
@@ -80,16 +13,15 @@ test('the embedded kernel is src/shard/lookup-kernel.wat compiled (npm run build
   assert.ok(readFileSync('src/shard/lookup-kernel.wat', 'utf8').includes('(func (export "lookup")'));
 });
 
-test('a sealed full version answers from the WebAssembly kernel, bit-exact, over several slabs and in chunks', () => {
-  for (const [dim, n, q] of [[32, 3 * SLAB_ROWS + 1234, 10_000], [4, 40_000, 4096 * 2 + 5], [12, 5000, 3]] as const) {
+test('a sealed full version answers from the WebAssembly kernel (its answers: test/suites/lookup-suite.ts)', () => {
+  for (const [dim, n] of [[32, 3 * SLAB_ROWS + 1234], [4, 40_000], [12, 5000]] as const) {
     const d = dataset(n, dim, dim);
     const v = new VersionData(dim, n);
     assert.equal(v.append(d.keys, d.values, n), -1);
     assert.equal(v.kernel, 'js', 'a write version looks up in JavaScript');
     v.seal();
     assert.equal(v.kernel, 'wasm', `dim ${dim}`);
-    // `out` and `found` hold garbage before: absent rows must come back zeroed.
-    checkLookups(v, d.keys, d.values, dim, q, 99, `dim ${dim}:`);
+    // Its answers, bit-exact over several slabs and in chunks: test/suites/lookup-suite.ts.
     assert.equal(v.bytes, v.count * dim * 4 + Math.ceil(Math.ceil(n * 1) / 0.7) * 12, `dim ${dim}: bytes are the rows and the slots`);
   }
 });

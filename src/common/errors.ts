@@ -18,6 +18,10 @@ export const KvErrorCode = {
   CLOSED: 'KV_CLOSED',
   RESOURCE_EXHAUSTED: 'KV_RESOURCE_EXHAUSTED',
   INTERNAL: 'KV_INTERNAL',
+  /** What a replica's disk holds does not match what it recorded (checksum, length, a repeated key). */
+  DATA_CORRUPT: 'KV_DATA_CORRUPT',
+  /** The data directory is held by another process (another replica on the same --data). */
+  DATA_DIR_LOCKED: 'KV_DATA_DIR_LOCKED',
   /** No token, or one the server does not know (gRPC UNAUTHENTICATED). */
   UNAUTHENTICATED: 'KV_UNAUTHENTICATED',
   /** A known token whose role may not call this method (gRPC PERMISSION_DENIED). */
@@ -62,6 +66,8 @@ const CODE_TO_STATUS: Record<KvErrorCodeName, GrpcStatus> = {
   KV_CLOSED: GrpcStatus.UNAVAILABLE,
   KV_RESOURCE_EXHAUSTED: GrpcStatus.RESOURCE_EXHAUSTED,
   KV_INTERNAL: GrpcStatus.INTERNAL,
+  KV_DATA_CORRUPT: GrpcStatus.DATA_LOSS,
+  KV_DATA_DIR_LOCKED: GrpcStatus.FAILED_PRECONDITION,
   KV_UNAUTHENTICATED: GrpcStatus.UNAUTHENTICATED,
   KV_PERMISSION_DENIED: GrpcStatus.PERMISSION_DENIED,
 };
@@ -77,6 +83,7 @@ const STATUS_TO_CODE: Partial<Record<GrpcStatus, KvErrorCodeName>> = {
   [GrpcStatus.RESOURCE_EXHAUSTED]: KvErrorCode.RESOURCE_EXHAUSTED,
   [GrpcStatus.UNAUTHENTICATED]: KvErrorCode.UNAUTHENTICATED,
   [GrpcStatus.PERMISSION_DENIED]: KvErrorCode.PERMISSION_DENIED,
+  [GrpcStatus.DATA_LOSS]: KvErrorCode.DATA_CORRUPT,
 };
 
 /** The most of a caller's input an error message repeats back (echo), in UTF-16 units. */

@@ -128,7 +128,7 @@ export class PeerSync {
         if (!this.shard.hasPut(b.order, b.writer)) {
           try {
             const lag = Math.max(0, Date.now() - Math.floor(b.order / ORDER_SCALE));
-            await this.shard.put(b.table, keysFromBytes(b.keys), floatsFromBytes(b.values), b.order, b.writer, lag);
+            await this.shard.put({ table: b.table, keys: keysFromBytes(b.keys), values: floatsFromBytes(b.values), order: b.order, writer: b.writer, lagMs: lag });
             applied++;
           } catch (err) {
             if (!(err instanceof KvError) || !PERMANENT.has(err.code)) {

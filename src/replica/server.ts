@@ -2,9 +2,7 @@ import * as grpc from '@grpc/grpc-js';
 import { HealthImplementation } from 'grpc-health-check';
 import type { Logger } from 'pino';
 import { KvError, KvErrorCode, invalidArgument, toGrpcError } from '../common/errors.js';
-import { bytesOf, floatsFromBytes, keyAt, keysFromBytes, repeatedKey } from '../common/keys.js';
-import { ORDER_SCALE } from '../common/limits.js';
-import { partitionOfHalves } from '../cluster/partition.js';
+import { keysFromBytes } from '../common/keys.js';
 import type { Manifest } from '../cluster/manifest.js';
 import { YoungGcBudget } from '../common/process-tuning.js';
 import { AnswerBufferPool } from '../transport/answer-pool.js';
@@ -12,9 +10,12 @@ import { installZeroCopyFraming, streamOf } from '../transport/grpc-patches.js';
 import { SERVER_OPTIONS } from '../transport/options.js';
 import { type LookupRequest } from '../wire/lookup.js';
 import { decoded, embkvServerService, shardControlService } from '../wire/services.js';
-import { checkTableName, checkVersion } from '../common/validate.js';
+import { checkTableName } from '../common/validate.js';
 import { Shard } from '../shard/shard.js';
+import { CallsInFlight, DEFAULT_DRAIN_MS } from './admission.js';
+import { controlHandlers } from './control.js';
 import { PeerSync } from './peer-sync.js';
+import { LoadHold, TEST_FAULTS, testDelayMs } from './test-faults.js';
 import { type TokenAuth, checkProtectedMode, serverCredentials, tokenAuthOf } from '../cluster/security.js';
 import { ShardStore } from '../shard/store.js';
 
@@ -34,11 +35,9 @@ export interface ReplicaOptions {
   insecure?: boolean;
 }
 
-/**
- * A put stamped further ahead than this is refused: a later put of the same key, stamped by a writer
- * with a correct clock, would otherwise lose to it until its stamp came round.
- */
-export const DEFAULT_MAX_PUT_SKEW_MS = 5000;
+export { DEFAULT_DRAIN_MS } from './admission.js';
+export { DEFAULT_MAX_PUT_SKEW_MS } from './control.js';
+export { TEST_DELAY_METADATA } from './test-faults.js';
 
 /**
  * A replica refuses lookups with KV_RESOURCE_EXHAUSTED while its answers not yet sent hold this much
@@ -47,9 +46,6 @@ export const DEFAULT_MAX_PUT_SKEW_MS = 5000;
 export const DEFAULT_REPLICA_MAX_INFLIGHT_BYTES = 512 * 1024 * 1024;
 
 type State = 'new' | 'opening' | 'open' | 'closing' | 'closed';
-
-/** The longest a stop waits for calls in flight: each is waited for up to its own deadline, at most this. */
-export const DEFAULT_DRAIN_MS = 10_000;
 
 /**
  * One shard replica process: restores its tables from its own disk, then serves Lookup, the control
@@ -73,12 +69,8 @@ export class ReplicaServer {
    * rather than 4 took ~45 MB off 8 replicas, for no CPU measurable above the noise.
    */
   private readonly youngGc = new YoungGcBudget(2 ** 20);
-  /** Calls admitted and not yet answered, with their deadlines (ms since the epoch; Infinity for none). */
-  private readonly inFlight = new Map<object, number>();
-  private drained: (() => void) | undefined;
-  /** Set when a call's stream could not be watched: a stop then gives answers a moment to leave. */
-  private untracked = false;
-  private heldLoad = false;
+  private readonly calls = new CallsInFlight();
+  private readonly hold: LoadHold;
   /** Bytes of lookup answers handed to grpc-js whose streams have not closed yet. */
   private answerBytes = 0;
   private readonly maxInflightBytes: number;
@@ -95,6 +87,7 @@ export class ReplicaServer {
     this.maxInflightBytes = options.maxInflightBytes ?? DEFAULT_REPLICA_MAX_INFLIGHT_BYTES;
     checkProtectedMode(manifest.security, this.address, options.insecure === true, `replica ${group}/${replica}`);
     this.log = options.logger.child({ component: 'replica', group, replica });
+    this.hold = new LoadHold(this.log);
     this.auth = tokenAuthOf(manifest);
     if (this.auth === undefined && manifest.security?.tls !== undefined) this.log.warn('TLS without a tokens file: anyone who can reach this port may call every method');
     if (this.auth !== undefined && manifest.security?.tls === undefined) this.log.warn('tokens without TLS: tokens cross the network in plain text');
@@ -124,7 +117,17 @@ export class ReplicaServer {
     // Answers leave from their pooled buffers, not from a copy per call (see installZeroCopyFraming).
     if (!installZeroCopyFraming()) this.log.warn('this grpc-js frames messages differently: answers are copied into frames');
     this.server.addService(embkvServerService(this.answers), { lookup: (TEST_FAULTS ? this.onLookupWithTestFaults : this.onLookup).bind(this) });
-    this.server.addService(shardControlService(), this.controlHandlers());
+    this.server.addService(shardControlService(), controlHandlers({
+      shard: this.shard, log: this.log, manifest: this.options.manifest, group: this.options.group, maxPutSkewMs: this.options.maxPutSkewMs, hold: this.hold,
+      admit: (call) => {
+        checkRequest(call.request);
+        this.admit(call, 'control', methodOf(call));
+      },
+      answered: (call) => {
+        if (this.calls.untracked) this.calls.finished(call);
+      },
+      identity: () => ({ group: this.options.group, replica: this.options.replica, address: this.address, uptimeMs: Date.now() - this.startedMs }),
+    }));
     warmCodecs(shardControlService());
     this.health.addToServer(this.server);
     this.boundPort = await new Promise<number>((resolve, reject) => {
@@ -149,24 +152,7 @@ export class ReplicaServer {
     this.state = 'closing';
     this.peerSync.stop();
     this.health.setStatus('', 'NOT_SERVING');
-    const waiting = this.inFlight.size;
-    let forced = 0;
-    if (waiting > 0) {
-      // A little past the last deadline, so that a call ends by its own deadline (DEADLINE_EXCEEDED
-      // to its caller) rather than by the stop.
-      const latest = Math.min(Date.now() + drainMs, Math.max(...this.inFlight.values()) + DEADLINE_MARGIN_MS);
-      this.log.info({ calls: waiting, waitMs: Math.max(0, latest - Date.now()) }, 'draining calls in flight');
-      await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, Math.max(0, latest - Date.now()));
-        this.drained = () => {
-          clearTimeout(timer);
-          resolve();
-        };
-      });
-      this.drained = undefined;
-      forced = this.inFlight.size;
-    }
-    if (this.untracked) await new Promise<void>((resolve) => setTimeout(resolve, UNTRACKED_FLUSH_MS).unref());
+    const { waiting, forced } = await this.calls.drain(drainMs, this.log);
     this.server.forceShutdown();
     await this.store.close();
     this.state = 'closed';
@@ -175,8 +161,7 @@ export class ReplicaServer {
 
   /**
    * Admits a call: refused once the replica stops (or, for lookups, before it serves). It counts as in
-   * flight until its HTTP/2 stream closes, that is until its answer has left, so a stop cuts no answer
-   * half-sent.
+   * flight until its answer has left (CallsInFlight).
    */
   private admit(call: grpc.ServerUnaryCall<unknown, unknown>, what: 'lookup' | 'control', method: string): void {
     // The token first: a caller without one learns nothing of the replica's state.
@@ -185,18 +170,7 @@ export class ReplicaServer {
       const why = this.state === 'opening' ? 'catching up' : this.state === 'closing' ? 'shutting down' : this.state;
       throw new KvError(KvErrorCode.UNAVAILABLE, `replica is ${why}`);
     }
-    const d = call.getDeadline();
-    const at = d instanceof Date ? d.getTime() : d;
-    this.inFlight.set(call, Number.isFinite(at) && at > 0 ? at : Infinity);
-    const stream = streamOf(call);
-    if (stream !== undefined) stream.once('close', () => this.finished(call));
-    else this.untracked = true;
-  }
-
-  /** A call's answer has left (or, where grpc-js hides its stream, has been handed to grpc-js). */
-  private finished(call: object): void {
-    if (!this.inFlight.delete(call)) return;
-    if (this.inFlight.size === 0) this.drained?.();
+    this.calls.add(call);
   }
 
   private onLookup(call: grpc.ServerUnaryCall<LookupRequest, Buffer>, callback: grpc.sendUnaryData<Buffer>): void {
@@ -207,7 +181,7 @@ export class ReplicaServer {
       return callback(toGrpcError(err));
     }
     this.lookup(call, callback);
-    if (this.untracked) this.finished(call);
+    if (this.calls.untracked) this.calls.finished(call);
   }
 
   private lookup(call: grpc.ServerUnaryCall<LookupRequest, Buffer>, callback: grpc.sendUnaryData<Buffer>): void {
@@ -233,8 +207,7 @@ export class ReplicaServer {
     }
   }
 
-  // ---- test fault switch (only with EMBKV_TEST_FAULTS=1) ----
-  /** Lookup with the delay that the request's `embkv-test-delay-ms` metadata asks of this replica. */
+  /** With EMBKV_TEST_FAULTS=1 (test-faults.ts): Lookup with the delay that the request's `embkv-test-delay-ms` metadata asks of this replica. */
   private onLookupWithTestFaults(call: grpc.ServerUnaryCall<LookupRequest, Buffer>, callback: grpc.sendUnaryData<Buffer>): void {
     const delayMs = testDelayMs(call.metadata, this.options.group, this.options.replica);
     if (delayMs === 0) return this.onLookup(call, callback);
@@ -247,122 +220,8 @@ export class ReplicaServer {
     this.log.info({ delayMs }, 'test switch: delaying a lookup');
     setTimeout(() => {
       this.lookup(call, callback);
-      if (this.untracked) this.finished(call);
+      if (this.calls.untracked) this.calls.finished(call);
     }, delayMs).unref();
-  }
-
-  /**
-   * With EMBKV_TEST_HOLD_LOAD=table:version:rows, the first row call that takes that load to `rows`
-   * or more is never answered (once: a load that takes it over goes through).
-   */
-  private holdLoad(table: string, version: number, rows: number): Promise<never> | undefined {
-    const hold = TEST_HOLD_LOAD;
-    if (hold === undefined || this.heldLoad || hold.table !== table || hold.version !== version || rows < hold.rows) return undefined;
-    this.heldLoad = true;
-    this.log.info({ table, version, rows }, 'test switch: holding the load');
-    return new Promise<never>(() => undefined);
-  }
-  // ---- end of test fault switch ----
-
-  /**
-   * What a writer's put must hold before this replica logs it: keys of this replica's group only (any
-   * other would be logged and synced to its peers but never served), each once, and a write order
-   * no further ahead of this replica's clock than maxPutSkewMs.
-   */
-  private checkPut(keys: Uint32Array, order: number): void {
-    const { manifest, group } = this.options;
-    const groups = manifest.groups.length;
-    for (let i = 0; i < keys.length / 2; i++) {
-      const p = partitionOfHalves(keys[2 * i]!, keys[2 * i + 1]!, manifest.partitions);
-      if (p % groups !== group) {
-        throw invalidArgument(`key ${keyAt(keys, i)} (row ${i} of the put) is in partition ${p} of shard group ${p % groups}, not of this replica's group ${group}; the SDK and the router send each key to its own group`);
-      }
-    }
-    const dup = repeatedKey(keys);
-    if (dup !== undefined) {
-      throw invalidArgument(`key ${dup.key} appears twice in one put (rows ${dup.first} and ${dup.second}); a put, like a load, takes each key once`);
-    }
-    const maxSkewMs = this.options.maxPutSkewMs ?? DEFAULT_MAX_PUT_SKEW_MS;
-    const aheadMs = Math.floor(order / ORDER_SCALE) - Date.now();
-    if (Number.isFinite(aheadMs) && aheadMs > maxSkewMs) {
-      throw invalidArgument(`the put's write order is stamped ${aheadMs} ms ahead of this replica's clock; at most ${maxSkewMs} ms of clock skew is accepted (check the writer's clock)`);
-    }
-  }
-
-  private controlHandlers(): grpc.UntypedServiceImplementation {
-    const unary = <Req, Res>(fn: (req: Req) => Promise<Res> | Res) =>
-      (call: grpc.ServerUnaryCall<Req, Res>, callback: grpc.sendUnaryData<Res>): void => {
-        try {
-          checkRequest(call.request);
-          // A stopping replica refuses new calls with a clear answer, and waits for those it took.
-          this.admit(call, 'control', methodOf(call));
-        } catch (err) {
-          return callback(toGrpcError(err));
-        }
-        Promise.resolve()
-          .then(() => fn(call.request))
-          .then((res) => callback(null, res), (err: unknown) => {
-            if (!(err instanceof KvError)) this.log.error({ err }, 'control call failed');
-            callback(toGrpcError(err));
-          })
-          .finally(() => {
-            if (this.untracked) this.finished(call);
-          });
-      };
-    return {
-      LoadBegin: unary(async (r: { table: string; version: number; dim: number; loadId: string; force: boolean; incremental: boolean; expectedRows: number; startedAtMs: number }) => {
-        const b = await this.shard.loadBegin(r.table, checkVersion(r.version), r.dim, r.loadId, r.force, r.incremental, r.expectedRows, r.startedAtMs);
-        return { currentVersion: b.current, baseVersion: b.base, stageDir: this.shard.stageDir };
-      }),
-      LoadStage: unary(async (r: { table: string; version: number; loadId: string; path: string; probePath: string; token: Buffer }) =>
-        this.shard.loadStage(r.table, checkVersion(r.version), r.loadId, r.path, r.probePath, r.token)),
-      LoadRowsFrom: unary(async (r: { table: string; version: number; loadId: string; at: number; bytes: number }) => {
-        const rows = await this.shard.loadRowsFrom(r.table, checkVersion(r.version), r.loadId, r.at, r.bytes);
-        return (TEST_FAULTS && this.holdLoad(r.table, r.version, rows)) || { rows };
-      }),
-      LoadRows: unary(async (r: { table: string; version: number; loadId: string; keys: Buffer; values: Buffer; deletes: Buffer }) => {
-        const rows = await this.shard.loadRows(r.table, r.version, r.loadId, keysFromBytes(r.keys), floatsFromBytes(r.values), keysFromBytes(r.deletes, 'deletes'));
-        return (TEST_FAULTS && this.holdLoad(r.table, r.version, rows)) || { rows };
-      }),
-      Put: unary(async (r: { table: string; keys: Buffer; values: Buffer; order: number; writer: string }) => {
-        const keys = keysFromBytes(r.keys);
-        this.checkPut(keys, r.order);
-        return { seq: await this.shard.put(r.table, keys, floatsFromBytes(r.values), r.order, r.writer) };
-      }),
-      PutsSince: unary(async (r: { afterSeq: number; maxBatches: number }) => {
-        const { batches, last } = await this.shard.putsSince(r.afterSeq, r.maxBatches || 256);
-        return {
-          lastSeq: last,
-          batches: batches.map((b) => ({ seq: b.seq, table: b.table, order: b.order, writer: b.writer, keys: bytesOf(b.keys), values: bytesOf(b.values) })),
-        };
-      }),
-      LoadSeal: unary(async (r: { table: string; version: number; loadId: string; expectedRows: number }) => ({
-        rows: await this.shard.loadSeal(r.table, r.version, r.loadId, r.expectedRows),
-      })),
-      LoadAbort: unary(async (r: { table: string; version: number; loadId: string }) => {
-        await this.shard.loadAbort(r.table, r.version, r.loadId);
-        return {};
-      }),
-      Publish: unary(async (r: { table: string; version: number; rollback: boolean }) => ({
-        previousVersion: await this.shard.publish(r.table, r.version, r.rollback),
-      })),
-      Drop: unary(async (r: { table: string; version: number }) => ({
-        dropped: await this.shard.dropVersion(r.table, r.version),
-      })),
-      Status: unary(() => {
-        const mem = process.memoryUsage();
-        return {
-          group: this.options.group,
-          replica: this.options.replica,
-          address: this.address,
-          uptimeMs: Date.now() - this.startedMs,
-          rssBytes: mem.rss,
-          heapUsedBytes: mem.heapUsed,
-          tables: this.shard.status(),
-          pid: process.pid,
-        };
-      }),
-    };
   }
 }
 
@@ -375,17 +234,11 @@ function checkRequest(request: unknown): void {
   if (table !== undefined) checkTableName(table);
 }
 
-/** A stop waits this long past the last deadline of the calls in flight. */
-const DEADLINE_MARGIN_MS = 250;
-
 /** The method of a call ("/embkv.v1.ShardControl/LoadBegin" gives "LoadBegin"), for the role check. */
 function methodOf(call: grpc.ServerUnaryCall<unknown, unknown>): string {
   const path = call.getPath();
   return path.slice(path.lastIndexOf('/') + 1);
 }
-
-/** How long a stop waits for answers to leave when grpc-js does not show a call's stream. */
-const UNTRACKED_FLUSH_MS = 500;
 
 /**
  * protobufjs compiles each message type's codec on first use: ~10-15 ms per replica on the first
@@ -401,33 +254,3 @@ function warmCodecs(service: grpc.ServiceDefinition): void {
     }
   }
 }
-
-// ---- test fault switch ----
-/**
- * Like grpc-js tests' `respond-with-status`: a replica started with EMBKV_TEST_FAULTS=1 delays a Lookup
- * by the request's `embkv-test-delay-ms` metadata: "300" on every replica, or "g0r0=300,g1r1=50" on
- * the replicas listed. Without the variable the metadata is ignored.
- */
-const TEST_FAULTS = process.env['EMBKV_TEST_FAULTS'] === '1';
-export const TEST_DELAY_METADATA = 'embkv-test-delay-ms';
-
-/**
- * EMBKV_TEST_HOLD_LOAD=table:version:rows (with EMBKV_TEST_FAULTS=1): the load call that brings that
- * version's write version to `rows` rows or more gets no answer, so a test can fault a load midway.
- */
-const TEST_HOLD_LOAD = ((): { table: string; version: number; rows: number } | undefined => {
-  const m = /^([^:]+):(\d+):(\d+)$/.exec(TEST_FAULTS ? (process.env['EMBKV_TEST_HOLD_LOAD'] ?? '') : '');
-  return m ? { table: m[1]!, version: Number(m[2]), rows: Number(m[3]) } : undefined;
-})();
-
-function testDelayMs(metadata: grpc.Metadata, group: number, replica: number): number {
-  const v = metadata.get(TEST_DELAY_METADATA)[0];
-  if (typeof v !== 'string') return 0;
-  if (/^\d+$/.test(v)) return Number(v);
-  for (const part of v.split(',')) {
-    const m = /^g(\d+)r(\d+)=(\d+)$/.exec(part.trim());
-    if (m && Number(m[1]) === group && Number(m[2]) === replica) return Number(m[3]);
-  }
-  return 0;
-}
-// ---- end of test fault switch ----

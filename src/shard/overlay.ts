@@ -1,4 +1,4 @@
-import { probeSlot, rehashSlots } from './version-data.js';
+import { probeSlot, rehashSlots } from './slots.js';
 
 const MIN_SLOTS = 256;
 const MAX_LOAD = 0.7;

@@ -2,10 +2,11 @@ import { copyFile, link, mkdir, open, readdir, rm, stat, unlink, type FileHandle
 import { join, resolve } from 'node:path';
 import { ClassicLevel } from 'classic-level';
 import { pack, unpack } from 'msgpackr';
-import { errnoOf, ioError } from '../common/errors.js';
+import { KvError, KvErrorCode, errnoOf, ioError } from '../common/errors.js';
 import { readFully } from '../common/files.js';
 import { BLOCK_HEAD, BLOCK_MAGIC, blockBytes, blockChecksum, writeBlock } from '../common/rows-file.js';
 import { bytesOf, floatsFromBytes, keysFromBytes } from '../common/keys.js';
+import { PutLog } from './put-log.js';
 
 /**
  * A replica's disk, under --data: a classic-level (LevelDB) database for metadata and the put log,
@@ -13,7 +14,7 @@ import { bytesOf, floatsFromBytes, keysFromBytes } from '../common/keys.js';
  *
  *   LevelDB
  *     t!<table>                                  -> msgpack TableMeta (versions, current)
- *     p!<seq:16 digits>                          -> a real-time put batch (see encodePut)
+ *     p!<seq:16 digits>, m!putseq                -> the put log (put-log.ts)
  *     r!<table>!<version:16 digits>!<block:10>   -> rows of versions written before rows files
  *                                                   (read at restore, never written any more)
  *   rows/<table>@<version:16 digits>.rows        -> the version's load batches as blocks
@@ -43,16 +44,6 @@ export interface VersionMeta {
   upserts: number;
   deletes: number;
   createdAtMs: number;
-}
-
-/** A real-time put batch as logged. */
-export interface PutRecord {
-  seq: number;
-  table: string;
-  order: number;
-  writer: string;
-  keys: Uint32Array;
-  values: Float32Array;
 }
 
 export interface TableMeta {
@@ -112,12 +103,15 @@ export class ShardStore {
    */
   readonly stageDir: string;
   private readonly writers = new Map<string, Promise<RowsWriter>>();
+  /** The real-time put log, in the same database. */
+  readonly putLog: PutLog;
 
   constructor(readonly dir: string) {
     // Vectors do not compress: Snappy would only spend CPU on them. Blocks are read once, at
     // restore, in order: a block cache would only hold memory.
     this.db = new ClassicLevel<string, Uint8Array>(dir, { keyEncoding: 'utf8', valueEncoding: 'view', compression: false, cacheSize: 1 << 20 });
     this.rowsDir = join(dir, 'rows');
+    this.putLog = new PutLog(this.db);
     this.stageDir = resolve(dir, 'incoming');
   }
 
@@ -127,11 +121,11 @@ export class ShardStore {
     } catch (err) {
       const cause = (err as { cause?: { code?: string } }).cause;
       if (cause?.code === 'LEVEL_LOCKED') {
-        throw new Error(`data directory ${this.dir} is in use by another process (is this replica already running?)`, { cause: err });
+        throw new KvError(KvErrorCode.DATA_DIR_LOCKED, `data directory ${this.dir} is in use by another process (is this replica already running?)`, { cause: err });
       }
       // classic-level says only "Database failed to open"; the reason is down its cause chain.
       if (errnoOf(err) !== undefined) throw ioError(err, `opening data directory ${this.dir}`, `: ${causeChain(err)}`);
-      throw new Error(`cannot open data directory ${this.dir}: ${causeChain(err)}`, { cause: err });
+      throw new KvError(KvErrorCode.INTERNAL, `cannot open data directory ${this.dir}: ${causeChain(err)}`, { cause: err });
     }
     if ((await mkdir(this.rowsDir, { recursive: true })) !== undefined) await syncDir(this.dir);
     await rm(this.stageDir, { recursive: true, force: true });
@@ -195,7 +189,7 @@ export class ShardStore {
     const id = `${table}@${version}`;
     const opening = this.writers.get(id);
     if (opening === undefined && blocks > 0) {
-      throw new Error(`the rows file of ${table} v${version} is no longer open for writing; load the version again`);
+      throw new KvError(KvErrorCode.INTERNAL, `the rows file of ${table} v${version} is no longer open for writing; load the version again`);
     }
     if (opening === undefined) {
       // A version without rows here (no key of the load fell in this group): an empty file, so
@@ -268,10 +262,10 @@ export class ShardStore {
     const fh = await open(path, 'r');
     try {
       const st = await fh.stat();
-      if (st.size < bytes) throw new Error(`${path} holds ${st.size} bytes of the ${bytes} read from ${staged}`);
+      if (st.size < bytes) throw new KvError(KvErrorCode.INTERNAL, `${path} holds ${st.size} bytes of the ${bytes} read from ${staged}`);
       // The name must still lead to the file that was read (a link) or have been copied from it.
       const source = linked ? st : await stat(staged);
-      if (source.dev !== read.dev || source.ino !== read.ino) throw new Error(`${staged} was replaced while it was read`);
+      if (source.dev !== read.dev || source.ino !== read.ino) throw new KvError(KvErrorCode.INTERNAL, `${staged} was replaced while it was read`);
       await fh.sync();
     } finally {
       await fh.close();
@@ -291,12 +285,12 @@ export class ShardStore {
     const fh = await open(path, 'r');
     try {
       const size = (await fh.stat()).size;
-      if (size < vm.rowsBytes) throw new Error(`${path} holds ${size} bytes; the seal recorded ${vm.rowsBytes}`);
+      if (size < vm.rowsBytes) throw new KvError(KvErrorCode.DATA_CORRUPT, `${path} holds ${size} bytes; the seal recorded ${vm.rowsBytes}`);
       // One buffer, reused: each block is consumed before the next is read.
       let buf = new ArrayBuffer(1 << 20);
       const head = new Uint32Array(BLOCK_HEAD / 4);
       for (let at = 0; at < vm.rowsBytes;) {
-        if (at + BLOCK_HEAD > vm.rowsBytes) throw new Error(`${path}: truncated block header at byte ${at}`);
+        if (at + BLOCK_HEAD > vm.rowsBytes) throw new KvError(KvErrorCode.DATA_CORRUPT, `${path}: truncated block header at byte ${at}`);
         await readExactly(fh, path, new Uint8Array(head.buffer), at);
         const n = head[1]!;
         const dim = head[2]!;
@@ -304,13 +298,13 @@ export class ShardStore {
         // Rows have the version's dim; a delta's deletes have none.
         const dimOk = dim === vm.dim || (dim === 0 && vm.base !== 0);
         if (head[0] !== BLOCK_MAGIC || !dimOk || at + BLOCK_HEAD + bodyBytes > vm.rowsBytes) {
-          throw new Error(`${path}: corrupt block at byte ${at} (${n} rows of dim ${dim}; the version has dim ${vm.dim})`);
+          throw new KvError(KvErrorCode.DATA_CORRUPT, `${path}: corrupt block at byte ${at} (${n} rows of dim ${dim}; the version has dim ${vm.dim})`);
         }
         if (buf.byteLength < bodyBytes) buf = new ArrayBuffer(bodyBytes);
         await readExactly(fh, path, new Uint8Array(buf, 0, bodyBytes), at + BLOCK_HEAD);
         const keys = new Uint8Array(buf, 0, n * 8);
         const floats = new Uint8Array(buf, n * 8, n * dim * 4);
-        if (blockChecksum(head, [keys, floats]) !== head[3]) throw new Error(`${path}: checksum mismatch in the block at byte ${at}`);
+        if (blockChecksum(head, [keys, floats]) !== head[3]) throw new KvError(KvErrorCode.DATA_CORRUPT, `${path}: checksum mismatch in the block at byte ${at}`);
         yield { keys: new Uint32Array(buf, 0, 2 * n), values: new Float32Array(buf, n * 8, n * dim), n, dim };
         at += BLOCK_HEAD + bodyBytes;
       }
@@ -327,61 +321,10 @@ export class ShardStore {
       const n = head[0]!;
       const dim = head[1]!;
       if (value.byteLength !== 8 + n * 8 + n * dim * 4) {
-        throw new Error(`corrupt block in ${this.dir} for ${table} v${version}: ${value.byteLength} bytes for ${n} rows of dim ${dim}`);
+        throw new KvError(KvErrorCode.DATA_CORRUPT, `corrupt block in ${this.dir} for ${table} v${version}: ${value.byteLength} bytes for ${n} rows of dim ${dim}`);
       }
       yield { keys: keysFromBytes(value.subarray(8, 8 + n * 8)), values: floatsFromBytes(value.subarray(8 + n * 8)), n, dim };
     }
-  }
-
-  /** Appends a put batch to the log, synced to disk before it resolves. */
-  async appendPut(rec: PutRecord): Promise<void> {
-    // The high-water seq is written with the batch, so a seq is never handed out twice, even after
-    // pruning emptied the tail of the log.
-    await this.db.batch([
-      { type: 'put', key: `p!${pad(rec.seq, 16)}`, value: encodePut(rec) },
-      { type: 'put', key: 'm!putseq', value: new TextEncoder().encode(String(rec.seq)) },
-    ], { sync: true });
-  }
-
-  /** The highest put seq ever handed out (0 for a new store). */
-  async putSeqHighWater(): Promise<number> {
-    const v = await this.db.get('m!putseq');
-    return v === undefined ? 0 : Number(new TextDecoder().decode(v));
-  }
-
-  /** Put batches with seq > after, oldest first, at most `limit`. */
-  /** Put batches with after < seq <= upTo, oldest first, at most `limit` batches and about `maxBytes` (at least one). */
-  async readPuts(after: number, upTo: number, limit: number, maxBytes = Infinity): Promise<PutRecord[]> {
-    const out: PutRecord[] = [];
-    let bytes = 0;
-    for await (const value of this.db.values({ gt: `p!${pad(after, 16)}`, lte: `p!${pad(upTo, 16)}`, limit })) {
-      if (out.length > 0 && bytes + value.byteLength > maxBytes) break;
-      out.push(decodePut(value));
-      bytes += value.byteLength;
-    }
-    return out;
-  }
-
-  /**
-   * Deletes the logged put batches of `table` written before `minOrder` (a newer full version holds
-   * them); returns their `${order}:${writer}` ids.
-   */
-  async prunePuts(table: string, minOrder: number): Promise<string[]> {
-    const removed: string[] = [];
-    let batch = this.db.batch();
-    for await (const [key, value] of this.db.iterator({ gte: 'p!', lt: 'p"' })) {
-      const rec = decodePut(value);
-      if (rec.table !== table || rec.order >= minOrder) continue;
-      batch.del(key);
-      removed.push(`${rec.order}:${rec.writer}`);
-      if (batch.length >= 1000) {
-        await batch.write();
-        batch = this.db.batch();
-      }
-    }
-    if (batch.length > 0) await batch.write();
-    else await batch.close();
-    return removed;
   }
 
   /** Deletes a version's rows (its file, or its LevelDB blocks if it predates rows files). */
@@ -419,29 +362,7 @@ export class ShardStore {
 
 async function readExactly(fh: FileHandle, path: string, into: Uint8Array, position: number): Promise<void> {
   const got = await readFully(fh, into, position);
-  if (got < into.byteLength) throw new Error(`${path}: unexpected end of file at byte ${position + got}`);
-}
-
-/** [header length u32][msgpack {seq, table, order, writer, n}][pad to 8][keys][values] */
-function encodePut(rec: PutRecord): Uint8Array {
-  const head = pack({ seq: rec.seq, table: rec.table, order: rec.order, writer: rec.writer, n: rec.keys.length / 2 });
-  const body = 4 + head.length;
-  const off = Math.ceil(body / 8) * 8;
-  const buf = new Uint8Array(off + rec.keys.byteLength + rec.values.byteLength);
-  new DataView(buf.buffer).setUint32(0, head.length, true);
-  buf.set(head, 4);
-  buf.set(new Uint8Array(rec.keys.buffer, rec.keys.byteOffset, rec.keys.byteLength), off);
-  buf.set(new Uint8Array(rec.values.buffer, rec.values.byteOffset, rec.values.byteLength), off + rec.keys.byteLength);
-  return buf;
-}
-
-function decodePut(value: Uint8Array): PutRecord {
-  const len = new DataView(value.buffer, value.byteOffset, 4).getUint32(0, true);
-  const head = unpack(value.subarray(4, 4 + len)) as { seq: number; table: string; order: number; writer: string; n: number };
-  const off = Math.ceil((4 + len) / 8) * 8;
-  const keys = keysFromBytes(value.subarray(off, off + head.n * 8));
-  const values = floatsFromBytes(value.subarray(off + head.n * 8));
-  return { seq: head.seq, table: head.table, order: head.order, writer: head.writer, keys, values };
+  if (got < into.byteLength) throw new KvError(KvErrorCode.DATA_CORRUPT, `${path}: unexpected end of file at byte ${position + got}`);
 }
 
 /** The messages of an error and its causes, joined: "Database failed to open: IO error: ...". */

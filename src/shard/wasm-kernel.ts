@@ -1,3 +1,4 @@
+import { KvError, KvErrorCode } from '../common/errors.js';
 import { LOOKUP_KERNEL_WASM } from './wasm-kernel-bytes.js';
 
 /**
@@ -92,7 +93,7 @@ export class LookupArena {
 
   /** Allocates `bytes` (64-byte aligned) at the end; undefined if that passes ARENA_MAX_BYTES. */
   alloc(bytes: number): number | undefined {
-    if (this.sealedAt !== undefined) throw new Error('alloc in a sealed arena');
+    if (this.sealedAt !== undefined) throw new KvError(KvErrorCode.INTERNAL, 'alloc in a sealed arena');
     const off = (this.used + 63) & ~63;
     const end = off + bytes;
     if (end > ARENA_MAX_BYTES) return undefined;
@@ -141,7 +142,7 @@ export class LookupArena {
    */
   lookup(keys: Uint32Array, n: number, out: Float32Array, found: Uint8Array): number {
     const s = this.sealedAt;
-    if (s === undefined) throw new Error('lookup in an arena not sealed');
+    if (s === undefined) throw new KvError(KvErrorCode.INTERNAL, 'lookup in an arena not sealed');
     const dim = this.dim;
     let hits = 0;
     for (let base = 0; base < n; base += CHUNK) {
