@@ -138,7 +138,7 @@ describe('a replica bounds the answers it holds', () => {
         const refused = await lookup(stub, 'emb', makeRequest(model, 1000));
         assert.ok(failed(refused), 'refused while the unread answer is held');
         assert.equal(refused.code, grpc.status.RESOURCE_EXHAUSTED);
-        assert.match(refused.details, /this replica holds \d+ bytes of answers not yet sent; the limit is 1048576 \(kvctl serve --max-inflight-mb\)/);
+        assert.match(refused.details, /this replica holds \d+ bytes of answers not yet sent; the limit is 1048576 \(maxInflightBytes\)/);
         // The reader goes away: its stream closes, and the replica answers again.
         session.destroy();
         for (;;) {

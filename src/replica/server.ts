@@ -189,7 +189,7 @@ export class ReplicaServer {
       const req = call.request;
       const keys = keysFromBytes(req.keys);
       if (this.answerBytes > 0 && this.answerBytes >= this.maxInflightBytes) {
-        throw new KvError(KvErrorCode.RESOURCE_EXHAUSTED, `this replica holds ${this.answerBytes} bytes of answers not yet sent; the limit is ${this.maxInflightBytes} (kvctl serve --max-inflight-mb): retry on another replica or with backoff`);
+        throw new KvError(KvErrorCode.RESOURCE_EXHAUSTED, `this replica holds ${this.answerBytes} bytes of answers not yet sent; the limit is ${this.maxInflightBytes} (maxInflightBytes): retry on another replica or with backoff`);
       }
       const answer = this.shard.lookup(req.table, req.version, keys, this.answers);
       // Held until the answer has left (its stream closes); without a stream to watch, until handed over.

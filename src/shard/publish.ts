@@ -59,7 +59,7 @@ export async function dropVersion(core: ShardCore, table: string, version: numbe
       throw new KvError(KvErrorCode.LOAD_CONFLICT, `table ${table} v${version} is current; publish or roll back to another version before dropping it`);
     }
     if (t.write?.version === version) {
-      throw new KvError(KvErrorCode.LOAD_CONFLICT, `table ${table} v${version} is being loaded; a load that fails is dropped by itself, and kvctl load --force takes a stalled one over`);
+      throw new KvError(KvErrorCode.LOAD_CONFLICT, `table ${table} v${version} is being loaded; a load that fails is dropped by itself, and a forced load takes a stalled one over`);
     }
     const dependents = [...t.versions.values()].filter((v) => v.meta.base === version).map((v) => v.meta.version);
     if (t.write?.meta.base === version) dependents.push(t.write.version);
