@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { homeSlot } from '../src/shard/slots.js';
 import { SLAB_ROWS, VersionData } from '../src/shard/version-data.js';
 import { mulberry32 } from './helpers/util.js';
-import { appendInBatches, checkAnswer, keyOf, makeDataset, makeRequest } from './suites/fixtures.js';
+import { appendInBatches, checkAnswer, halfSharingKeys, keyOf, makeDataset, makeRequest } from './suites/fixtures.js';
 
 
 test('200k keys in batches of varying size: lookups are bit-exact before and after seal', () => {
@@ -139,13 +139,7 @@ test('many keys with one half in common stay distinct (probe chains full of half
   const dim = 1;
   const v = new VersionData(dim);
   const n = 600;
-  const keys = new Uint32Array(4 * n);
-  for (let i = 0; i < n; i++) {
-    keys[2 * i] = 0xdeadbeef;
-    keys[2 * i + 1] = (i * 7919) >>> 0;
-    keys[2 * (n + i)] = (i * 104729 + 1) >>> 0;
-    keys[2 * (n + i) + 1] = 0x12345678;
-  }
+  const keys = halfSharingKeys(n);
   assert.equal(v.append(keys, new Float32Array(2 * n).map((_, i) => i), 2 * n), -1);
   assert.equal(v.count, 2 * n);
   for (let r = 0; r < 2 * n; r++) {

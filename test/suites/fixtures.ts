@@ -196,3 +196,18 @@ export function makeRequest(d: Dataset, m: number, seed: number): { keys: Uint32
   }
   return { keys, rowOf };
 }
+
+/**
+ * n keys sharing the low half and n sharing the high half: in a small table, a probe for one passes
+ * slots whose key matches in one half only.
+ */
+export function halfSharingKeys(n: number): Uint32Array {
+  const keys = new Uint32Array(4 * n);
+  for (let i = 0; i < n; i++) {
+    keys[2 * i] = 0xdeadbeef;
+    keys[2 * i + 1] = (i * 7919) >>> 0;
+    keys[2 * (n + i)] = (i * 104729 + 1) >>> 0;
+    keys[2 * (n + i) + 1] = 0x12345678;
+  }
+  return keys;
+}

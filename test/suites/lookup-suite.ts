@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { SLAB_ROWS } from '../../src/shard/version-data.js';
-import { checkAnswer, checkLookups, makeDataset, makeRequest, randomRows, type LookupTable } from './fixtures.js';
+import { checkAnswer, checkLookups, halfSharingKeys, makeDataset, makeRequest, randomRows, type LookupTable } from './fixtures.js';
 
 /**
  * One suite for every lookup kernel, as abstract-level's suite is run by every Level backend: each
@@ -63,13 +63,7 @@ export function lookupSuite(name: string, makeTable: MakeTable): void {
 
     test('many keys with one half in common stay distinct (probe chains full of half-matches)', () => {
       const n = 600;
-      const keys = new Uint32Array(4 * n);
-      for (let i = 0; i < n; i++) {
-        keys[2 * i] = 0xdeadbeef;
-        keys[2 * i + 1] = (i * 7919) >>> 0;
-        keys[2 * (n + i)] = (i * 104729 + 1) >>> 0;
-        keys[2 * (n + i) + 1] = 0x12345678;
-      }
+      const keys = halfSharingKeys(n);
       const t = makeTable(1, keys, new Float32Array(2 * n).map((_, i) => i), 2 * n);
       const out = new Float32Array(2 * n);
       const found = new Uint8Array(2 * n);
