@@ -12,7 +12,7 @@ import { installZeroCopyRequests } from '../transport/grpc-patches.js';
 import { ClusterConnections, type ReplicaConn } from '../cluster/connections.js';
 import { call, statusAll, switchVersion } from './cluster-ops.js';
 import { RowStreamer } from './row-streamer.js';
-import { planDump } from './sources.js';
+import { parseDumpSource, planDump, type DumpPlan, type S3SourceOptions } from './sources.js';
 import { DEFAULT_STAGE_RANGE_BYTES, stageGroups, type Stage } from './stage.js';
 
 export { DEFAULT_STAGE_RANGE_BYTES } from './stage.js';
@@ -25,8 +25,18 @@ export interface LoadOptions {
   manifest: Manifest;
   table: string;
   version: number;
-  /** A file, a NumPy pair or a directory of parts. */
+  /**
+   * A file, a NumPy pair or a directory of parts: a local path, or in S3-compatible object storage
+   * `s3://BUCKET/PREFIX/` (a prefix of parts) or `s3://BUCKET/KEY` (one part), reached with `s3`.
+   */
   path: string;
+  /** How to reach object storage for an s3:// path (endpoint, addressing, retries, read-ahead). */
+  s3?: S3SourceOptions;
+  /**
+   * A dump following the Hadoop/Spark convention (every S3 prefix; a local directory holding a marker
+   * such as _SUCCESS or _temporary) is loaded only once it holds _SUCCESS (default true).
+   */
+  requireSuccessMarker?: boolean;
   /** 'incremental': a delta (upserts and deletes) on top of the current version. Default 'full'. */
   mode?: 'full' | 'incremental';
   publish?: boolean;
@@ -66,9 +76,13 @@ export interface LoadOptionNames {
   version: string;
   dim: string;
   allowEmpty: string;
+  /** How to load a dump without its _SUCCESS marker. */
+  noSuccessMarker: string;
 }
 
-export const DEFAULT_LOAD_OPTION_NAMES: Readonly<LoadOptionNames> = { table: 'table', version: 'version', dim: 'dim', allowEmpty: 'allowEmpty' };
+export const DEFAULT_LOAD_OPTION_NAMES: Readonly<LoadOptionNames> = {
+  table: 'table', version: 'version', dim: 'dim', allowEmpty: 'allowEmpty', noSuccessMarker: 'requireSuccessMarker: false',
+};
 
 export interface LoadResult {
   /** Upserts (rows of a full load). */
@@ -146,8 +160,7 @@ interface CheckedLoad {
 }
 
 async function load(conns: ClusterConnections, run: CheckedLoad): Promise<LoadResult> {
-  const { options, names, table, version, batchRows, inflight, rangeBytes, mode, started } = run;
-  const { manifest } = options;
+  const { options, names, table, mode } = run;
   const incremental = mode === 'incremental';
   // A delta has the current version's dim. A full load does too, unless it declares a new one.
   const current = await currentVersion(conns, table);
@@ -157,7 +170,23 @@ async function load(conns: ClusterConnections, run: CheckedLoad): Promise<LoadRe
   const expectDim = options.dim ?? current?.dim;
   const what = options.dim !== undefined ? `${names.dim} ${options.dim}`
     : `the dim of ${table} v${current?.version}${incremental ? '' : `; pass ${names.dim} to load a version with a new dimension`}`;
-  const plan = await planDump(options.path, mode, { expectedDim: expectDim, expectedDimWhat: what });
+  const source = parseDumpSource(options.path, options.s3);
+  try {
+    const plan = await planDump(options.path, mode, {
+      expectedDim: expectDim, expectedDimWhat: what, source,
+      requireSuccessMarker: options.requireSuccessMarker ?? true, successMarkerWhat: names.noSuccessMarker,
+    });
+    return await loadPlan(conns, run, plan);
+  } finally {
+    source.close();
+  }
+}
+
+/** The load of a planned dump, whose source stays open until it returns. */
+async function loadPlan(conns: ClusterConnections, run: CheckedLoad, plan: DumpPlan): Promise<LoadResult> {
+  const { options, names, table, version, batchRows, inflight, rangeBytes, mode, started } = run;
+  const { manifest } = options;
+  const incremental = mode === 'incremental';
   const rowsPerBatch = Math.max(1, Math.min(batchRows, Math.floor(MAX_BATCH_BYTES / (plan.dim * 4 + 8))));
   const loadId = randomUUID();
   const log = options.logger?.child({ component: 'loader', table, version, loadId });

@@ -2,7 +2,8 @@
  * The NumPy .npy header reader: checks magic, version, the header dict, dtype and shape for a file's
  * role, and that the file size matches the header exactly. Refusals are KV_INVALID_DATA naming the file.
  */
-import { MAX_LOAD_DIM, dataError, fmt, openDumpFile } from './dump-files.js';
+import { MAX_LOAD_DIM, dataError, fmt } from './dump-files.js';
+import { LOCAL_SOURCE, type DumpSource } from './dump-source.js';
 
 /** numpy itself refuses headers over 10,000 bytes by default; anything near this is not a real header. */
 const MAX_NPY_HEADER_BYTES = 1 << 20;
@@ -159,13 +160,16 @@ const ROLE_EXPECT: Record<NpyRole, string> = {
   values: "values must be little-endian float32 ('<f4'); convert with arr.astype('<f4')",
 };
 
-/** Reads and checks the header of one .npy file, including that the file size matches it exactly. */
-export async function readNpyHeader(path: string, role: NpyRole): Promise<NpyHeader> {
-  const fh = await openDumpFile(path);
+/**
+ * Reads and checks the header of one .npy file (of `source`, local files by default), including that the
+ * file size matches it exactly.
+ */
+export async function readNpyHeader(path: string, role: NpyRole, source: DumpSource = LOCAL_SOURCE): Promise<NpyHeader> {
+  const fh = await source.open(path);
   try {
-    const fileBytes = (await fh.stat()).size;
+    const fileBytes = fh.size;
     const pre = Buffer.alloc(12);
-    const got = (await fh.read(pre, 0, 12, 0)).bytesRead;
+    const got = await fh.read(pre, 0, Math.min(12, fileBytes), 0);
     if (got < 10 || !pre.subarray(0, 6).equals(NPY_MAGIC)) {
       if (got >= 6 && !pre.subarray(0, 6).equals(NPY_MAGIC)) {
         throw dataError(`${path}: not a .npy file (the first bytes are not the magic \\x93NUMPY)`);
@@ -195,7 +199,7 @@ export async function readNpyHeader(path: string, role: NpyRole): Promise<NpyHea
       throw dataError(`${path}: truncated in the .npy header: the header needs ${fmt(dataOffset)} bytes but the file holds ${fmt(fileBytes)}`);
     }
     const hbuf = Buffer.alloc(headerLen);
-    const hgot = (await fh.read(hbuf, 0, headerLen, headerStart)).bytesRead;
+    const hgot = await fh.read(hbuf, 0, headerLen, headerStart);
     if (hgot !== headerLen) throw dataError(`${path}: truncated in the .npy header`);
     const text = hbuf.toString(major === 3 ? 'utf8' : 'latin1');
     const header = parseNpyDict(text, path, role);

@@ -2,11 +2,10 @@
  * Streaming readers of a planned dump: rows in chunks of bounded size, values (NaN/Inf) and text syntax
  * checked as they are read.
  */
-import { type FileHandle } from 'node:fs/promises';
-import { readFully } from '../common/files.js';
 import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
 import { firstNonFinite } from '../common/keys.js';
-import { MAX_LOAD_DIM, dataError, openDumpFile } from './dump-files.js';
+import { MAX_LOAD_DIM, dataError } from './dump-files.js';
+import { LOCAL_SOURCE, type DumpSource, type RandomAccessReader } from './dump-source.js';
 import { readNpyHeader, type NpyHeader, type NpyRole } from './npy.js';
 import { planDimDesc, type DumpPlan, type PartInfo } from './plan.js';
 import { LINE_BLANK, LINE_ROW, TextLineParser, textLineBlocks } from './text.js';
@@ -71,6 +70,7 @@ interface ReadPass {
   signal: AbortSignal | undefined;
   /** NumPy rows go to two buffer pairs used in turn (ReadDumpOptions.reuseBuffers). */
   reuse: boolean;
+  source: DumpSource;
 }
 
 /**
@@ -88,7 +88,7 @@ export async function* readDump(plan: DumpPlan, options: ReadDumpOptions = {}): 
   }
   const signal = options.signal;
   const rowsPerChunk = plan.dim > 0 ? Math.max(1, Math.min(chunkRows, Math.floor(MAX_CHUNK_BYTES / (plan.dim * 4)))) : chunkRows;
-  const pass: ReadPass = { plan, rowsPerChunk, deletesPerChunk: chunkRows, signal, reuse: options.reuseBuffers ?? false };
+  const pass: ReadPass = { plan, rowsPerChunk, deletesPerChunk: chunkRows, signal, reuse: options.reuseBuffers ?? false, source: plan.source ?? LOCAL_SOURCE };
   for (const part of plan.parts) {
     if (signal?.aborted) throw abortError(signal);
     if (part.kind === 'text') {
@@ -108,17 +108,24 @@ export async function* readDump(plan: DumpPlan, options: ReadDumpOptions = {}): 
  * Reads exactly `len` bytes at `pos` into the start of `into`, or of a fresh ArrayBuffer (offset 0, so
  * any typed view is aligned).
  */
-async function readExact(fh: FileHandle, file: string, len: number, pos: number, into?: ArrayBuffer): Promise<ArrayBuffer> {
+async function readExact(fh: RandomAccessReader, file: string, len: number, pos: number, into?: ArrayBuffer): Promise<ArrayBuffer> {
   const ab = into ?? new ArrayBuffer(len);
-  if ((await readFully(fh, new Uint8Array(ab, 0, len), pos)) < len) {
+  const view = new Uint8Array(ab, 0, len);
+  let got = 0;
+  while (got < len) {
+    const n = await fh.read(view, got, len - got, pos + got);
+    if (n === 0) break;
+    got += n;
+  }
+  if (got < len) {
     throw dataError(`${file}: truncated while reading (the file shrank after it was checked)`);
   }
   return ab;
 }
 
-async function reopenChecked(path: string, role: NpyRole, planned: { rows: number; dim: number }): Promise<NpyHeader> {
+async function reopenChecked(source: DumpSource, path: string, role: NpyRole, planned: { rows: number; dim: number }): Promise<NpyHeader> {
   const { rows, dim } = planned;
-  const h = await readNpyHeader(path, role);
+  const h = await readNpyHeader(path, role, source);
   if (h.shape[0] !== rows || (role === 'values' && h.shape[1] !== dim)) {
     throw dataError(`${path}: changed since the load was planned (shape now (${h.shape.join(', ')}))`);
   }
@@ -131,13 +138,14 @@ async function* readNpyRows(part: PartInfo, pass: ReadPass): AsyncGenerator<Dump
   const keysPath = part.keysPath!;
   const valuesPath = part.valuesPath!;
   const rows = part.rows;
-  const kh = await reopenChecked(keysPath, 'keys', { rows, dim });
-  const vh = await reopenChecked(valuesPath, 'values', { rows, dim });
-  const kf = await openDumpFile(keysPath);
-  let vf: FileHandle | undefined;
+  const source = pass.source;
+  const kh = await reopenChecked(source, keysPath, 'keys', { rows, dim });
+  const vh = await reopenChecked(source, valuesPath, 'values', { rows, dim });
+  const kf = await source.open(keysPath);
+  let vf: RandomAccessReader | undefined;
   let pending: Promise<DumpItem> | undefined;
   try {
-    vf = await openDumpFile(valuesPath);
+    vf = await source.open(valuesPath);
     const valuesFile = vf;
     const rowBytes = dim * 4;
     // With reuse: chunk k is read into pair k % 2. Pair k % 2 is refilled for chunk k + 2, which is
@@ -185,8 +193,8 @@ async function* readNpyRows(part: PartInfo, pass: ReadPass): AsyncGenerator<Dump
 async function* readNpyDeletes(part: PartInfo, pass: ReadPass): AsyncGenerator<DumpItem> {
   const { deletesPerChunk: chunkRows, signal } = pass;
   const path = part.deletesPath!;
-  const h = await reopenChecked(path, 'deletes', { rows: part.deletes, dim: 0 });
-  const fh = await openDumpFile(path);
+  const h = await reopenChecked(pass.source, path, 'deletes', { rows: part.deletes, dim: 0 });
+  const fh = await pass.source.open(path);
   try {
     for (let first = 0; first < part.deletes; first += chunkRows) {
       if (signal?.aborted) throw abortError(signal);
@@ -246,7 +254,7 @@ async function* readTextPart(path: string, pass: ReadPass): AsyncGenerator<DumpI
     nDel = 0;
   };
 
-  for await (const { lines, firstLine } of textLineBlocks(path)) {
+  for await (const { lines, firstLine } of textLineBlocks(path, pass.source)) {
     if (signal?.aborted) throw abortError(signal);
     for (let i = 0; i < lines.length; i++) {
       const lineNo = firstLine + i;

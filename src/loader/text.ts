@@ -2,7 +2,8 @@
  * Text parts, `key<TAB>v1,v2,...,vdim` a line (a key alone deletes it in an incremental load): the line
  * reader, in bounded memory, and the line parser, which writes into caller-provided slots.
  */
-import { MAX_LOAD_DIM, dataError, fmt, openDumpFile, type LoadMode } from './dump-files.js';
+import { MAX_LOAD_DIM, dataError, fmt, type LoadMode } from './dump-files.js';
+import { LOCAL_SOURCE, type DumpSource } from './dump-source.js';
 
 /** A text line longer than this is refused rather than buffered without bound. */
 const MAX_TEXT_LINE_BYTES = 16 * 1024 * 1024;
@@ -170,14 +171,15 @@ function hasRadixPrefix(s: string, start: number, end: number): boolean {
  * Lines are decoded as latin1, one char per byte: the syntax is ASCII, and since no byte of a multi-byte UTF-8
  * sequence is '#' or '\n', UTF-8 comments are cut off intact (shown() re-decodes text quoted in messages).
  */
-export async function* textLineBlocks(path: string): AsyncGenerator<{ lines: string[]; firstLine: number }> {
-  const fh = await openDumpFile(path);
+export async function* textLineBlocks(path: string, source: DumpSource = LOCAL_SOURCE): AsyncGenerator<{ lines: string[]; firstLine: number }> {
+  const fh = await source.open(path);
   try {
     let buf = Buffer.allocUnsafe(TEXT_READ_BYTES);
     let have = 0; // bytes in buf; [0, have) starts at the beginning of a line
     let lineNo = 1;
     let eof = false;
     let bomChecked = false;
+    let filePos = 0;
     while (!eof) {
       if (have === buf.length) {
         // One line fills the whole buffer: grow it, up to the line limit.
@@ -188,7 +190,8 @@ export async function* textLineBlocks(path: string): AsyncGenerator<{ lines: str
         buf.copy(bigger, 0, 0, have);
         buf = bigger;
       }
-      const { bytesRead } = await fh.read(buf, have, buf.length - have, null);
+      const bytesRead = await fh.read(buf, have, buf.length - have, filePos);
+      filePos += bytesRead;
       if (bytesRead === 0) eof = true;
       have += bytesRead;
       const view = buf.subarray(0, have);
@@ -225,10 +228,10 @@ function shown(latin1: string): string {
 }
 
 /** Finds the dim of a text part from its first upsert line (checking the lines before it). 0 if it has none. */
-export async function textPartDim(part: TextPartSpec): Promise<number> {
+export async function textPartDim(part: TextPartSpec, source: DumpSource = LOCAL_SOURCE): Promise<number> {
   const parser = new TextLineParser(part);
   const scratch = part.dim > 0 ? new Float32Array(part.dim) : null;
-  for await (const { lines, firstLine } of textLineBlocks(part.file)) {
+  for await (const { lines, firstLine } of textLineBlocks(part.file, source)) {
     for (let i = 0; i < lines.length; i++) {
       const kind = parser.parse(lines[i]!, firstLine + i, scratch, 0);
       if (kind === LINE_ROW) return parser.dim;

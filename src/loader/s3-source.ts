@@ -1,0 +1,322 @@
+/**
+ * S3-compatible object storage as a DumpSource: the only file that imports the AWS SDK, and loaded
+ * (by dump-source.ts) only for an s3:// location.
+ *
+ * Listing pages through ListObjectsV2 (1,000 keys a page) with '/' as delimiter, so a prefix lists like
+ * a directory: its objects, and its sub-prefixes as directories. A listed object's length and ETag are
+ * kept; every ranged GET of it must answer the same ETag (and is sent with If-Match), or the load fails:
+ * the object changed under it.
+ *
+ * An open object is read through a window of ranged GETs (blocks of blockBytes):
+ *
+ *   object  [ block 0 | block 1 | block 2 | block 3 | block 4 | block 5 | ... ]
+ *                        ^ read here   \______ readAhead blocks in flight ______/
+ *
+ * Blocks behind the read are dropped, so an open object holds at most (blocks of one read + readAhead)
+ * blocks whatever its length. A read that does not continue the previous one (a header, a first chunk)
+ * is one GET of exactly its range: planning reads headers without fetching blocks it will not use.
+ *
+ * Every request is retried on 5xx, 429/SlowDown and network errors, with doubling delays, at most
+ * maxAttempts tries; then the load fails with KV_UNAVAILABLE naming s3, the endpoint and bucket/key.
+ */
+import { GetObjectCommand, HeadObjectCommand, ListObjectsV2Command, S3Client, type S3ClientConfig } from '@aws-sdk/client-s3';
+import type { Readable } from 'node:stream';
+import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
+import { dataError } from './dump-files.js';
+import {
+  DEFAULT_S3_BLOCK_BYTES, DEFAULT_S3_MAX_ATTEMPTS, DEFAULT_S3_READ_AHEAD, DEFAULT_S3_RETRY_BASE_MS,
+  parseS3Url, type DumpEntry, type DumpSource, type DumpStat, type RandomAccessReader, type S3SourceOptions,
+} from './dump-source.js';
+
+interface ObjectInfo {
+  size: number;
+  etag: string;
+}
+
+/** Errors worth another try: the server's (5xx), throttling, and the connection's (no HTTP status at all). */
+function retryable(err: unknown): boolean {
+  if (err instanceof KvError) return false;
+  const e = err as { name?: string; $metadata?: { httpStatusCode?: number }; $retryable?: unknown };
+  const status = e.$metadata?.httpStatusCode;
+  if (e.name === 'SlowDown' || e.name === 'Throttling' || e.name === 'ThrottlingException' || e.name === 'RequestTimeout') return true;
+  if (status === undefined) return true;
+  return status >= 500 || status === 429 || e.$retryable !== undefined;
+}
+
+const statusOf = (err: unknown): number | undefined => (err as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode;
+
+function describe(err: unknown): string {
+  const e = err as { name?: string; message?: string; code?: string };
+  const status = statusOf(err);
+  const msg = (e.message ?? String(err)).split('\n')[0];
+  const name = e.name && e.name !== 'Error' && !msg?.startsWith(e.name) ? `${e.name}: ` : '';
+  return `${name}${msg}${status !== undefined ? ` (HTTP ${status})` : ''}`;
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
+
+export class S3DumpSource implements DumpSource {
+  readonly kind = 's3' as const;
+  /** How messages name the endpoint: its URL, or "aws" for AWS's own. */
+  readonly endpointName: string;
+  private readonly client: S3Client;
+  private readonly maxAttempts: number;
+  private readonly retryBaseMs: number;
+  private readonly blockBytes: number;
+  private readonly readAhead: number;
+  /** Length and ETag of every object listed or stat-ed, by s3:// URL: reads are checked against them. */
+  private readonly known = new Map<string, ObjectInfo>();
+  private closed = false;
+
+  constructor(o: S3SourceOptions = {}) {
+    const env = process.env;
+    const endpoint = o.endpoint ?? (env['AWS_ENDPOINT_URL_S3'] || undefined) ?? (env['AWS_ENDPOINT_URL'] || undefined);
+    if (endpoint !== undefined) {
+      let u: URL | undefined;
+      try {
+        u = new URL(endpoint);
+      } catch {
+        u = undefined;
+      }
+      if (u === undefined || (u.protocol !== 'http:' && u.protocol !== 'https:')) {
+        throw invalidArgument(`S3 endpoint ${endpoint} is not an http:// or https:// URL`);
+      }
+    }
+    const posInt = (v: number | undefined, d: number, name: string, max: number): number => {
+      if (v === undefined) return d;
+      if (!Number.isSafeInteger(v) || v < 1 || v > max) throw invalidArgument(`s3.${name} must be an integer in [1, ${max}], not ${String(v)}`);
+      return v;
+    };
+    this.maxAttempts = posInt(o.maxAttempts, DEFAULT_S3_MAX_ATTEMPTS, 'maxAttempts', 100);
+    this.retryBaseMs = o.retryBaseMs === 0 ? 0 : posInt(o.retryBaseMs, DEFAULT_S3_RETRY_BASE_MS, 'retryBaseMs', 60_000);
+    this.blockBytes = posInt(o.blockBytes, DEFAULT_S3_BLOCK_BYTES, 'blockBytes', 256 * 1024 * 1024);
+    this.readAhead = o.readAhead === 0 ? 0 : posInt(o.readAhead, DEFAULT_S3_READ_AHEAD, 'readAhead', 64);
+    this.endpointName = endpoint ?? 'aws';
+    // A custom endpoint (MinIO, Ceph, s3rver) has no region of its own; AWS's needs one from the chain.
+    const region = o.region ?? (endpoint !== undefined && !env['AWS_REGION'] && !env['AWS_DEFAULT_REGION'] ? 'us-east-1' : undefined);
+    const config: S3ClientConfig = {
+      // Retries are counted here, around whole reads (a body cut off mid-way included).
+      maxAttempts: 1,
+      forcePathStyle: endpoint !== undefined && o.virtualHost !== true,
+      // Whole-object checksums do not apply to ranged GETs; lengths and ETags are checked here.
+      requestChecksumCalculation: 'WHEN_REQUIRED',
+      responseChecksumValidation: 'WHEN_REQUIRED',
+      requestHandler: { connectionTimeout: 5_000, requestTimeout: 60_000 },
+      ...(endpoint !== undefined ? { endpoint } : {}),
+      ...(region !== undefined ? { region } : {}),
+      ...(o.credentials !== undefined ? { credentials: o.credentials } : {}),
+    };
+    this.client = new S3Client(config);
+  }
+
+  /** Runs one request, retrying what is transient; then fails naming s3, the endpoint and bucket/key. */
+  async attempt<T>(what: string, fn: () => Promise<T>, signal?: AbortSignal): Promise<T> {
+    for (let tries = 1; ; tries++) {
+      if (this.closed) throw new KvError(KvErrorCode.CLOSED, `s3 ${this.endpointName} ${what}: the source is closed`);
+      try {
+        return await fn();
+      } catch (err) {
+        if (err instanceof KvError || signal?.aborted) throw err;
+        if (!retryable(err) || tries >= this.maxAttempts) {
+          throw new KvError(
+            KvErrorCode.UNAVAILABLE,
+            `s3 ${this.endpointName} ${what}: ${describe(err)}${tries > 1 ? ` (gave up after ${tries} tries)` : ''}`,
+            { cause: err },
+          );
+        }
+        // Doubling, up to 8x the base, with jitter so parallel readers do not retry in step.
+        const delay = this.retryBaseMs * 2 ** Math.min(tries - 1, 3);
+        await sleep(delay * (0.75 + Math.random() * 0.5));
+      }
+    }
+  }
+
+  private prefixOf(loc: string): { bucket: string; prefix: string } {
+    const { bucket, key } = parseS3Url(loc);
+    return { bucket, prefix: key === '' || key.endsWith('/') ? key : `${key}/` };
+  }
+
+  async list(loc: string): Promise<DumpEntry[]> {
+    const { bucket, prefix } = this.prefixOf(loc);
+    const out: DumpEntry[] = [];
+    let token: string | undefined;
+    do {
+      const page = await this.attempt(`${bucket}/${prefix}: list`, () =>
+        this.client.send(new ListObjectsV2Command({ Bucket: bucket, Prefix: prefix, Delimiter: '/', ...(token !== undefined ? { ContinuationToken: token } : {}) })));
+      for (const o of page.Contents ?? []) {
+        const name = o.Key!.slice(prefix.length);
+        // A zero-length "folder" object some tools write for the prefix itself.
+        if (name === '') continue;
+        const info = { size: o.Size ?? 0, etag: o.ETag ?? '' };
+        this.known.set(`s3://${bucket}/${o.Key!}`, info);
+        out.push({ name, type: 'file', ...info });
+      }
+      for (const p of page.CommonPrefixes ?? []) {
+        const name = p.Prefix!.slice(prefix.length).replace(/\/$/, '');
+        if (name !== '') out.push({ name, type: 'dir', size: 0 });
+      }
+      token = page.IsTruncated ? page.NextContinuationToken : undefined;
+    } while (token !== undefined);
+    return out.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  }
+
+  /** Whether anything is stored under the prefix. */
+  private async anyUnder(bucket: string, prefix: string): Promise<boolean> {
+    const page = await this.attempt(`${bucket}/${prefix}: list`, () =>
+      this.client.send(new ListObjectsV2Command({ Bucket: bucket, Prefix: prefix, MaxKeys: 1 })));
+    return (page.KeyCount ?? page.Contents?.length ?? 0) > 0;
+  }
+
+  async stat(loc: string): Promise<DumpStat | undefined> {
+    const { bucket, key } = parseS3Url(loc);
+    if (key === '' || key.endsWith('/')) return (await this.anyUnder(bucket, key)) ? { type: 'dir', size: 0 } : undefined;
+    const known = this.known.get(loc);
+    if (known !== undefined) return { type: 'file', ...known };
+    const head = await this.attempt(`${bucket}/${key}: head`, async () => {
+      try {
+        return await this.client.send(new HeadObjectCommand({ Bucket: bucket, Key: key }));
+      } catch (err) {
+        if (statusOf(err) === 404 || (err as Error).name === 'NotFound') return undefined;
+        throw err;
+      }
+    });
+    if (head === undefined) return (await this.anyUnder(bucket, `${key}/`)) ? { type: 'dir', size: 0 } : undefined;
+    const info = { size: head.ContentLength ?? 0, etag: head.ETag ?? '' };
+    this.known.set(loc, info);
+    return { type: 'file', ...info };
+  }
+
+  async open(loc: string): Promise<RandomAccessReader> {
+    const s = await this.stat(loc);
+    if (s === undefined) throw dataError(`${loc}: no such object`);
+    if (s.type !== 'file') throw dataError(`${loc} is a prefix (a directory), not an object`);
+    const { bucket, key } = parseS3Url(loc);
+    return new S3ObjectReader(this, loc, bucket, key, { size: s.size, etag: s.etag ?? '' }, this.blockBytes, this.readAhead);
+  }
+
+  /** One ranged GET of [start, start + len), checked against the listed ETag and the length asked for. */
+  async getRange(loc: string, bucket: string, key: string, info: ObjectInfo, start: number, len: number, signal: AbortSignal): Promise<Buffer> {
+    return this.attempt(`${bucket}/${key}`, async () => {
+      let res;
+      try {
+        res = await this.client.send(
+          new GetObjectCommand({ Bucket: bucket, Key: key, Range: `bytes=${start}-${start + len - 1}`, ...(info.etag ? { IfMatch: info.etag } : {}) }),
+          { abortSignal: signal },
+        );
+      } catch (err) {
+        if (statusOf(err) === 412) throw dataError(`${loc}: changed during the load (its ETag is no longer ${info.etag})`);
+        if (statusOf(err) === 404) throw dataError(`${loc}: removed during the load`);
+        if (statusOf(err) === 416) throw dataError(`${loc}: shrank during the load (listed with ${info.size} bytes)`);
+        throw err;
+      }
+      if (info.etag && res.ETag !== undefined && res.ETag !== info.etag) {
+        (res.Body as Readable | undefined)?.destroy();
+        throw dataError(`${loc}: changed during the load (ETag ${res.ETag}, listed as ${info.etag})`);
+      }
+      const total = /\/(\d+)$/.exec(res.ContentRange ?? '')?.[1];
+      if (total !== undefined && Number(total) !== info.size) {
+        (res.Body as Readable | undefined)?.destroy();
+        throw dataError(`${loc}: changed during the load (${total} bytes, listed with ${info.size})`);
+      }
+      const buf = Buffer.allocUnsafe(len);
+      let got = 0;
+      for await (const chunk of res.Body as Readable) {
+        const c = chunk as Buffer;
+        if (got + c.length > len) {
+          (res.Body as Readable).destroy();
+          throw dataError(`${loc}: answered more than the ${len} bytes asked for at ${start}`);
+        }
+        c.copy(buf, got);
+        got += c.length;
+      }
+      // A body cut short is a connection's failure: retried like one.
+      if (got < len) throw Object.assign(new Error(`the body ended after ${got} of ${len} bytes`), { name: 'ShortBody' });
+      return buf;
+    }, signal);
+  }
+
+  join(dir: string, name: string): string {
+    return `${dir.endsWith('/') ? dir : `${dir}/`}${name}`;
+  }
+
+  dirname(loc: string): string {
+    const { bucket, key } = parseS3Url(loc);
+    const k = key.endsWith('/') ? key.slice(0, -1) : key;
+    const i = k.lastIndexOf('/');
+    return `s3://${bucket}/${i >= 0 ? k.slice(0, i + 1) : ''}`;
+  }
+
+  basename(loc: string): string {
+    const k = parseS3Url(loc).key.replace(/\/$/, '');
+    return k.slice(k.lastIndexOf('/') + 1);
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.client.destroy();
+  }
+}
+
+/** One open object: reads served from a window of ranged GETs (see the diagram at the top). */
+class S3ObjectReader implements RandomAccessReader {
+  readonly size: number;
+  private readonly blocks = new Map<number, Promise<Buffer>>();
+  private readonly abort = new AbortController();
+  /** Where the previous read ended: a read starting there is sequential, and reads ahead. */
+  private nextPos = -1;
+
+  constructor(
+    private readonly src: S3DumpSource,
+    private readonly loc: string,
+    private readonly bucket: string,
+    private readonly key: string,
+    private readonly info: ObjectInfo,
+    private readonly blockBytes: number,
+    private readonly readAhead: number,
+  ) {
+    this.size = info.size;
+  }
+
+  private get(start: number, len: number): Promise<Buffer> {
+    return this.src.getRange(this.loc, this.bucket, this.key, this.info, start, len, this.abort.signal);
+  }
+
+  async read(buf: Uint8Array, off: number, len: number, pos: number): Promise<number> {
+    if (this.abort.signal.aborted) throw dataError(`${this.loc}: read after close`);
+    if (len <= 0 || pos >= this.size) return 0;
+    const n = Math.min(len, this.size - pos);
+    const sequential = pos === this.nextPos;
+    this.nextPos = pos + n;
+    if (!sequential) {
+      buf.set(await this.get(pos, n), off);
+      return n;
+    }
+    const B = this.blockBytes;
+    const first = Math.floor(pos / B);
+    const last = Math.floor((pos + n - 1) / B);
+    const lastBlock = Math.floor((this.size - 1) / B);
+    for (const i of this.blocks.keys()) if (i < first) this.blocks.delete(i);
+    for (let i = first; i <= Math.min(lastBlock, last + this.readAhead); i++) {
+      if (this.blocks.has(i)) continue;
+      const p = this.get(i * B, Math.min(B, this.size - i * B));
+      p.catch(() => undefined); // awaited by the read that needs it, or dropped with the reader
+      this.blocks.set(i, p);
+    }
+    let done = 0;
+    for (let i = first; i <= last; i++) {
+      const b = await this.blocks.get(i)!;
+      const start = i * B;
+      const from = Math.max(pos, start) - start;
+      const to = Math.min(pos + n, start + b.length) - start;
+      buf.set(b.subarray(from, to), off + done);
+      done += to - from;
+    }
+    return done;
+  }
+
+  async close(): Promise<void> {
+    this.blocks.clear();
+    this.abort.abort();
+  }
+}
