@@ -206,6 +206,23 @@ describe('directory refusals', () => {
     await refuses(() => planDump(dir, 'full'), 'nested', 'subdirectories');
   });
 
+  it('a directory with a Hadoop marker (_temporary, _started_*) loads only with _SUCCESS; one without markers loads as ever', async () => {
+    const { keys, values } = sample(4, 2);
+    const plain = fresh();
+    writePair(join(plain, 'p'), keys, values, 2);
+    assert.equal((await planDump(plain, 'full')).totalRows, 4);
+    for (const marker of ['_temporary', '_started_123', '_committed_123']) {
+      const dir = fresh();
+      writePair(join(dir, 'p'), keys, values, 2);
+      if (marker === '_temporary') mkdirSync(join(dir, marker));
+      else writeFileSync(join(dir, marker), '');
+      await refuses(() => planDump(dir, 'full'), join(dir, '_SUCCESS'), 'is missing', 'requireSuccessMarker: false');
+      assert.equal((await planDump(dir, 'full', { requireSuccessMarker: false })).totalRows, 4);
+      writeFileSync(join(dir, '_SUCCESS'), '');
+      assert.equal((await planDump(dir, 'full')).totalRows, 4);
+    }
+  });
+
   it('refuses a missing path with KV_INVALID_ARGUMENT', async () => {
     await assert.rejects(
       () => planDump(join(fresh(), 'does-not-exist'), 'full'),

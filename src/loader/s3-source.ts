@@ -20,6 +20,7 @@
  * maxAttempts tries; then the load fails with KV_UNAVAILABLE naming s3, the endpoint and bucket/key.
  */
 import { GetObjectCommand, HeadObjectCommand, ListObjectsV2Command, S3Client, type S3ClientConfig } from '@aws-sdk/client-s3';
+import { setMaxListeners } from 'node:events';
 import type { Readable } from 'node:stream';
 import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
 import { dataError } from './dump-files.js';
@@ -276,6 +277,8 @@ class S3ObjectReader implements RandomAccessReader {
     private readonly readAhead: number,
   ) {
     this.size = info.size;
+    // Every GET in flight listens on it (readAhead + the blocks of one read).
+    setMaxListeners(0, this.abort.signal);
   }
 
   private get(start: number, len: number): Promise<Buffer> {
