@@ -177,6 +177,25 @@ export function parseS3Url(url: string): { bucket: string; key: string } {
   return { bucket: m[1]!, key: m[2] ?? '' };
 }
 
+/** The location of `name` under an s3:// prefix. */
+export function s3Join(dir: string, name: string): string {
+  return `${dir.endsWith('/') ? dir : `${dir}/`}${name}`;
+}
+
+/** The prefix holding an s3:// location (ending in '/'). */
+export function s3Dirname(loc: string): string {
+  const { bucket, key } = parseS3Url(loc);
+  const k = key.endsWith('/') ? key.slice(0, -1) : key;
+  const i = k.lastIndexOf('/');
+  return `s3://${bucket}/${i >= 0 ? k.slice(0, i + 1) : ''}`;
+}
+
+/** The last name of an s3:// location. */
+export function s3Basename(loc: string): string {
+  const k = parseS3Url(loc).key.replace(/\/$/, '');
+  return k.slice(k.lastIndexOf('/') + 1);
+}
+
 /** The immediate subdirectories (S3: common prefixes) of a directory or prefix, by name, in name order. */
 export async function listSubdirectories(source: DumpSource, loc: string): Promise<string[]> {
   return (await source.list(loc)).filter((e) => e.type === 'dir').map((e) => e.name);
@@ -218,19 +237,15 @@ class LazyS3Source implements DumpSource {
   }
 
   join(dir: string, name: string): string {
-    return `${dir.endsWith('/') ? dir : `${dir}/`}${name}`;
+    return s3Join(dir, name);
   }
 
   dirname(loc: string): string {
-    const { bucket, key } = parseS3Url(loc);
-    const k = key.endsWith('/') ? key.slice(0, -1) : key;
-    const i = k.lastIndexOf('/');
-    return `s3://${bucket}/${i >= 0 ? k.slice(0, i + 1) : ''}`;
+    return s3Dirname(loc);
   }
 
   basename(loc: string): string {
-    const k = parseS3Url(loc).key.replace(/\/$/, '');
-    return k.slice(k.lastIndexOf('/') + 1);
+    return s3Basename(loc);
   }
 
   close(): void {

@@ -26,7 +26,7 @@ import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
 import { dataError } from './dump-files.js';
 import {
   DEFAULT_S3_BLOCK_BYTES, DEFAULT_S3_MAX_ATTEMPTS, DEFAULT_S3_READ_AHEAD, DEFAULT_S3_RETRY_BASE_MS,
-  parseS3Url, type DumpEntry, type DumpSource, type DumpStat, type RandomAccessReader, type S3SourceOptions,
+  parseS3Url, s3Basename, s3Dirname, s3Join, type DumpEntry, type DumpSource, type DumpStat, type RandomAccessReader, type S3SourceOptions,
 } from './dump-source.js';
 
 interface ObjectInfo {
@@ -237,19 +237,15 @@ export class S3DumpSource implements DumpSource {
   }
 
   join(dir: string, name: string): string {
-    return `${dir.endsWith('/') ? dir : `${dir}/`}${name}`;
+    return s3Join(dir, name);
   }
 
   dirname(loc: string): string {
-    const { bucket, key } = parseS3Url(loc);
-    const k = key.endsWith('/') ? key.slice(0, -1) : key;
-    const i = k.lastIndexOf('/');
-    return `s3://${bucket}/${i >= 0 ? k.slice(0, i + 1) : ''}`;
+    return s3Dirname(loc);
   }
 
   basename(loc: string): string {
-    const k = parseS3Url(loc).key.replace(/\/$/, '');
-    return k.slice(k.lastIndexOf('/') + 1);
+    return s3Basename(loc);
   }
 
   close(): void {
