@@ -196,7 +196,9 @@ export class S3DumpSource implements DumpSource {
   }
 
   /** One ranged GET of [start, start + len), checked against the listed ETag and the length asked for. */
-  async getRange(loc: string, bucket: string, key: string, info: ObjectInfo, start: number, len: number, signal: AbortSignal): Promise<Buffer> {
+  async getRange(
+    loc: string, bucket: string, key: string, info: ObjectInfo, start: number, len: number, signal: AbortSignal, into?: Buffer,
+  ): Promise<Buffer> {
     return this.attempt(`${bucket}/${key}`, async () => {
       let res;
       try {
@@ -219,7 +221,7 @@ export class S3DumpSource implements DumpSource {
         (res.Body as Readable | undefined)?.destroy();
         throw dataError(`${loc}: changed during the load (${total} bytes, listed with ${info.size})`);
       }
-      const buf = Buffer.allocUnsafe(len);
+      const buf = into !== undefined && into.length >= len ? into.subarray(0, len) : Buffer.allocUnsafe(len);
       let got = 0;
       for await (const chunk of res.Body as Readable) {
         const c = chunk as Buffer;
@@ -255,13 +257,23 @@ export class S3DumpSource implements DumpSource {
   }
 }
 
-/** One open object: reads served from a window of ranged GETs (see the diagram at the top). */
+/**
+ * One open object: reads served from a window of ranged GETs (see the diagram at the top). Reads are
+ * served one at a time, in call order, so a block behind the read is no longer in use and its buffer
+ * can take a block ahead: a load allocates its block buffers once per object, not once per GET
+ * (fresh 8 MiB buffers cost more in garbage collection than the copying).
+ */
 class S3ObjectReader implements RandomAccessReader {
   readonly size: number;
   private readonly blocks = new Map<number, Promise<Buffer>>();
+  /** The blocks whose GET has answered, by index: their buffers are reused once the reads pass them. */
+  private readonly done = new Map<number, Buffer>();
+  private readonly spare: Buffer[] = [];
   private readonly abort = new AbortController();
   /** Where the previous read ended: a read starting there is sequential, and reads ahead. */
   private nextPos = -1;
+  /** The read in progress; the next waits for it. */
+  private queue: Promise<unknown> = Promise.resolve();
 
   constructor(
     private readonly src: S3DumpSource,
@@ -277,11 +289,17 @@ class S3ObjectReader implements RandomAccessReader {
     setMaxListeners(0, this.abort.signal);
   }
 
-  private get(start: number, len: number): Promise<Buffer> {
-    return this.src.getRange(this.loc, this.bucket, this.key, this.info, start, len, this.abort.signal);
+  private get(start: number, len: number, into?: Buffer): Promise<Buffer> {
+    return this.src.getRange(this.loc, this.bucket, this.key, this.info, start, len, this.abort.signal, into);
   }
 
-  async read(buf: Uint8Array, off: number, len: number, pos: number): Promise<number> {
+  read(buf: Uint8Array, off: number, len: number, pos: number): Promise<number> {
+    const r = this.queue.then(() => this.readNow(buf, off, len, pos));
+    this.queue = r.catch(() => undefined);
+    return r;
+  }
+
+  private async readNow(buf: Uint8Array, off: number, len: number, pos: number): Promise<number> {
     if (this.abort.signal.aborted) throw dataError(`${this.loc}: read after close`);
     if (len <= 0 || pos >= this.size) return 0;
     const n = Math.min(len, this.size - pos);
@@ -295,27 +313,35 @@ class S3ObjectReader implements RandomAccessReader {
     const first = Math.floor(pos / B);
     const last = Math.floor((pos + n - 1) / B);
     const lastBlock = Math.floor((this.size - 1) / B);
-    for (const i of this.blocks.keys()) if (i < first) this.blocks.delete(i);
+    for (const i of this.blocks.keys()) {
+      if (i >= first) continue;
+      this.blocks.delete(i);
+      const b = this.done.get(i);
+      this.done.delete(i);
+      if (b !== undefined && b.length === B && this.spare.length <= this.readAhead) this.spare.push(b);
+    }
     for (let i = first; i <= Math.min(lastBlock, last + this.readAhead); i++) {
       if (this.blocks.has(i)) continue;
-      const p = this.get(i * B, Math.min(B, this.size - i * B));
-      p.catch(() => undefined); // awaited by the read that needs it, or dropped with the reader
+      const p = this.get(i * B, Math.min(B, this.size - i * B), this.spare.pop());
+      p.then((b) => this.blocks.has(i) && this.done.set(i, b), () => undefined); // a failure is awaited by the read that needs it
       this.blocks.set(i, p);
     }
-    let done = 0;
+    let copied = 0;
     for (let i = first; i <= last; i++) {
       const b = await this.blocks.get(i)!;
       const start = i * B;
       const from = Math.max(pos, start) - start;
       const to = Math.min(pos + n, start + b.length) - start;
-      buf.set(b.subarray(from, to), off + done);
-      done += to - from;
+      buf.set(b.subarray(from, to), off + copied);
+      copied += to - from;
     }
-    return done;
+    return copied;
   }
 
   async close(): Promise<void> {
     this.blocks.clear();
+    this.done.clear();
+    this.spare.length = 0;
     this.abort.abort();
   }
 }
