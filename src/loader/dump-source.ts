@@ -1,14 +1,14 @@
 /**
  * Where a dump's files come from: a DumpSource lists a location's entries and opens a file for
  * positioned reads. Two implementations: local files (LocalDumpSource, over node:fs) and S3-compatible
- * object storage (S3DumpSource in s3-source.ts, the only file that imports the AWS SDK, loaded only for
- * an s3:// location).
+ * object storage (S3DumpSource in s3-source.ts, the only file that imports the AWS SDK, loaded by
+ * source-url.ts only for an s3:// location).
  *
  * A location is a string that messages name as it is: a local path, or `s3://bucket/key` (a key
  * ending in '/' is a prefix, a "directory").
  *
- * The API `kvctl watch` uses: parseDumpSource(url, options), listSubdirectories(source, loc) and
- * hasSuccessMarker(source, loc).
+ * The API `kvctl watch` uses: parseDumpSource(url, options) (source-url.ts), listSubdirectories(source,
+ * loc) and hasSuccessMarker(source, loc).
  */
 import { lstat, readdir } from 'node:fs/promises';
 import { basename as pathBasename, dirname as pathDirname, join as pathJoin } from 'node:path';
@@ -157,17 +157,6 @@ export class LocalDumpSource implements DumpSource {
 /** The one local source: it holds no state. */
 export const LOCAL_SOURCE: DumpSource = new LocalDumpSource();
 
-/**
- * The source of a location: S3 for `s3://bucket/...` (the SDK is loaded at the first request), local
- * files otherwise. Close it when done.
- */
-export function parseDumpSource(url: string, s3: S3SourceOptions = {}): DumpSource {
-  if (typeof url !== 'string' || url.length === 0) throw invalidArgument('the dump location must be a non-empty string');
-  if (!isS3Url(url)) return LOCAL_SOURCE;
-  parseS3Url(url);
-  return new LazyS3Source(s3);
-}
-
 /** `s3://bucket/key` as bucket and key (key '' for the bucket's root); refuses a malformed URL. */
 export function parseS3Url(url: string): { bucket: string; key: string } {
   const m = /^s3:\/\/([^/]+)(?:\/(.*))?$/.exec(url);
@@ -204,52 +193,4 @@ export async function listSubdirectories(source: DumpSource, loc: string): Promi
 /** Whether a directory or prefix holds the _SUCCESS marker of a complete dump. */
 export async function hasSuccessMarker(source: DumpSource, loc: string): Promise<boolean> {
   return (await source.stat(source.join(loc, SUCCESS_MARKER)))?.type === 'file';
-}
-
-/** Delegates to S3DumpSource, importing it (and the AWS SDK) at the first call: local loads never load the SDK. */
-class LazyS3Source implements DumpSource {
-  readonly kind = 's3' as const;
-  private impl: Promise<DumpSource> | undefined;
-  private loaded: DumpSource | undefined;
-  private closed = false;
-
-  constructor(private readonly options: S3SourceOptions) {}
-
-  private get(): Promise<DumpSource> {
-    this.impl ??= import('./s3-source.js').then(({ S3DumpSource }) => {
-      this.loaded = new S3DumpSource(this.options);
-      if (this.closed) this.loaded.close();
-      return this.loaded;
-    });
-    return this.impl;
-  }
-
-  async stat(loc: string): Promise<DumpStat | undefined> {
-    return (await this.get()).stat(loc);
-  }
-
-  async list(loc: string): Promise<DumpEntry[]> {
-    return (await this.get()).list(loc);
-  }
-
-  async open(loc: string): Promise<RandomAccessReader> {
-    return (await this.get()).open(loc);
-  }
-
-  join(dir: string, name: string): string {
-    return s3Join(dir, name);
-  }
-
-  dirname(loc: string): string {
-    return s3Dirname(loc);
-  }
-
-  basename(loc: string): string {
-    return s3Basename(loc);
-  }
-
-  close(): void {
-    this.closed = true;
-    this.loaded?.close();
-  }
 }

@@ -14,9 +14,10 @@
 export { MAX_LOAD_DIM, type LoadMode } from './dump-files.js';
 export {
   DEFAULT_S3_BLOCK_BYTES, DEFAULT_S3_MAX_ATTEMPTS, DEFAULT_S3_READ_AHEAD, DEFAULT_S3_RETRY_BASE_MS, LOCAL_SOURCE, SUCCESS_MARKER,
-  hasSuccessMarker, isHadoopMarker, isS3Url, listSubdirectories, parseDumpSource, parseS3Url,
+  hasSuccessMarker, isHadoopMarker, isS3Url, listSubdirectories, parseS3Url,
   type DumpEntry, type DumpSource, type DumpStat, type RandomAccessReader, type S3SourceOptions,
 } from './dump-source.js';
+export { parseDumpSource } from './source-url.js';
 export { readNpyHeader, type NpyHeader } from './npy.js';
 export { planDump, type DumpPlan, type PartInfo, type PlanDumpOptions } from './plan.js';
 export {
