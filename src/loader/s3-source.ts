@@ -40,6 +40,8 @@ function retryable(err: unknown): boolean {
   const e = err as { name?: string; $metadata?: { httpStatusCode?: number }; $retryable?: unknown };
   const status = e.$metadata?.httpStatusCode;
   if (e.name === 'SlowDown' || e.name === 'Throttling' || e.name === 'ThrottlingException' || e.name === 'RequestTimeout') return true;
+  // No credentials or no region: trying again finds none either.
+  if (e.name === 'CredentialsProviderError' || /region is missing/i.test((err as Error).message ?? '')) return false;
   if (status === undefined) return true;
   return status >= 500 || status === 429 || e.$retryable !== undefined;
 }
