@@ -20,6 +20,15 @@ const intArg = (name: string, min: number, max = Number.MAX_SAFE_INTEGER) => (va
   return n;
 };
 
+/** A duration with its unit: `500ms`, `30s`, `2m`, in milliseconds within [min, max]. */
+function parseDuration(name: string, value: string, minMs: number, maxMs: number): number {
+  const m = /^(\d{1,9})(ms|s|m)$/.exec(value);
+  const ms = m ? Number(m[1]) * (m[2] === 'ms' ? 1 : m[2] === 's' ? 1000 : 60_000) : NaN;
+  if (!m) throw new InvalidArgumentError(`${name} must be a number with a unit, such as 500ms, 30s or 2m; got ${JSON.stringify(value)}`);
+  if (ms < minMs || ms > maxMs) throw new InvalidArgumentError(`${name} must be between ${minMs}ms and ${maxMs / 60_000}m; got ${value}`);
+  return ms;
+}
+
 /** The default manifest of `cluster up` and `demo`: 2 groups x 2 replicas on 127.0.0.1:7100-7103. */
 export const DEFAULT_LOCAL_MANIFEST: Manifest = localManifest(2, 2, 7100, 64);
 
@@ -187,6 +196,36 @@ program
         `${r.stagedGroups > 0 ? ` (${r.stagedGroups === r.rowsPerGroup.length ? 'all' : r.stagedGroups} through staged files)` : ''}` +
         `${r.published ? '; published' : `; run kvctl publish --table ${o.table} --version ${o.version} to serve it`}\n`,
     );
+  });
+
+program
+  .command('watch')
+  .description('load and publish every complete version a trainer writes under SOURCE/full/<version>/ and SOURCE/incremental/<version>/')
+  .option('--config <file>', 'cluster manifest', DEFAULT_CONFIG_PATH)
+  .requiredOption('--table <name>', 'table name')
+  .requiredOption('--source <dir>', 'the directory the trainer writes full/ and incremental/ to')
+  .option('--interval <time>', 'how often to look for new versions when idle: 500ms, 30s, 2m', (v) => parseDuration('--interval', v, 50, 24 * 3_600_000), 30_000)
+  .option('--no-publish', 'only load each version; the watcher waits until it is published (kvctl publish) before loading the next')
+  .option('--no-staging', 'send every row over gRPC, also to replicas on this host')
+  .option('--token-file <file>', TOKEN_FILE_HELP)
+  .action(async (o: { config: string; table: string; source: string; interval: number; publish: boolean; staging: boolean; tokenFile?: string }) => {
+    checkTableName(o.table, '--table');
+    const manifest = loadManifest(o.config);
+    const [{ runWatch }, { watchSourceFor }] = await Promise.all([import('../loader/watch.js'), import('../loader/watch-source.js')]);
+    const source = watchSourceFor(o.source);
+    const connections = new ClusterConnections(manifest, { token: tokenFrom(o) });
+    const stop = new AbortController();
+    // A load under way is aborted (its write version dropped on every replica), then the watcher exits.
+    void untilSignal().then(() => stop.abort());
+    try {
+      await runWatch({
+        manifest, connections, table: o.table, source, intervalMs: o.interval, publish: o.publish, staging: o.staging, signal: stop.signal,
+        onAction: (a) => process.stdout.write(`watch ${a.table}: ${a.line}\n`),
+      });
+    } finally {
+      connections.close();
+    }
+    process.exit(0);
   });
 
 /** The commands on one version of a table, cluster-wide: what each does, and the line it prints. */

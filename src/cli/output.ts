@@ -1,5 +1,5 @@
 import type { KvError } from '../common/errors.js';
-import type { ReplicaStatus } from '../loader/cluster-ops.js';
+import type { ReplicaStatus, WatcherNoteStatus } from '../loader/cluster-ops.js';
 import type { FanoutStats } from '../fanout/stats.js';
 import type { ReplicaConn } from '../cluster/connections.js';
 
@@ -72,7 +72,31 @@ export function formatStatus(all: { conn: ReplicaConn; status?: ReplicaStatus; e
       }
     }
   }
+  lines.push(...formatWatchers(all));
   return lines.join('\n') + '\n';
+}
+
+const ago = (ms: number): string => `${Math.max(0, Math.round((Date.now() - ms) / 1000))} s ago`;
+
+/**
+ * Each table's version-watcher note, the newest any replica holds (a replica that was down when the
+ * watcher wrote may hold an older one).
+ */
+function formatWatchers(all: { status?: ReplicaStatus }[]): string[] {
+  const newest = new Map<string, WatcherNoteStatus>();
+  for (const s of all) {
+    for (const n of s.status?.watchers ?? []) {
+      const seen = newest.get(n.table);
+      if (seen === undefined || n.atMs > seen.atMs) newest.set(n.table, n);
+    }
+  }
+  const lines: string[] = [];
+  for (const n of [...newest.values()].sort((a, b) => a.table.localeCompare(b.table))) {
+    lines.push(`watcher ${n.table}  ${n.watcher}  source ${n.source}`);
+    lines.push(`  last action ${ago(n.atMs)}: ${n.action}`);
+    if (n.error !== '') lines.push(`  last error ${ago(n.errorAtMs)}: ${n.error}`);
+  }
+  return lines;
 }
 
 const fmt = (x: number | null): string => (x === null || Number.isNaN(x) ? '-' : x < 10 ? x.toFixed(1) : x.toFixed(0));

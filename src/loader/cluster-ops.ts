@@ -24,6 +24,19 @@ export interface ReplicaStatus {
     lastPutAtMs: number;
     realtimeLagMs: number;
   }[];
+  /** Each table's last version-watcher note (kvctl watch). */
+  watchers?: WatcherNoteStatus[];
+}
+
+/** What a version watcher last did on a table, as a replica keeps it (see SetWatcherNote). */
+export interface WatcherNoteStatus {
+  table: string;
+  watcher: string;
+  source: string;
+  atMs: number;
+  action: string;
+  error: string;
+  errorAtMs: number;
 }
 
 export const replicaName = (c: ReplicaConn): string => `group ${c.group} replica ${c.replica} (${c.address})`;

@@ -100,7 +100,12 @@ export function controlHandlers(ctx: ControlContext): grpc.UntypedServiceImpleme
         heapUsedBytes: mem.heapUsed,
         tables: shard.status(),
         pid: process.pid,
+        watchers: shard.watcherNotes(),
       };
+    }),
+    SetWatcherNote: unary(async (r: { table: string; watcher: string; source: string; atMs: number; action: string; error: string; errorAtMs: number }) => {
+      await shard.setWatcherNote(r);
+      return {};
     }),
   };
 }

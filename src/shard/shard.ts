@@ -1,6 +1,7 @@
 import type { Logger } from 'pino';
 import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
 import { checkAnswerSize } from '../common/limits.js';
+import { checkTableName } from '../common/validate.js';
 import { type AnswerBufferPool } from '../transport/answer-pool.js';
 import { allocLookupResponse } from '../wire/lookup.js';
 import type { ShardCore } from './core.js';
@@ -11,7 +12,7 @@ import { restore } from './restore.js';
 import { loadRowsFrom, loadStage, type LoadRowsFromRequest, type LoadStageRequest } from './staged-load.js';
 import { status, type TableStatusInfo } from './status.js';
 import type { PutRecord } from './put-log.js';
-import type { ShardStore } from './store.js';
+import type { ShardStore, WatcherNote } from './store.js';
 import type { TableState } from './tables.js';
 
 export { DEFAULT_LOAD_IDLE_MS, type LoadBeginRequest, type LoadRowsRequest, type LoadSealRequest } from './load.js';
@@ -19,6 +20,10 @@ export { DEFAULT_MAX_REALTIME_BYTES, type PutRequest } from './puts.js';
 export { MAX_STAGED_READ_BYTES, type LoadRowsFromRequest, type LoadStageRequest } from './staged-load.js';
 export type { TableStatusInfo, VersionStatusInfo } from './status.js';
 export { MAX_LOAD_BATCH_ROWS } from './write-version.js';
+export type { WatcherNote } from './store.js';
+
+/** Bounds of a watcher note's strings (a note is display text, never echoed whole when refused). */
+export const MAX_WATCHER_NOTE_CHARS = 2000;
 
 /** The most keys one lookup may hold on a replica. */
 export const MAX_LOOKUP_KEYS = 4_000_000;
@@ -42,6 +47,7 @@ export interface ShardOptions {
 export class Shard {
   private readonly tables = new Map<string, TableState>();
   private readonly core: ShardCore;
+  private readonly notes = new Map<string, WatcherNote>();
 
   constructor(private readonly store: ShardStore, options: ShardOptions) {
     const metaChains = new Map<string, Promise<unknown>>();
@@ -72,8 +78,9 @@ export class Shard {
   }
 
   /** Rebuilds every kept version from disk (deltas on their bases), then replays the put log. */
-  restore(): Promise<void> {
-    return restore(this.core);
+  async restore(): Promise<void> {
+    await restore(this.core);
+    for (const n of await this.store.readWatcherNotes()) this.notes.set(n.table, n);
   }
 
   /** Answers a lookup as an encoded LookupResponse, filled in place. */
@@ -150,5 +157,21 @@ export class Shard {
 
   status(): TableStatusInfo[] {
     return status(this.tables.values());
+  }
+
+  /** Replaces the table's watcher note (the table need not exist: a watcher may report before its first load). */
+  async setWatcherNote(note: WatcherNote): Promise<void> {
+    checkTableName(note.table);
+    for (const k of ['watcher', 'source', 'action', 'error'] as const) {
+      if (typeof note[k] !== 'string' || note[k].length > MAX_WATCHER_NOTE_CHARS) throw invalidArgument(`a watcher note's ${k} must be a string of at most ${MAX_WATCHER_NOTE_CHARS} characters`);
+    }
+    const n: WatcherNote = { table: note.table, watcher: note.watcher, source: note.source, atMs: note.atMs, action: note.action, error: note.error, errorAtMs: note.errorAtMs };
+    this.notes.set(n.table, n);
+    await this.store.putWatcherNote(n);
+  }
+
+  /** Every table's last watcher note, by table name. */
+  watcherNotes(): WatcherNote[] {
+    return [...this.notes.values()].sort((a, b) => a.table.localeCompare(b.table));
   }
 }

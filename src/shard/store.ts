@@ -15,6 +15,7 @@ import { PutLog } from './put-log.js';
  *   LevelDB
  *     t!<table>                                  -> msgpack TableMeta (versions, current)
  *     p!<seq:16 digits>, m!putseq                -> the put log (put-log.ts)
+ *     w!<table>                                  -> msgpack WatcherNote (kvctl watch's last action)
  *     r!<table>!<version:16 digits>!<block:10>   -> rows of versions written before rows files
  *                                                   (read at restore, never written any more)
  *   rows/<table>@<version:16 digits>.rows        -> the version's load batches as blocks
@@ -52,6 +53,17 @@ export interface TableMeta {
   versions: VersionMeta[];
   /** Real-time puts with a lower write order predate the current full version and are not applied. */
   putsFrom: number;
+}
+
+/** What a version watcher (kvctl watch) last did on a table; shown by Status, never read by the watcher. */
+export interface WatcherNote {
+  table: string;
+  watcher: string;
+  source: string;
+  atMs: number;
+  action: string;
+  error: string;
+  errorAtMs: number;
 }
 
 const pad = (n: number, width: number): string => String(n).padStart(width, '0');
@@ -150,6 +162,17 @@ export class ShardStore {
   /** Writes a table's metadata; `sync` makes it durable against a machine crash, not just a process crash. */
   async putTable(meta: TableMeta, sync: boolean): Promise<void> {
     await this.db.put(`t!${meta.name}`, pack(meta), { sync });
+  }
+
+  async readWatcherNotes(): Promise<WatcherNote[]> {
+    const out: WatcherNote[] = [];
+    for await (const [, value] of this.db.iterator({ gte: 'w!', lt: 'w"' })) out.push(unpack(value) as WatcherNote);
+    return out;
+  }
+
+  /** Not synced: a note lost to a machine crash is rewritten at the watcher's next action. */
+  async putWatcherNote(note: WatcherNote): Promise<void> {
+    await this.db.put(`w!${note.table}`, pack(note));
   }
 
   private rowsPath(table: string, version: number): string {

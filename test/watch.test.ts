@@ -1,0 +1,363 @@
+/**
+ * The version watcher (`kvctl watch`): real replicas, the watcher as a real child process polling a
+ * local source every 200 ms, a "trainer" writing versions the way one should (files into a temporary
+ * directory, renamed into place, _SUCCESS last). Synchronised on the watcher's lines and the
+ * cluster's Status, never on sleeps.
+ */
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdirSync, mkdtempSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { EmbeddingClient } from '../src/index.js';
+import { writeNpy, writeNpyPair } from '../src/loader/npy-write.js';
+import { nextStep, type ClusterView, type SourceVersion } from '../src/loader/watch.js';
+import { KVCTL, TestCluster } from './helpers/cluster.js';
+import { makeModel, sameBits, scramble } from './helpers/model.js';
+
+const DIM = 8;
+const N = 2000;
+
+/** A `kvctl watch` child process whose stdout lines are kept and can be waited for. */
+class WatchProcess {
+  readonly lines: string[] = [];
+  stderr = '';
+  private readonly waiters: { re: RegExp; resolve: (l: string) => void }[] = [];
+  readonly proc: ChildProcess;
+  readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+
+  constructor(cluster: TestCluster, table: string, source: string, extra: string[] = []) {
+    this.proc = spawn(process.execPath, [KVCTL, 'watch', '--config', cluster.configPath, '--table', table, '--source', source, '--interval', '200ms', ...extra], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let partial = '';
+    this.proc.stdout!.on('data', (d: Buffer) => {
+      partial += d.toString();
+      const parts = partial.split('\n');
+      partial = parts.pop()!;
+      for (const l of parts) {
+        this.lines.push(l);
+        for (const w of [...this.waiters]) {
+          if (w.re.test(l)) {
+            this.waiters.splice(this.waiters.indexOf(w), 1);
+            w.resolve(l);
+          }
+        }
+      }
+    });
+    this.proc.stderr!.on('data', (d: Buffer) => (this.stderr += d.toString()));
+    this.exited = new Promise((resolve) => this.proc.once('exit', (code, signal) => resolve({ code, signal })));
+  }
+
+  /** The first line, printed so far or later, that matches; the bound is for a broken test only. */
+  waitFor(re: RegExp, timeoutMs = 60_000): Promise<string> {
+    const seen = this.lines.find((l) => re.test(l));
+    if (seen !== undefined) return Promise.resolve(seen);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`watcher did not print ${re} in ${timeoutMs} ms; it printed:\n${this.lines.join('\n')}\n${this.stderr}`)), timeoutMs);
+      // The loser of a race between two watchers' lines must not hold the test process.
+      timer.unref();
+      const exited = (): void => reject(new Error(`watcher exited before printing ${re}:\n${this.lines.join('\n')}\n${this.stderr}`));
+      this.proc.once('exit', exited);
+      this.waiters.push({ re, resolve: (l) => { clearTimeout(timer); this.proc.off('exit', exited); resolve(l); } });
+    });
+  }
+
+  count(re: RegExp): number {
+    return this.lines.filter((l) => re.test(l)).length;
+  }
+
+  async kill(signal: NodeJS.Signals = 'SIGKILL'): Promise<void> {
+    if (this.proc.exitCode === null && this.proc.signalCode === null) this.proc.kill(signal);
+    await this.exited;
+  }
+}
+
+/** What the table should serve: key -> vector. */
+type Expected = Map<bigint, Float32Array>;
+
+/** A trainer's source directory: each version written aside, renamed into place, _SUCCESS last. */
+class Trainer {
+  private seq = 0;
+  constructor(readonly root: string) {}
+
+  /** Writes SOURCE/<kind>/<version>/ with `fill`, and its _SUCCESS unless `success` is false. */
+  async write(kind: 'full' | 'incremental', version: number, fill: (dir: string) => Promise<void>, success = true): Promise<string> {
+    const tmp = join(this.root, `.tmp-${this.seq++}`);
+    mkdirSync(tmp, { recursive: true });
+    await fill(tmp);
+    mkdirSync(join(this.root, kind), { recursive: true });
+    const dir = join(this.root, kind, String(version));
+    renameSync(tmp, dir);
+    if (success) this.markDone(dir);
+    return dir;
+  }
+
+  markDone(dir: string): void {
+    writeFileSync(join(dir, '_SUCCESS'), '');
+  }
+
+  /** A full version of N keys (seed `version`), whose rows replace `want`. */
+  full(version: number, want: Expected): Promise<string> {
+    const m = makeModel(N, DIM, version, version);
+    want.clear();
+    m.keys.forEach((k, i) => want.set(k, m.values.slice(i * DIM, (i + 1) * DIM)));
+    return this.write('full', version, (d) => writeNpyPair(join(d, 'part-0'), m.keys, m.values, DIM));
+  }
+
+  /** A delta: 100 upserts (50 existing keys, 50 new) and 20 deletes of existing keys, applied to `want`. */
+  delta(version: number, want: Expected, success = true): Promise<string> {
+    const existing = [...want.keys()];
+    const upKeys = new BigUint64Array(100);
+    const values = new Float32Array(100 * DIM);
+    for (let i = 0; i < 100; i++) {
+      upKeys[i] = i < 50 ? existing[(i * 7 + version) % existing.length]! : scramble(BigInt(version) * 1_000_003n + BigInt(i) + (1n << 60n));
+      for (let j = 0; j < DIM; j++) values[i * DIM + j] = version * 1000 + i + j / 10;
+    }
+    const upSet = new Set(upKeys);
+    const deletes = BigUint64Array.from(existing.filter((k) => !upSet.has(k)).slice(version * 20, version * 20 + 20));
+    upKeys.forEach((k, i) => want.set(k, values.slice(i * DIM, (i + 1) * DIM)));
+    deletes.forEach((k) => want.delete(k));
+    return this.write('incremental', version, async (d) => {
+      await writeNpyPair(join(d, 'part-0'), upKeys, values, DIM);
+      await writeNpy(join(d, 'part-0.deletes.npy'), '<u8', [deletes.length], deletes);
+    }, success);
+  }
+
+  /** A delta with a NaN in its values: refused by the loader. */
+  badDelta(version: number): Promise<string> {
+    const keys = BigUint64Array.from([scramble(1n << 61n), scramble((1n << 61n) + 1n)]);
+    const values = new Float32Array(2 * DIM).fill(1);
+    values[DIM + 3] = NaN;
+    return this.write('incremental', version, (d) => writeNpyPair(join(d, 'part-0'), keys, values, DIM));
+  }
+}
+
+describe('kvctl watch', () => {
+  let cluster: TestCluster;
+  let client: EmbeddingClient;
+  let sources: string;
+  const watchers: WatchProcess[] = [];
+  let seq = 0;
+
+  before(async () => {
+    cluster = await TestCluster.start(2, 2, { keepVersions: 2 });
+    client = new EmbeddingClient({ config: cluster.configPath });
+    sources = mkdtempSync(join(tmpdir(), 'embkv-watch-'));
+  });
+  after(async () => {
+    await Promise.all(watchers.map((w) => w.kill()));
+    await client?.close();
+    await cluster?.close();
+    rmSync(sources, { recursive: true, force: true });
+  });
+
+  const watch = (table: string, source: string, extra: string[] = []): WatchProcess => {
+    const w = new WatchProcess(cluster, table, source, extra);
+    watchers.push(w);
+    return w;
+  };
+  const newSource = (): Trainer => new Trainer(join(sources, `src-${seq++}`));
+
+  /** Every key ever written (and some never) is served as `want` says, bit for bit, at `version`. */
+  async function assertServes(table: string, version: number, want: Expected, alsoAbsent: bigint[] = []): Promise<void> {
+    const keys = BigUint64Array.from([...want.keys(), ...alsoAbsent, scramble(1n << 62n)]);
+    const r = await client.getEmbeddings(keys, { table });
+    assert.equal(r.version, version);
+    keys.forEach((k, i) => {
+      const v = want.get(k);
+      if (v === undefined) {
+        assert.equal(r.found[i], 0, `key ${k} should be absent at v${version}`);
+      } else {
+        assert.equal(r.found[i], 1, `key ${k} should be present at v${version}`);
+        assert.ok(sameBits(r.values.subarray(i * DIM, (i + 1) * DIM), v), `key ${k} at v${version}`);
+      }
+    });
+  }
+
+  async function statusJson(): Promise<{ status?: { tables: { name: string; currentVersion: number }[]; watchers?: { table: string; action: string; error: string }[] } }[]> {
+    const r = await cluster.kvctl(['status', '--json']);
+    assert.equal(r.code, 0, r.stderr);
+    return JSON.parse(r.stdout);
+  }
+
+  async function currentOf(table: string): Promise<number> {
+    const all = await statusJson();
+    const cur = new Set(all.map((s) => s.status!.tables.find((t) => t.name === table)?.currentVersion ?? 0));
+    assert.equal(cur.size, 1, `replicas disagree on ${table}'s current version`);
+    return [...cur][0]!;
+  }
+
+  test('two full versions and three deltas, appearing one after another, are loaded, published and served bit-exact', async () => {
+    const src = newSource();
+    const want: Expected = new Map();
+    const everKeys: bigint[] = [];
+    const w = watch('t1', src.root);
+    await w.waitFor(/^watch t1: started/);
+    const steps: ['full' | 'incremental', number][] = [['full', 1], ['incremental', 2], ['incremental', 3], ['full', 4], ['incremental', 5]];
+    for (const [kind, v] of steps) {
+      await (kind === 'full' ? src.full(v, want) : src.delta(v, want));
+      everKeys.push(...want.keys());
+      await w.waitFor(new RegExp(`^watch t1: published ${kind}/${v}: v${v} is current`));
+      await assertServes('t1', v, want, everKeys);
+    }
+    for (const [kind, v] of steps) {
+      assert.equal(w.count(new RegExp(`^watch t1: found ${kind}/${v}$`)), 1, w.lines.join('\n'));
+      assert.equal(w.count(new RegExp(`^watch t1: loaded ${kind}/${v} `)), 1, w.lines.join('\n'));
+    }
+    // kvctl status shows the watcher's last action, from the replicas.
+    const text = await cluster.kvctl(['status']);
+    assert.match(text.stdout, /^watcher t1 {2}\S+:\d+ {2}source /m);
+    assert.match(text.stdout, /last action \d+ s ago: published incremental\/5/);
+    const json = await statusJson();
+    for (const s of json) assert.match(s.status!.watchers!.find((n) => n.table === 't1')!.action, /published incremental\/5/);
+    // SIGTERM stops an idle watcher within 2 s.
+    const t0 = Date.now();
+    w.proc.kill('SIGTERM');
+    const { code } = await w.exited;
+    assert.equal(code, 0, w.stderr);
+    assert.ok(Date.now() - t0 < 2000, `stopped in ${Date.now() - t0} ms`);
+    assert.match(w.lines.at(-1)!, /^watch t1: stopped$/);
+  });
+
+  test('a version without _SUCCESS is not loaded until its marker appears', async () => {
+    const src = newSource();
+    const want: Expected = new Map();
+    const w = watch('t2', src.root);
+    await src.full(1, want);
+    await w.waitFor(/^watch t2: published full\/1/);
+    const before = new Map(want);
+    const dir = await src.delta(2, want, false);
+    await w.waitFor(/^watch t2: waiting: incremental\/2 has no _SUCCESS yet$/);
+    assert.equal(await currentOf('t2'), 1);
+    await assertServes('t2', 1, before);
+    assert.equal(w.count(/loading incremental\/2/), 0);
+    src.markDone(dir);
+    await w.waitFor(/^watch t2: published incremental\/2/);
+    await assertServes('t2', 2, want);
+  });
+
+  test('a bad delta is refused and skipped; the cluster keeps serving; the watcher moves on at a newer full version', async () => {
+    const src = newSource();
+    const want: Expected = new Map();
+    const w = watch('t3', src.root);
+    await src.full(1, want);
+    await w.waitFor(/^watch t3: published full\/1/);
+    await src.badDelta(2);
+    const refused = await w.waitFor(/^watch t3: refused incremental\/2: /);
+    assert.match(refused, /NaN/);
+    await assertServes('t3', 1, want);
+    // A good delta after the bad one waits: it was built on the refused delta's version.
+    const lost = new Map(want);
+    await src.delta(3, lost);
+    await w.waitFor(/^watch t3: skipped incremental\/3: incremental\/2 was refused; waiting for a newer complete full version$/);
+    assert.equal(await currentOf('t3'), 1);
+    await assertServes('t3', 1, want);
+    // kvctl status shows the refusal.
+    const text = await cluster.kvctl(['status']);
+    assert.match(text.stdout, /last error \d+ s ago: refused incremental\/2: /);
+    // A newer full version, and a delta above it, load; the refused delta is never tried again.
+    await src.full(4, want);
+    await w.waitFor(/^watch t3: published full\/4/);
+    await src.delta(5, want);
+    await w.waitFor(/^watch t3: published incremental\/5/);
+    await assertServes('t3', 5, want);
+    assert.equal(w.count(/loading incremental\/2 /), 1, w.lines.join('\n'));
+    assert.equal(w.count(/loading incremental\/3 /), 0, w.lines.join('\n'));
+  });
+
+  test('a watcher killed with kill -9 and started again resumes from what the cluster holds', async () => {
+    const src = newSource();
+    const want: Expected = new Map();
+    const w1 = watch('t4', src.root);
+    await src.full(1, want);
+    await src.delta(2, want);
+    await w1.waitFor(/^watch t4: published incremental\/2/);
+    await w1.kill('SIGKILL');
+    await src.delta(3, want);
+    await src.delta(4, want);
+    const w2 = watch('t4', src.root);
+    await w2.waitFor(/^watch t4: published incremental\/4/);
+    await assertServes('t4', 4, want);
+    assert.equal(w2.count(/loading (full\/1|incremental\/2) /), 0, w2.lines.join('\n'));
+    assert.equal(w2.count(/loaded incremental\/3 /), 1, w2.lines.join('\n'));
+  });
+
+  test('two watchers on one table load each version once', async (t) => {
+    const src = newSource();
+    const want: Expected = new Map();
+    const a = watch('t5', src.root);
+    const b = watch('t5', src.root);
+    await Promise.all([a.waitFor(/started/), b.waitFor(/started/)]);
+    const steps: ['full' | 'incremental', number][] = [['full', 1], ['incremental', 2], ['incremental', 3]];
+    for (const [kind, v] of steps) {
+      await (kind === 'full' ? src.full(v, want) : src.delta(v, want));
+      await Promise.race([a.waitFor(new RegExp(`published ${kind}/${v}:`)), b.waitFor(new RegExp(`published ${kind}/${v}:`))]);
+      await assertServes('t5', v, want);
+    }
+    for (const [kind, v] of steps) {
+      const loaded = a.count(new RegExp(`loaded ${kind}/${v} `)) + b.count(new RegExp(`loaded ${kind}/${v} `));
+      assert.equal(loaded, 1, `${kind}/${v} loaded ${loaded} times:\n${a.lines.join('\n')}\n--\n${b.lines.join('\n')}`);
+    }
+    const deferred = [...a.lines, ...b.lines].filter((l) => /another loader/.test(l)).length;
+    t.diagnostic(`${deferred} times a watcher found the other at work on a version (waiting, or skipped as loaded)`);
+  });
+
+  test('--no-publish stages a version and waits for it to be published before the next', async () => {
+    const src = newSource();
+    const want: Expected = new Map();
+    const w = watch('t6', src.root, ['--no-publish']);
+    await src.full(1, want);
+    await w.waitFor(/^watch t6: loaded full\/1 /);
+    await w.waitFor(/^watch t6: waiting: v1 is loaded but not published/);
+    assert.equal(await currentOf('t6'), 0);
+    const pub = await cluster.kvctl(['publish', '--table', 't6', '--version', '1']);
+    assert.equal(pub.code, 0, pub.stderr);
+    await src.delta(2, want);
+    await w.waitFor(/^watch t6: loaded incremental\/2 /);
+    assert.equal(await currentOf('t6'), 1);
+  });
+
+  test('--interval takes a unit and is checked', async () => {
+    const r = await cluster.kvctl(['watch', '--table', 'x', '--source', sources, '--interval', '30']);
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /--interval must be a number with a unit, such as 500ms, 30s or 2m/);
+  });
+});
+
+describe('nextStep', () => {
+  const sv = (kind: 'full' | 'incremental', version: number, complete = true): SourceVersion => ({ kind, version, dir: `${kind}/${version}`, name: String(version), complete });
+  const view = (current: number, sealed: [number, number][] = []): ClusterView => ({ current, sealed: new Map(sealed.map(([v, base]) => [v, { base }])) });
+  const step = (v: ClusterView, fulls: SourceVersion[], deltas: SourceVersion[], refused: string[] = [], publish = true) => {
+    const skipped: string[] = [];
+    const s = nextStep(v, fulls, deltas, new Set(refused), publish, (x) => skipped.push(x.dir));
+    return { s, skipped };
+  };
+
+  test('the newest complete full version first; older ones and deltas up to it are skipped', () => {
+    const { s, skipped } = step(view(0), [sv('full', 1), sv('full', 3), sv('full', 5, false)], [sv('incremental', 2), sv('incremental', 4)]);
+    assert.deepEqual(s, { kind: 'load', v: sv('full', 3) });
+    assert.deepEqual(skipped, ['full/1', 'incremental/2']);
+  });
+
+  test('deltas in order on the current version; an incomplete one waits; a refused one blocks the rest', () => {
+    assert.deepEqual(step(view(3), [sv('full', 3)], [sv('incremental', 4), sv('incremental', 5)]).s, { kind: 'load', v: sv('incremental', 4) });
+    assert.equal(step(view(3), [], [sv('incremental', 4, false), sv('incremental', 5)]).s.kind, 'wait');
+    const r = step(view(3), [], [sv('incremental', 4), sv('incremental', 5)], ['incremental/4']);
+    assert.deepEqual(r.s, { kind: 'idle' });
+    assert.deepEqual(r.skipped, ['incremental/5']);
+  });
+
+  test('a refused or incomplete full version blocks the deltas above it, not those below', () => {
+    assert.deepEqual(step(view(3), [sv('full', 6, false)], [sv('incremental', 4), sv('incremental', 7)]).s, { kind: 'load', v: sv('incremental', 4) });
+    const r = step(view(4), [sv('full', 6)], [sv('incremental', 7)], ['full/6']);
+    assert.deepEqual(r.s, { kind: 'idle' });
+    assert.deepEqual(r.skipped, ['incremental/7']);
+  });
+
+  test('a version sealed everywhere but not current is published; with --no-publish it stops everything', () => {
+    assert.deepEqual(step(view(3, [[4, 3]]), [], [sv('incremental', 4)]).s, { kind: 'publish', v: sv('incremental', 4) });
+    assert.equal(step(view(3, [[4, 3]]), [sv('full', 9)], [sv('incremental', 4)], [], false).s.kind, 'wait');
+  });
+});
