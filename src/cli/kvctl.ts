@@ -203,16 +203,18 @@ program
   .description('load and publish every complete version a trainer writes under SOURCE/full/<version>/ and SOURCE/incremental/<version>/')
   .option('--config <file>', 'cluster manifest', DEFAULT_CONFIG_PATH)
   .requiredOption('--table <name>', 'table name')
-  .requiredOption('--source <dir>', 'the directory the trainer writes full/ and incremental/ to')
+  .requiredOption('--source <dir>', 'where the trainer writes full/ and incremental/: a directory or s3://BUCKET/PREFIX/')
+  .option('--s3-endpoint <url>', 'S3-compatible endpoint for an s3:// source (default AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, else AWS)')
+  .option('--s3-virtual-host', 'with --s3-endpoint, address buckets as virtual hosts (bucket.host) instead of paths', false)
   .option('--interval <time>', 'how often to look for new versions when idle: 500ms, 30s, 2m', (v) => parseDuration('--interval', v, 50, 24 * 3_600_000), 30_000)
   .option('--no-publish', 'only load each version; the watcher waits until it is published (kvctl publish) before loading the next')
   .option('--no-staging', 'send every row over gRPC, also to replicas on this host')
   .option('--token-file <file>', TOKEN_FILE_HELP)
-  .action(async (o: { config: string; table: string; source: string; interval: number; publish: boolean; staging: boolean; tokenFile?: string }) => {
+  .action(async (o: { config: string; table: string; source: string; interval: number; publish: boolean; staging: boolean; tokenFile?: string; s3Endpoint?: string; s3VirtualHost: boolean }) => {
     checkTableName(o.table, '--table');
     const manifest = loadManifest(o.config);
     const [{ runWatch }, { watchSourceFor }] = await Promise.all([import('../loader/watch.js'), import('../loader/watch-source.js')]);
-    const source = watchSourceFor(o.source);
+    const source = watchSourceFor(o.source, { ...(o.s3Endpoint !== undefined ? { endpoint: o.s3Endpoint } : {}), virtualHost: o.s3VirtualHost });
     const connections = new ClusterConnections(manifest, { token: tokenFrom(o) });
     const stop = new AbortController();
     // A load under way is aborted (its write version dropped on every replica), then the watcher exits.
@@ -224,6 +226,7 @@ program
       });
     } finally {
       connections.close();
+      source.close?.();
     }
     process.exit(0);
   });

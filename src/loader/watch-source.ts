@@ -11,6 +11,8 @@
 import { access, readdir } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { KvError, KvErrorCode, errnoOf, invalidArgument } from '../common/errors.js';
+import { hasSuccessMarker, isS3Url, listSubdirectories, type DumpSource, type S3SourceOptions } from './dump-source.js';
+import { parseDumpSource } from './source-url.js';
 
 export type WatchKind = 'full' | 'incremental';
 
@@ -29,6 +31,10 @@ export interface WatchSource {
   isComplete(kind: WatchKind, name: string): Promise<boolean>;
   /** What runLoad takes as its `path` for `SOURCE/<kind>/<name>/`: a directory or a URL. */
   dumpPath(kind: WatchKind, name: string): string;
+  /** What runLoad needs besides the path to read it (how to reach object storage). */
+  readonly loadOptions?: { s3?: S3SourceOptions };
+  /** Releases connections; idempotent. */
+  close?(): void;
 }
 
 /** A directory on a local (or mounted) file system. */
@@ -71,15 +77,61 @@ export class LocalWatchSource implements WatchSource {
   }
 }
 
+/**
+ * S3-compatible object storage, through the loader's DumpSource: `SOURCE/full/` and
+ * `SOURCE/incremental/` are prefixes, each version a sub-prefix, complete once it holds `_SUCCESS`.
+ */
+export class S3WatchSource implements WatchSource {
+  private readonly dumps: DumpSource;
+
+  constructor(readonly location: string, s3: S3SourceOptions) {
+    this.dumps = parseDumpSource(location, s3);
+    this.loadOptions = { s3 };
+  }
+
+  readonly loadOptions: { s3: S3SourceOptions };
+
+  async listVersions(kind: WatchKind): Promise<string[]> {
+    try {
+      return await listSubdirectories(this.dumps, this.dumps.join(this.location, kind));
+    } catch (err) {
+      throw asUnavailable(err, `source ${this.location}: ${kind}/ cannot be listed`);
+    }
+  }
+
+  async isComplete(kind: WatchKind, name: string): Promise<boolean> {
+    try {
+      return await hasSuccessMarker(this.dumps, this.dumps.join(this.dumps.join(this.location, kind), name));
+    } catch (err) {
+      throw asUnavailable(err, `source ${this.location}: ${kind}/${name}/${SUCCESS_MARKER} cannot be checked`);
+    }
+  }
+
+  dumpPath(kind: WatchKind, name: string): string {
+    return `${this.dumps.join(this.dumps.join(this.location, kind), name)}/`;
+  }
+
+  close(): void {
+    this.dumps.close();
+  }
+}
+
+/** A source that cannot be read is down for now (retried on later rounds), whatever the cause. */
+function asUnavailable(err: unknown, what: string): KvError {
+  if (err instanceof KvError && (err.code === KvErrorCode.UNAVAILABLE || err.code === KvErrorCode.DEADLINE_EXCEEDED)) return err;
+  return sourceError(err, what);
+}
+
 function sourceError(err: unknown, what: string): KvError {
   return new KvError(KvErrorCode.UNAVAILABLE, `${what}: ${(err as Error).message}`, { cause: err });
 }
 
-/** The source for `kvctl watch --source`: a local directory (S3 URLs once the S3 dump source is in). */
-export function watchSourceFor(location: string): WatchSource {
+/** The source for `kvctl watch --source`: a local directory, or s3://BUCKET/PREFIX/. */
+export function watchSourceFor(location: string, s3: S3SourceOptions = {}): WatchSource {
   if (location === '') throw invalidArgument('--source must name a directory');
+  if (isS3Url(location)) return new S3WatchSource(location, s3);
   if (/^[a-z][a-z0-9+.-]*:\/\//i.test(location)) {
-    throw invalidArgument(`--source ${location}: only local directories can be watched in this build`);
+    throw invalidArgument(`--source ${location}: a local directory or s3://BUCKET/PREFIX/`);
   }
   return new LocalWatchSource(location);
 }

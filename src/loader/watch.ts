@@ -306,7 +306,7 @@ class VersionWatcher {
     try {
       const r = await runLoad({
         manifest: this.o.manifest, connections: this.conns, table: this.table, version: v.version,
-        path: this.o.source.dumpPath(v.kind, v.name), mode: v.kind, publish: false,
+        path: this.o.source.dumpPath(v.kind, v.name), mode: v.kind, publish: false, ...this.o.source.loadOptions,
         signal: this.signal, ...(this.o.staging !== undefined ? { staging: this.o.staging } : {}), ...(this.o.logger ? { logger: this.o.logger } : {}),
       });
       const what = incremental ? `${r.rows} upserts and ${r.deletes} deletes on v${r.baseVersion}` : `${r.rows} keys`;
