@@ -1,6 +1,7 @@
 import type * as grpc from '@grpc/grpc-js';
 import { KvError, KvErrorCode, fromGrpcError } from '../common/errors.js';
 import { controlCall, type ClusterConnections, type ReplicaConn } from '../cluster/connections.js';
+import type { WatcherNote } from '../common/watcher-note.js';
 
 export const DEFAULT_CONTROL_DEADLINE_MS = 30_000;
 
@@ -29,15 +30,7 @@ export interface ReplicaStatus {
 }
 
 /** What a version watcher last did on a table, as a replica keeps it (see SetWatcherNote). */
-export interface WatcherNoteStatus {
-  table: string;
-  watcher: string;
-  source: string;
-  atMs: number;
-  action: string;
-  error: string;
-  errorAtMs: number;
-}
+export type WatcherNoteStatus = WatcherNote;
 
 export const replicaName = (c: ReplicaConn): string => `group ${c.group} replica ${c.replica} (${c.address})`;
 

@@ -7,6 +7,7 @@ import { readFully } from '../common/files.js';
 import { BLOCK_HEAD, BLOCK_MAGIC, blockBytes, blockChecksum, writeBlock } from '../common/rows-file.js';
 import { bytesOf, floatsFromBytes, keysFromBytes } from '../common/keys.js';
 import { PutLog } from './put-log.js';
+import type { WatcherNote } from '../common/watcher-note.js';
 
 /**
  * A replica's disk, under --data: a classic-level (LevelDB) database for metadata and the put log,
@@ -55,16 +56,8 @@ export interface TableMeta {
   putsFrom: number;
 }
 
-/** What a version watcher (kvctl watch) last did on a table; shown by Status, never read by the watcher. */
-export interface WatcherNote {
-  table: string;
-  watcher: string;
-  source: string;
-  atMs: number;
-  action: string;
-  error: string;
-  errorAtMs: number;
-}
+
+export type { WatcherNote };
 
 const pad = (n: number, width: number): string => String(n).padStart(width, '0');
 const versionPrefix = (table: string, version: number): string => `r!${table}!${pad(version, 16)}!`;
