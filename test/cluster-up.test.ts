@@ -9,18 +9,8 @@ import { REPLICA_MALLOC_ENV, REPLICA_NODE_FLAGS } from '../src/common/process-tu
 import { statusAll } from '../src/loader/cluster-ops.js';
 import { ClusterConnections } from '../src/cluster/connections.js';
 import { freePorts, KVCTL } from './helpers/cluster.js';
-import { alive } from './helpers/util.js';
+import { alive, until } from './helpers/util.js';
 
-
-async function until<T>(what: string, fn: () => Promise<T | undefined>, timeoutMs = 20_000): Promise<T> {
-  const end = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await fn();
-    if (v !== undefined) return v;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
 
 describe('kvctl cluster up', () => {
   let dir: string;

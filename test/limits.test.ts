@@ -11,6 +11,7 @@ import { encodeLookupRequest, type LookupResponse } from '../src/wire/lookup.js'
 import { EmbkvClient } from '../src/wire/services.js';
 import { fetchRouterStats } from '../src/router/stats-service.js';
 import { startRouter, TestCluster } from './helpers/cluster.js';
+import { until } from './helpers/util.js';
 import { expected, makeModel, makeRequest, writeModelPart } from './helpers/model.js';
 
 /** A Lookup through the router, as any gRPC client sends it: resolves with the answer or the status. */
@@ -68,11 +69,7 @@ describe('the router bounds the work it holds', () => {
     try {
       held = lookup(stub, 'narrow', heldKeys);
       // The frozen replica keeps it in flight: wait until the router has sent it on.
-      for (;;) {
-        const s = await fetchRouterStats(address, 5000);
-        if (s.groups[0]!.replicas[0]!.outstanding > 0) break;
-        await new Promise((r) => setTimeout(r, 20));
-      }
+      await until('the router to send the call on', async () => ((await fetchRouterStats(address, 5000)).groups[0]!.replicas[0]!.outstanding > 0 ? true : undefined));
       const refused = await lookup(stub, 'narrow', makeRequest(narrow, 20_000));
       assert.ok(failed(refused), 'the second call should be refused');
       assert.equal(refused.code, grpc.status.RESOURCE_EXHAUSTED);
@@ -141,12 +138,12 @@ describe('a replica bounds the answers it holds', () => {
         assert.match(refused.details, /this replica holds \d+ bytes of answers not yet sent; the limit is 1048576 \(maxInflightBytes\)/);
         // The reader goes away: its stream closes, and the replica answers again.
         session.destroy();
-        for (;;) {
+        await until('the replica to answer again', async () => {
           const r = await lookup(stub, 'emb', makeRequest(model, 1000));
-          if (!failed(r)) break;
+          if (!failed(r)) return true;
           assert.equal(r.code, grpc.status.RESOURCE_EXHAUSTED, r.details);
-          await new Promise((res) => setTimeout(res, 20));
-        }
+          return undefined;
+        });
       } finally {
         stub.close();
       }

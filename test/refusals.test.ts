@@ -10,7 +10,7 @@ import { type LookupResponse } from '../src/wire/lookup.js';
 import { EmbkvClient } from '../src/wire/services.js';
 import { partitionOf } from '../src/cluster/partition.js';
 import { controlCall, ClusterConnections } from '../src/cluster/connections.js';
-import { codeOf } from './helpers/util.js';
+import { codeOf, until } from './helpers/util.js';
 import { writeNpyPair } from '../src/loader/npy-write.js';
 import { TestCluster } from './helpers/cluster.js';
 import { expected, makeModel, sameBits, writeModelPart, type Model } from './helpers/model.js';
@@ -146,17 +146,18 @@ describe('nothing served changes without a valid, explicit action (2 groups x 2 
     // Within the skew a writer's clock may be ahead.
     assert.deepEqual(await rawPut(g, 'f', [key], (now + 1000) * ORDER_SCALE), ['ok', 'ok']);
     // Nothing pins the key: a put made after that stamp wins.
-    const until = now + 1000;
-    while (Date.now() <= until) await new Promise((r) => setTimeout(r, until - Date.now() + 1));
+    const stampedAt = now + 1000;
+    // The state waited on here is the clock itself: the SDK stamps its put with it.
+    while (Date.now() <= stampedAt) await new Promise((r) => setTimeout(r, stampedAt - Date.now() + 1));
     await client.putEmbeddings([key], new Float32Array(DIM).fill(3), { table: 'f' });
     // Acknowledged by one replica of the group; every replica of it serves the put once it has it.
     for (const address of cluster.manifest.groups[g]!.replicas) {
-      for (;;) {
+      await until(`${address} to serve the later put`, async () => {
         const r = await lookupAt(address, 'f', BigUint64Array.of(key));
-        if (r.values[0] === 3) break;
+        if (r.values[0] === 3) return true;
         assert.equal(r.values[0], 7, `${address} serves the raw put until it has the later one`);
-        await new Promise((res) => setTimeout(res, 20));
-      }
+        return undefined;
+      });
     }
   });
 
@@ -241,10 +242,9 @@ describe('nothing served changes without a valid, explicit action (2 groups x 2 
     const address = cluster.manifest.groups[0]!.replicas[0]!;
     const mine = keys.filter((k) => groupOf(k) === 0);
     assert.ok(mine.length > 5, `group 0 owns ${mine.length} of the keys`);
-    for (;;) {
+    await until('g0r0 to serve every put it missed', async () => {
       const r = await lookupAt(address, 'p', BigUint64Array.from(mine));
-      if (mine.every((k, j) => r.found[j] === 1 && r.values[j * DIM] === 100 + keys.indexOf(k))) break;
-      await new Promise((res) => setTimeout(res, 50));
-    }
+      return mine.every((k, j) => r.found[j] === 1 && r.values[j * DIM] === 100 + keys.indexOf(k)) ? true : undefined;
+    });
   });
 });

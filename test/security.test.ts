@@ -19,7 +19,7 @@ import { EMBKV_CLIENT_SERVICE, EmbkvClient } from '../src/wire/services.js';
 import { rootLogger } from '../src/common/log.js';
 import { KVCTL, TestCluster, freePorts } from './helpers/cluster.js';
 import { expected, makeModel, makeRequest, sameBits, writeModelPart, type Model } from './helpers/model.js';
-import { codeOf } from './helpers/util.js';
+import { codeOf, until } from './helpers/util.js';
 
 const DIM = 8;
 const TOKENS = {
@@ -163,14 +163,11 @@ describe('a 1 x 2 cluster with TLS and tokens', () => {
     try {
       await client.putEmbeddings([v1.keys[0]!], new Float32Array(DIM).fill(7), { table: 'emb' });
       // Logged by at least one replica when it resolves; every replica serves it within a second.
-      for (;;) {
-        const r = await client.getEmbeddings([v1.keys[0]!], { table: 'emb' });
-        if (r.values[0] === 7) {
-          assert.deepEqual(Array.from(r.values), new Array(DIM).fill(7));
-          break;
-        }
-        await new Promise((res) => setTimeout(res, 20));
-      }
+      const r = await until('the put to be served', async () => {
+        const got = await client.getEmbeddings([v1.keys[0]!], { table: 'emb' });
+        return got.values[0] === 7 ? got : undefined;
+      });
+      assert.deepEqual(Array.from(r.values), new Array(DIM).fill(7));
     } finally {
       await client.close();
     }

@@ -14,7 +14,7 @@ import { statusAll } from '../src/loader/cluster-ops.js';
 import { TEST_DELAY_METADATA } from '../src/replica/server.js';
 import { ClusterConnections } from '../src/cluster/connections.js';
 import { freePorts, KVCTL, TestCluster } from './helpers/cluster.js';
-import { alive } from './helpers/util.js';
+import { alive, until } from './helpers/util.js';
 import { makeModel, writeModelPart } from './helpers/model.js';
 
 /** The bar for an idle stop: Redis stops in well under a second; embkv must within 2 s. */
@@ -171,13 +171,10 @@ describe('stopping kvctl cluster up and kvctl demo', () => {
     return { code, ms: performance.now() - t0 };
   }
 
-  const replicaPids = async (): Promise<number[]> => {
-    for (;;) {
-      const all = await statusAll(conns, 2000);
-      if (all.every((s) => s.status)) return all.map((s) => s.status!.pid);
-      await new Promise((r) => setTimeout(r, 50));
-    }
-  };
+  const replicaPids = (): Promise<number[]> => until('every replica to answer Status', async () => {
+    const all = await statusAll(conns, 2000);
+    return all.every((s) => s.status) ? all.map((s) => s.status!.pid) : undefined;
+  });
 
   test('kvctl cluster up stops every replica within 2 s of Ctrl-C', async () => {
     const { proc } = await startUntil(['cluster', 'up', '--config', configPath, '--data', join(dir, 'up')], /started 4 replicas/);

@@ -33,3 +33,17 @@ export function alive(pid: number): boolean {
     return false;
   }
 }
+
+/**
+ * Polls `fn` until it returns a value (not undefined), every `everyMs`: a wait on observable state
+ * (a replica's answer, a Status field), never on a fixed time. `timeoutMs` bounds a broken test only.
+ */
+export async function until<T>(what: string, fn: () => Promise<T | undefined>, opts: { timeoutMs?: number; everyMs?: number } = {}): Promise<T> {
+  const end = Date.now() + (opts.timeoutMs ?? 60_000);
+  for (;;) {
+    const v = await fn();
+    if (v !== undefined) return v;
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, opts.everyMs ?? 20));
+  }
+}
