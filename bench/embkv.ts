@@ -9,6 +9,7 @@ import type { EmbeddingsResult } from '../src/client/client.js';
 import { loadManifest, type Manifest } from '../src/cluster/manifest.js';
 import { timeRequests, type RequestFigures } from './measure.js';
 import { fillRequest, requestBuffer, verifyAnswer, type Model, type RequestBuffer } from './model.js';
+import { kvctlStatus as kvctlStatusOf } from './local-cluster.js';
 import { freePorts, type Resources } from './resources.js';
 import { Staller, type StallReport } from './stall.js';
 
@@ -202,17 +203,7 @@ export async function runEmbkvOnCluster(
  * protoPackage in src/wire/services.ts); status calls from here would load it into the heap that its
  * garbage collections walk.
  */
-async function kvctlStatus(configPath: string): Promise<StatusEntry[]> {
-  let stdout: string;
-  try {
-    ({ stdout } = await promisify(execFile)(process.execPath, [KVCTL, 'status', '--config', configPath, '--json'], { maxBuffer: 16 << 20 }));
-  } catch (err) {
-    // Exit 1 when a replica does not answer; the JSON still lists every replica.
-    stdout = (err as { stdout?: string }).stdout ?? '';
-    if (stdout === '') throw err;
-  }
-  return JSON.parse(stdout) as StatusEntry[];
-}
+const kvctlStatus = (configPath: string): Promise<StatusEntry[]> => kvctlStatusOf<StatusEntry>(configPath);
 
 /** Waits until every replica answers `kvctl status`. */
 async function waitForReplicas(configPath: string, timeoutMs: number): Promise<void> {

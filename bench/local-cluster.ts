@@ -39,7 +39,11 @@ export interface ReplicaEntry {
   };
 }
 
-export async function kvctlStatus(configPath: string): Promise<ReplicaEntry[]> {
+/**
+ * Every replica's status, asked by `kvctl status --json` in a process of its own, so the bench process
+ * (the SDK client) never loads the control service. `T` is the part of the JSON the caller reads.
+ */
+export async function kvctlStatus<T = ReplicaEntry>(configPath: string): Promise<T[]> {
   let stdout: string;
   try {
     ({ stdout } = await promisify(execFile)(process.execPath, [KVCTL, 'status', '--config', configPath, '--json'], { maxBuffer: 16 << 20 }));
@@ -48,7 +52,7 @@ export async function kvctlStatus(configPath: string): Promise<ReplicaEntry[]> {
     stdout = (err as { stdout?: string }).stdout ?? '';
     if (stdout === '') throw err;
   }
-  return JSON.parse(stdout) as ReplicaEntry[];
+  return JSON.parse(stdout) as T[];
 }
 
 export async function startCluster(groups: number, replicas: number, res: Resources, prefix: string): Promise<LocalCluster> {
