@@ -7,6 +7,7 @@ import { KvError, KvErrorCode, fromGrpcError } from '../common/errors.js';
 import { DEFAULT_CONFIG_PATH, loadManifest, localManifest, type Manifest } from '../cluster/manifest.js';
 import { dropVersion, publishVersion, statusAll } from '../loader/cluster-ops.js';
 import { checkTableName } from '../common/validate.js';
+import { parseSnapshotTime } from '../common/snapshot-time.js';
 import { ClusterConnections } from '../cluster/connections.js';
 import { fetchRouterStats } from '../router/stats-service.js';
 import { Progress, formatFanoutStats, formatStatus } from './output.js';
@@ -158,15 +159,20 @@ program
   .option('--force', 'accept a version number lower than the current one, and take over a stalled load', false)
   .option('--allow-empty', 'allow a full load with no rows (it empties the table once published)', false)
   .option('--dim <n>', 'the dimension of a full load that changes the table\'s dimension (default: the current version\'s)', intArg('--dim', 1, 16384))
+  .option('--snapshot-time <time>', 'a full load: when the training snapshot behind the dump was taken (ISO 8601 with a zone, e.g. 2026-12-02T17:35:09Z); real-time puts stamped at or after it stay over the new version (default: the dump\'s _embkv.json, else the load\'s start)')
   .option('--no-staging', 'send every row over gRPC, also to replicas on this host (which otherwise read a full load from a staged file)')
   .option('--token-file <file>', TOKEN_FILE_HELP)
   .action(async (o: {
     config: string; table: string; version: number; full?: string; incremental?: string; publish?: boolean; force: boolean; allowEmpty: boolean; dim?: number; staging: boolean;
-    tokenFile?: string; s3Endpoint?: string; s3VirtualHost: boolean; successMarker: boolean;
+    tokenFile?: string; s3Endpoint?: string; s3VirtualHost: boolean; successMarker: boolean; snapshotTime?: string;
   }) => {
     if ((o.full === undefined) === (o.incremental === undefined)) {
       throw new KvError(KvErrorCode.INVALID_ARGUMENT, 'give the dump to load with exactly one of --full PATH or --incremental PATH');
     }
+    if (o.snapshotTime !== undefined && o.incremental !== undefined) {
+      throw new KvError(KvErrorCode.INVALID_ARGUMENT, '--snapshot-time applies to --full only: a delta leaves the real-time puts over the current version as they are');
+    }
+    const snapshotAtMs = o.snapshotTime === undefined ? undefined : parseSnapshotTime(o.snapshotTime, '--snapshot-time');
     const mode = o.full !== undefined ? 'full' : 'incremental';
     const publish = o.publish ?? mode === 'incremental';
     const manifest = loadManifest(o.config);
@@ -178,18 +184,19 @@ program
     const r = await runLoad({
       manifest, connections, table: o.table, version: o.version, path: (o.full ?? o.incremental)!, mode, publish, force: o.force, allowEmpty: o.allowEmpty, staging: o.staging,
       ...(o.dim !== undefined ? { dim: o.dim } : {}),
+      ...(snapshotAtMs !== undefined ? { snapshotAtMs } : {}),
       s3: { ...(o.s3Endpoint !== undefined ? { endpoint: o.s3Endpoint } : {}), virtualHost: o.s3VirtualHost },
       requireSuccessMarker: o.successMarker,
       onProgress: (rows, total) => progress.update(rows, total),
       // Refusals tell the user which flag to pass.
-      optionNames: { table: '--table', version: '--version', dim: '--dim', allowEmpty: '--allow-empty', noSuccessMarker: '--no-success-marker' },
+      optionNames: { table: '--table', version: '--version', dim: '--dim', allowEmpty: '--allow-empty', noSuccessMarker: '--no-success-marker', snapshotTime: '--snapshot-time' },
     }).finally(() => {
       progress.done();
       connections.close();
     });
     const rate = Math.round((r.rows + r.deletes) / Math.max(r.ms / 1000, 1e-3));
     const what = mode === 'full'
-      ? `${r.rows} keys of dim ${r.dim}`
+      ? `${r.rows} keys of dim ${r.dim}${r.snapshotAtMs > 0 ? ` (snapshot ${new Date(r.snapshotAtMs).toISOString()})` : ''}`
       : `a delta on v${r.baseVersion}: ${r.rows} upserts and ${r.deletes} deletes of dim ${r.dim}`;
     process.stdout.write(
       `loaded ${o.table} v${o.version}: ${what} in ${(r.ms / 1000).toFixed(1)} s (${rate} rows/s) on ${r.rowsPerGroup.length} groups` +

@@ -63,7 +63,8 @@ export function formatStatus(all: { conn: ReplicaConn; status?: ReplicaStatus; e
       const versions = t.versions.map((v) => {
         const what = v.state === 'loading' ? `loading, ${num(v.keys)} rows so far` : `${num(v.keys)} keys`;
         const delta = v.baseVersion ? ` delta on v${v.baseVersion} +${num(v.deltaUpserts)} -${num(v.deltaDeletes)}` : '';
-        return `v${v.version}${v.version === t.currentVersion ? '*' : ''} ${what} dim ${v.dim} ${formatBytes(v.bytes)}${delta}`;
+        const snapshot = v.snapshotAtMs ? ` snapshot ${new Date(v.snapshotAtMs).toISOString()}` : '';
+        return `v${v.version}${v.version === t.currentVersion ? '*' : ''} ${what} dim ${v.dim} ${formatBytes(v.bytes)}${delta}${snapshot}`;
       });
       lines.push(`    ${t.name}  current v${t.currentVersion}  [${versions.join('; ')}]`);
       if (t.realtimeBatches > 0) {

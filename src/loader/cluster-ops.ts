@@ -18,7 +18,7 @@ export interface ReplicaStatus {
     currentVersion: number;
     versions: {
       version: number; dim: number; keys: number; state: string; bytes: number;
-      baseVersion: number; deltaUpserts: number; deltaDeletes: number; createdAtMs: number;
+      baseVersion: number; deltaUpserts: number; deltaDeletes: number; createdAtMs: number; snapshotAtMs: number;
     }[];
     realtimeKeys: number;
     realtimeBatches: number;

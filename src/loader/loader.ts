@@ -8,9 +8,12 @@ import type { Logger } from 'pino';
 import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
 import type { Manifest } from '../cluster/manifest.js';
 import { checkTableName, checkVersion } from '../common/validate.js';
+import { MAX_SNAPSHOT_SKEW_MS } from '../common/snapshot-time.js';
 import { installZeroCopyRequests } from '../transport/grpc-patches.js';
 import { ClusterConnections, type ReplicaConn } from '../cluster/connections.js';
 import { call, statusAll, switchVersion } from './cluster-ops.js';
+import { dataError } from './dump-files.js';
+import { readDumpMetadata } from './dump-meta.js';
 import { RowStreamer } from './row-streamer.js';
 import { parseDumpSource, planDump, type DumpPlan, type S3SourceOptions } from './sources.js';
 import { DEFAULT_STAGE_RANGE_BYTES, stageGroups, type Stage } from './stage.js';
@@ -46,6 +49,13 @@ export interface LoadOptions {
   allowEmpty?: boolean;
   /** The dim of a full load that changes the table's dimension; by default it must match the current version's. */
   dim?: number;
+  /**
+   * A full load: when the training snapshot behind the dump was taken (ms since the epoch). Real-time
+   * puts stamped at or after it (or after the load began, if that is earlier) stay layered over the
+   * version once published; older ones are superseded. By default the dump directory's `_embkv.json`
+   * says (dump-meta.ts), else the load's start.
+   */
+  snapshotAtMs?: number;
   /** Rows per LoadRows call. */
   batchRows?: number;
   /** LoadRows calls in flight per shard group. */
@@ -78,10 +88,12 @@ export interface LoadOptionNames {
   allowEmpty: string;
   /** How to load a dump without its _SUCCESS marker. */
   noSuccessMarker: string;
+  snapshotTime: string;
 }
 
 export const DEFAULT_LOAD_OPTION_NAMES: Readonly<LoadOptionNames> = {
   table: 'table', version: 'version', dim: 'dim', allowEmpty: 'allowEmpty', noSuccessMarker: 'requireSuccessMarker: false',
+  snapshotTime: 'snapshotAtMs',
 };
 
 export interface LoadResult {
@@ -96,6 +108,8 @@ export interface LoadResult {
   published: boolean;
   /** Groups whose rows went through a staged file instead of gRPC. */
   stagedGroups: number;
+  /** The snapshot time the version records (ms since the epoch), from the options or the dump; 0: none. */
+  snapshotAtMs: number;
 }
 
 /**
@@ -116,6 +130,14 @@ export async function runLoad(options: LoadOptions): Promise<LoadResult> {
   const rangeBytes = options.stageRangeBytes ?? DEFAULT_STAGE_RANGE_BYTES;
   if (!Number.isInteger(rangeBytes) || rangeBytes < 1 || rangeBytes > 16 * 1024 * 1024) throw invalidArgument('stageRangeBytes must be an integer in [1, 16 MiB]');
   const mode = options.mode ?? 'full';
+  const snapshotAtMs = options.snapshotAtMs;
+  if (snapshotAtMs !== undefined) {
+    if (mode !== 'full') throw invalidArgument(`${names.snapshotTime} applies to a full load only: a delta leaves the real-time puts over the current version as they are`);
+    if (!Number.isSafeInteger(snapshotAtMs) || snapshotAtMs < 1) throw invalidArgument(`${names.snapshotTime} must be a positive integer of ms since the epoch, got ${snapshotAtMs}`);
+    if (snapshotAtMs > started + MAX_SNAPSHOT_SKEW_MS) {
+      throw invalidArgument(`${names.snapshotTime} is ${Math.round((snapshotAtMs - started) / 1000)} s in the future (more than the ${MAX_SNAPSHOT_SKEW_MS / 1000} s allowed for clock skew)`);
+    }
+  }
   // Full batches leave from their own buffers, not from a copy grpc-js would make of each.
   await installZeroCopyRequests();
   const conns = options.connections ?? new ClusterConnections(options.manifest);
@@ -176,14 +198,23 @@ async function load(conns: ClusterConnections, run: CheckedLoad): Promise<LoadRe
       expectedDim: expectDim, expectedDimWhat: what, source,
       requireSuccessMarker: options.requireSuccessMarker ?? true, successMarkerWhat: names.noSuccessMarker,
     });
-    return await loadPlan(conns, run, plan);
+    // The dump's own snapshot time, unless the caller gave one.
+    let snapshotAtMs = options.snapshotAtMs ?? 0;
+    if (plan.metadataPath !== undefined) {
+      const meta = await readDumpMetadata(source, plan.metadataPath);
+      if (meta.snapshotAtMs !== undefined && incremental) {
+        throw dataError(`${plan.metadataPath}: snapshotTime applies to a full dump only; a delta leaves the real-time puts over the current version as they are`);
+      }
+      if (options.snapshotAtMs === undefined) snapshotAtMs = meta.snapshotAtMs ?? 0;
+    }
+    return await loadPlan(conns, run, plan, snapshotAtMs);
   } finally {
     source.close();
   }
 }
 
 /** The load of a planned dump, whose source stays open until it returns. */
-async function loadPlan(conns: ClusterConnections, run: CheckedLoad, plan: DumpPlan): Promise<LoadResult> {
+async function loadPlan(conns: ClusterConnections, run: CheckedLoad, plan: DumpPlan, snapshotAtMs: number): Promise<LoadResult> {
   const { options, names, table, version, batchRows, inflight, rangeBytes, mode, started } = run;
   const { manifest } = options;
   const incremental = mode === 'incremental';
@@ -195,7 +226,7 @@ async function loadPlan(conns: ClusterConnections, run: CheckedLoad, plan: DumpP
   const stageDirs = new Map<ReplicaConn, string>();
   let stages: (Stage | undefined)[] = [];
   try {
-    log?.info({ path: plan.path, parts: plan.parts.length, dim: plan.dim, rows: plan.totalRows, mode }, 'load starting');
+    log?.info({ path: plan.path, parts: plan.parts.length, dim: plan.dim, rows: plan.totalRows, mode, ...(snapshotAtMs > 0 ? { snapshotAtMs } : {}) }, 'load starting');
     // The write versions open (and staged files are set up) while the first rows are read; the
     // first batch to leave waits for them.
     const opening = (async (): Promise<number> => {
@@ -204,7 +235,7 @@ async function loadPlan(conns: ClusterConnections, run: CheckedLoad, plan: DumpP
           // Keys spread evenly over the groups; 5% over the mean leaves room for the spread.
           const expectedRows = plan.totalRows > 0 && !incremental ? Math.ceil((plan.totalRows / G) * 1.05) : 0;
           const r = await call<{ baseVersion: number; stageDir: string }>(c, 'LoadBegin', {
-            table, version, dim: plan.dim, loadId, force: options.force ?? false, incremental, expectedRows, startedAtMs: started,
+            table, version, dim: plan.dim, loadId, force: options.force ?? false, incremental, expectedRows, startedAtMs: started, snapshotAtMs,
           });
           stageDirs.set(c, r.stageDir);
           return { c, base: r.baseVersion };
@@ -260,7 +291,7 @@ async function loadPlan(conns: ClusterConnections, run: CheckedLoad, plan: DumpP
     // publish needs no round of Status calls first.
     if (options.publish) await switchVersion(conns, { table, version, rollback: false });
     const stagedGroups = stages.filter((st) => st !== undefined).length;
-    return { rows, deletes, baseVersion, rowsPerGroup, dim: plan.dim, ms: Date.now() - started, published: options.publish ?? false, stagedGroups };
+    return { rows, deletes, baseVersion, rowsPerGroup, dim: plan.dim, ms: Date.now() - started, published: options.publish ?? false, stagedGroups, snapshotAtMs };
   } catch (err) {
     // Drop the write version everywhere it was opened; nothing served has changed.
     await Promise.allSettled(begun.map((c) => call(c, 'LoadAbort', { table, version, loadId }, 10_000)));

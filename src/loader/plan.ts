@@ -4,6 +4,7 @@
  */
 import { invalidArgument } from '../common/errors.js';
 import { MAX_LOAD_DIM, dataError, fmt, type LoadMode } from './dump-files.js';
+import { DUMP_METADATA_FILE } from './dump-meta.js';
 import { LOCAL_SOURCE, SUCCESS_MARKER, isHadoopMarker, isS3Url, type DumpEntry, type DumpSource } from './dump-source.js';
 import { readNpyHeader, type NpyRole } from './npy.js';
 import { textPartDim } from './text.js';
@@ -32,6 +33,8 @@ export interface DumpPlan {
   parts: PartInfo[];
   /** Sum of known upsert rows, -1 if any part is text. */
   totalRows: number;
+  /** The dump directory's metadata file (dump-meta.ts), when it has one. */
+  metadataPath?: string;
 }
 
 const NPY_SUFFIX: Record<string, NpyRole> = { '.keys.npy': 'keys', '.values.npy': 'values', '.deletes.npy': 'deletes' };
@@ -102,9 +105,15 @@ export async function planDump(path: string, mode: LoadMode, options: PlanDumpOp
   }
 
   const groups: (NpyGroup | { text: string; name: string })[] = [];
+  let metadataPath: string | undefined;
   const st = await source.stat(path);
   if (st?.type === 'dir') {
     const entries = await source.list(path);
+    const meta = entries.find((e) => e.name === DUMP_METADATA_FILE);
+    if (meta !== undefined) {
+      metadataPath = source.join(path, meta.name);
+      if (meta.type !== 'file') throw dataError(`${metadataPath} is ${meta.type === 'dir' ? 'a directory' : meta.what ?? 'not a regular file'}, not a regular file`);
+    }
     // Hidden files and markers such as _SUCCESS are not data.
     const data = entries.filter((e) => !e.name.startsWith('.') && !e.name.startsWith('_'));
     const subdirs = data.filter((e) => e.type === 'dir');
@@ -216,7 +225,7 @@ export async function planDump(path: string, mode: LoadMode, options: PlanDumpOp
   if (mode === 'full' && dim === 0) {
     throw dataError(`${path}: no part holds a data row, so the dim is unknown`);
   }
-  const plan: DumpPlan = { path, source, mode, dim, parts, totalRows };
+  const plan: DumpPlan = { path, source, mode, dim, parts, totalRows, ...(metadataPath !== undefined ? { metadataPath } : {}) };
   planDimDesc.set(plan, dimDesc);
   return plan;
 }

@@ -51,7 +51,7 @@ export function controlHandlers(ctx: ControlContext): grpc.UntypedServiceImpleme
         .finally(() => ctx.answered(call));
     };
   return {
-    LoadBegin: unary(async (r: { table: string; version: number; dim: number; loadId: string; force: boolean; incremental: boolean; expectedRows: number; startedAtMs: number }) => {
+    LoadBegin: unary(async (r: { table: string; version: number; dim: number; loadId: string; force: boolean; incremental: boolean; expectedRows: number; startedAtMs: number; snapshotAtMs: number }) => {
       const b = await shard.loadBegin({ ...r, version: checkVersion(r.version) });
       return { currentVersion: b.current, baseVersion: b.base, stageDir: shard.stageDir };
     }),

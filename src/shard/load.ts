@@ -33,6 +33,8 @@ export interface LoadBeginRequest {
   expectedRows?: number;
   /** The loader's clock when the load began; 0: this replica's. */
   startedAtMs?: number;
+  /** A full load: when the training snapshot behind the dump was taken (ms since the epoch); 0: not declared. */
+  snapshotAtMs?: number;
 }
 
 /** LoadRows: a batch of rows (and for a delta, deletes) into the write version. */
@@ -54,11 +56,14 @@ export interface LoadSealRequest {
 }
 
 export async function loadBegin(core: ShardCore, req: LoadBeginRequest): Promise<{ current: number; base: number }> {
-  const { table, version, dim, loadId, force = false, incremental = false, expectedRows = 0, startedAtMs = 0 } = req;
+  const { table, version, dim, loadId, force = false, incremental = false, expectedRows = 0, startedAtMs = 0, snapshotAtMs = 0 } = req;
   checkTableName(table);
   checkVersion(version);
   if (!Number.isInteger(dim) || dim < 1 || dim > MAX_DIM) throw invalidArgument(`dim must be in [1, ${MAX_DIM}], got ${dim}`);
   if (typeof loadId !== 'string' || loadId.length === 0 || loadId.length > 128) throw invalidArgument('load_id must be a non-empty string');
+  if (!Number.isSafeInteger(snapshotAtMs) || snapshotAtMs < 0) throw invalidArgument(`snapshot_at_ms must be a non-negative integer, got ${snapshotAtMs}`);
+  // A delta carries no snapshot: it leaves the puts over the version it applies to as they are.
+  if (incremental && snapshotAtMs > 0) throw invalidArgument('a snapshot time applies to a full load only, not to a delta');
   return core.withTable(table, async () => {
     // A new table is registered only once its first load has begun.
     const known = core.tables.get(table);
@@ -94,6 +99,7 @@ export async function loadBegin(core: ShardCore, req: LoadBeginRequest): Promise
     const createdAtMs = Number.isSafeInteger(startedAtMs) && startedAtMs > 0 ? startedAtMs : now;
     const meta: VersionMeta = {
       version, dim, rows: 0, state: 'loading', loadId, blocks: 0, base: base?.meta.version ?? 0, upserts: 0, deletes: 0, createdAtMs,
+      ...(snapshotAtMs > 0 ? { snapshotAtMs } : {}),
     };
     if (known === undefined) core.tables.set(table, t);
     t.write = {
@@ -102,7 +108,7 @@ export async function loadBegin(core: ShardCore, req: LoadBeginRequest): Promise
       ops: 0, lastActivityMs: now, failed: undefined, sealing: false, pending: new Set(), staged: undefined,
     };
     await core.store.putTable(metaOf(t), false);
-    core.log.info({ table, version, dim, loadId, base: meta.base }, incremental ? 'delta begun' : 'load begun');
+    core.log.info({ table, version, dim, loadId, base: meta.base, ...(snapshotAtMs > 0 ? { snapshotAtMs } : {}) }, incremental ? 'delta begun' : 'load begun');
     return { current: t.current, base: meta.base };
   });
 }

@@ -27,8 +27,8 @@ export async function publish(core: ShardCore, table: string, version: number, r
     if (version === previous) return previous;
     t.current = version;
     if (!rollback && held.meta.base === 0) {
-      // A new full version holds everything written before its load began; puts since stay on top.
-      t.putsFrom = held.meta.createdAtMs * ORDER_SCALE;
+      // A new full version holds what was written before its snapshot; puts since stay on top.
+      t.putsFrom = putsFromOf(held.meta);
       t.overlay = t.overlay?.dim === held.data.dim ? t.overlay.since(t.putsFrom) : undefined;
     }
     const dropped = prune(t, core.keepVersions);
@@ -42,6 +42,17 @@ export async function publish(core: ShardCore, table: string, version: number, r
     core.log.info({ table, version, previous, dropped }, rollback ? 'rolled back' : 'published');
     return previous;
   });
+}
+
+/**
+ * The lowest write order of the puts that stay over a newly published full version: those stamped
+ * at or after its snapshot time, or, without one, at or after its load began. The earlier of the two
+ * counts: a dump is complete before its load begins, so it cannot hold a put written after that,
+ * whatever a trainer's clock said.
+ */
+export function putsFromOf(meta: VersionMeta): number {
+  const snapshot = meta.snapshotAtMs ?? 0;
+  return (snapshot > 0 ? Math.min(snapshot, meta.createdAtMs) : meta.createdAtMs) * ORDER_SCALE;
 }
 
 /**

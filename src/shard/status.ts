@@ -13,6 +13,8 @@ export interface VersionStatusInfo {
   deltaUpserts: number;
   deltaDeletes: number;
   createdAtMs: number;
+  /** A full version's declared snapshot time; 0: none. */
+  snapshotAtMs: number;
 }
 
 export interface TableStatusInfo {
@@ -31,6 +33,7 @@ export function status(tables: Iterable<TableState>): TableStatusInfo[] {
   const vs = (meta: VersionMeta, data: VersionData, state: 'loading' | 'sealed', keys: number): VersionStatusInfo => ({
     version: meta.version, dim: data.dim, keys, state, bytes: data.ownBytes, baseVersion: meta.base,
     deltaUpserts: meta.upserts, deltaDeletes: meta.deletes, createdAtMs: meta.createdAtMs,
+    snapshotAtMs: meta.snapshotAtMs ?? 0,
   });
   for (const t of [...tables].sort((a, b) => a.name.localeCompare(b.name))) {
     const versions = [...t.versions.values()].sort((a, b) => a.meta.version - b.meta.version).map((v) => vs(v.meta, v.data, 'sealed', v.data.count));

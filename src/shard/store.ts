@@ -46,6 +46,8 @@ export interface VersionMeta {
   upserts: number;
   deletes: number;
   createdAtMs: number;
+  /** A full version: when the training snapshot behind its dump was taken (absent: not declared). */
+  snapshotAtMs?: number;
 }
 
 export interface TableMeta {
