@@ -4,14 +4,11 @@ import { once } from 'node:events';
 import { mkdirSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, afterEach, before, describe, test } from 'node:test';
-import * as grpc from '@grpc/grpc-js';
 import { EmbeddingClient } from '../src/index.js';
 import { codeOf } from './helpers/util.js';
 import { writeNpy } from '../src/loader/npy-write.js';
-import { CHANNEL_OPTIONS } from '../src/transport/options.js';
-import { type LookupResponse } from '../src/wire/lookup.js';
-import { EmbkvClient } from '../src/wire/services.js';
 import { KVCTL, TestCluster } from './helpers/cluster.js';
+import { lookupAt } from './helpers/replica.js';
 import { parseManifest } from '../src/cluster/manifest.js';
 import { statusAll, type ReplicaStatus } from '../src/loader/cluster-ops.js';
 import { ClusterConnections } from '../src/cluster/connections.js';
@@ -19,22 +16,6 @@ import { expected, makeModel, sameBits, scramble, writeModelPart, type Model } f
 
 const DIM = 8;
 const N = 20_000;
-
-/** A Lookup sent to one replica, bypassing the SDK, to see what that replica itself serves. */
-function lookupAt(address: string, table: string, keys: BigUint64Array, version = 0): Promise<LookupResponse> {
-  const c = new EmbkvClient(address, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
-  return new Promise<LookupResponse>((resolve, reject) => {
-    (c as unknown as { lookup: Function }).lookup(
-      { table, version, keys: new Uint8Array(keys.buffer, keys.byteOffset, keys.byteLength) },
-      { deadline: new Date(Date.now() + 10_000) },
-      (err: Error | null, r: LookupResponse) => {
-        c.close();
-        if (err) reject(err);
-        else resolve(r);
-      },
-    );
-  });
-}
 
 /** Asserts every replica of the cluster serves `m` (plus puts folded into m) for `keys` of its own group. */
 async function assertEveryReplica(cluster: TestCluster, m: Model, keys: BigUint64Array): Promise<void> {
