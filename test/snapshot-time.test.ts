@@ -11,7 +11,6 @@ import { join } from 'node:path';
 import { after, afterEach, before, describe, test } from 'node:test';
 import { EmbeddingClient } from '../src/index.js';
 import { ClusterConnections } from '../src/cluster/connections.js';
-import { partitionOf } from '../src/cluster/partition.js';
 import { packKeys } from '../src/common/keys.js';
 import { ORDER_SCALE } from '../src/common/limits.js';
 import { MAX_SNAPSHOT_SKEW_MS, parseSnapshotTime } from '../src/common/snapshot-time.js';
@@ -21,8 +20,8 @@ import { parseDumpMetadata } from '../src/loader/dump-meta.js';
 import { putsFromOf } from '../src/shard/publish.js';
 import type { VersionMeta } from '../src/shard/store.js';
 import { TestCluster } from './helpers/cluster.js';
-import { makeModel, sameBits, scramble, writeModelPart, type Model } from './helpers/model.js';
-import { lookupAt } from './helpers/replica.js';
+import { makeModel, scramble, writeModelPart, type Model } from './helpers/model.js';
+import { differsOnReplicas } from './helpers/replica.js';
 import { codeOf, until } from './helpers/util.js';
 
 const DIM = 8;
@@ -38,26 +37,9 @@ function rowsOf(m: Model, keys: BigUint64Array): Map<bigint, Float32Array> {
   return new Map([...keys].map((k) => [k, m.values.slice(at.get(k)! * DIM, (at.get(k)! + 1) * DIM)]));
 }
 
-/**
- * What every replica of each key's group serves for `want`'s keys: undefined when all of them serve
- * exactly `want`, else the first difference (for until() and for assertion messages).
- */
-async function differs(cluster: TestCluster, table: string, want: Map<bigint, Float32Array>): Promise<string | undefined> {
-  const keys = BigUint64Array.from(want.keys());
-  const { partitions, groups } = cluster.manifest;
-  for (const [g, group] of groups.entries()) {
-    for (const address of group.replicas) {
-      const r = await lookupAt(address, table, keys);
-      for (let i = 0; i < keys.length; i++) {
-        if (partitionOf(keys[i]!, partitions) % groups.length !== g) continue;
-        const got = r.values.subarray(i * DIM, (i + 1) * DIM);
-        if (r.found[i] !== 1) return `${address} v${r.version}: key ${keys[i]} is absent`;
-        if (!sameBits(got, want.get(keys[i]!)!)) return `${address} v${r.version}: key ${keys[i]} serves ${got[0]}, want ${want.get(keys[i]!)![0]}`;
-      }
-    }
-  }
-  return undefined;
-}
+/** Whether every replica serves `want`: undefined when it does, else the first difference. */
+const differs = (cluster: TestCluster, table: string, want: Map<bigint, Float32Array>): Promise<string | undefined> =>
+  differsOnReplicas(cluster.manifest, table, want);
 
 async function servesEverywhere(cluster: TestCluster, table: string, want: Map<bigint, Float32Array>): Promise<void> {
   const d = await differs(cluster, table, want);

@@ -14,6 +14,12 @@ import { EmbeddingClient } from '../src/index.js';
 import { writeNpy, writeNpyPair } from '../src/loader/npy-write.js';
 import { nextStep, type ClusterView, type SourceVersion } from '../src/loader/watch.js';
 import { KVCTL, TestCluster } from './helpers/cluster.js';
+import { differsOnReplicas } from './helpers/replica.js';
+import { until } from './helpers/util.js';
+import { ClusterConnections } from '../src/cluster/connections.js';
+import { packKeys } from '../src/common/keys.js';
+import { ORDER_SCALE } from '../src/common/limits.js';
+import { putToGroups } from '../src/fanout/put.js';
 import { S3RVER_ENV, TestS3 } from './helpers/s3.js';
 import { makeModel, sameBits, scramble } from './helpers/model.js';
 
@@ -320,6 +326,59 @@ describe('kvctl watch', () => {
     assert.equal(await currentOf('t6'), 1);
   });
 
+  test('a full version\'s _embkv.json snapshotTime keeps the puts stamped at or after it on every replica; bad metadata is refused and the cluster keeps serving', async () => {
+    const src = newSource();
+    const m1 = makeModel(N, DIM, 31, 1);
+    const m2 = makeModel(N, DIM, 31, 2); // the same keys, marker 2
+    const w = watch('t7', src.root);
+    await src.write('full', 1, (d) => writeNpyPair(join(d, 'part-0'), m1.keys, m1.values, DIM));
+    await w.waitFor(/^watch t7: published full\/1: v1 is current/);
+    // Puts stamped just before S and at S, through the path the SDK and the Kafka ingester share.
+    const s = Date.now() + 1;
+    const older = m1.keys.slice(0, 10);
+    const kept = m1.keys.slice(10, 20);
+    const conns = new ClusterConnections(cluster.manifest);
+    try {
+      for (const [keys, order, writer] of [[older, s * ORDER_SCALE - 1, 'w-older'], [kept, s * ORDER_SCALE, 'w-kept']] as const) {
+        const values = new Float32Array(keys.length * DIM).fill(order === s * ORDER_SCALE ? 7 : 6);
+        await putToGroups(conns, { table: 't7', keys: await packKeys(keys), values, dim: DIM, order, writer, deadline: Date.now() + 10_000 });
+      }
+    } finally {
+      conns.close();
+    }
+    const put = (keys: BigUint64Array, x: number): [bigint, Float32Array][] => [...keys].map((k) => [k, new Float32Array(DIM).fill(x)]);
+    const puts = new Map([...put(older, 6), ...put(kept, 7)]);
+    await until('the puts on every replica', async () => ((await differsOnReplicas(cluster.manifest, 't7', puts)) === undefined ? true : undefined));
+    await until('the clock to pass S', async () => (Date.now() > s ? true : undefined));
+    // The trainer declares the snapshot v2 was built from; its load begins after S.
+    const iso = new Date(s).toISOString();
+    await src.write('full', 2, async (d) => {
+      await writeNpyPair(join(d, 'part-0'), m2.keys, m2.values, DIM);
+      writeFileSync(join(d, '_embkv.json'), JSON.stringify({ snapshotTime: iso }));
+    });
+    await w.waitFor(/^watch t7: published full\/2: v2 is current/);
+    assert.match(w.lines.join('\n'), new RegExp(`^watch t7: loaded full/2 as v2: ${N} keys of dim ${DIM} in [\\d.]+ s; snapshot ${iso}$`, 'm'));
+    const at = new Map<bigint, number>();
+    m2.keys.forEach((k, i) => at.set(k, i));
+    const want = new Map([...[...older].map((k): [bigint, Float32Array] => [k, m2.values.slice(at.get(k)! * DIM, (at.get(k)! + 1) * DIM)]), ...put(kept, 7)]);
+    const d = await differsOnReplicas(cluster.manifest, 't7', want);
+    assert.equal(d, undefined, d);
+    // Bad metadata refuses the dump like any bad dump; v2 and the puts over it keep serving.
+    await src.write('full', 3, async (dir) => {
+      await writeNpyPair(join(dir, 'part-0'), m1.keys, m1.values, DIM);
+      writeFileSync(join(dir, '_embkv.json'), '{"snapshotTime": ');
+    });
+    assert.match(await w.waitFor(/^watch t7: refused full\/3: /), /full\/3\/_embkv\.json is not valid JSON/);
+    await src.write('full', 4, async (dir) => {
+      await writeNpyPair(join(dir, 'part-0'), m1.keys, m1.values, DIM);
+      writeFileSync(join(dir, '_embkv.json'), JSON.stringify({ snapshotTime: '2026-12-02 17:35:09' }));
+    });
+    assert.match(await w.waitFor(/^watch t7: refused full\/4: /), /_embkv\.json: snapshotTime must be an ISO 8601 time with a zone/);
+    assert.equal(await currentOf('t7'), 2);
+    const still = await differsOnReplicas(cluster.manifest, 't7', want);
+    assert.equal(still, undefined, still);
+  });
+
   test('--interval takes a unit and is checked', async () => {
     const r = await cluster.kvctl(['watch', '--table', 'x', '--source', sources, '--interval', '30']);
     assert.equal(r.code, 1);
@@ -402,10 +461,13 @@ describe('kvctl watch on S3-compatible object storage (s3rver)', () => {
     w = new WatchProcess(cluster, 's3t', s3.url('models/'), ['--s3-endpoint', s3.endpoint]);
     await w.waitFor(/^watch s3t: started/);
     // The data is in place before the marker: the watcher must wait for the marker, not load early.
+    // The dump declares its snapshot time in _embkv.json, read from the prefix like the parts.
+    const snapshot = new Date(Date.now() - 3_600_000).toISOString();
     const full = await local.write('full', 1, async (d) => {
       const m = makeModel(N, DIM, 11, 1);
       m.keys.forEach((k, i) => want.set(k, m.values.slice(i * DIM, (i + 1) * DIM)));
       await writeNpyPair(join(d, 'part-0'), m.keys, m.values, DIM);
+      writeFileSync(join(d, '_embkv.json'), JSON.stringify({ snapshotTime: snapshot }));
     }, false);
     await upload('full', 1, full);
     await w.waitFor(/^watch s3t: published full\/1: v1 is current/);
@@ -421,6 +483,6 @@ describe('kvctl watch on S3-compatible object storage (s3rver)', () => {
       assert.equal(r.found[i], v === undefined ? 0 : 1, `key ${k}`);
       if (v !== undefined) assert.ok(sameBits(r.values.subarray(i * DIM, (i + 1) * DIM), v), `key ${k}`);
     });
-    assert.match(w.lines.join('\n'), /loaded full\/1 as v1: 2000 keys/);
+    assert.match(w.lines.join('\n'), new RegExp(`loaded full/1 as v1: 2000 keys of dim ${DIM} in [\\d.]+ s; snapshot ${snapshot}$`, 'm'));
   });
 });

@@ -309,8 +309,9 @@ class VersionWatcher {
         path: this.o.source.dumpPath(v.kind, v.name), mode: v.kind, publish: false, ...this.o.source.loadOptions,
         signal: this.signal, ...(this.o.staging !== undefined ? { staging: this.o.staging } : {}), ...(this.o.logger ? { logger: this.o.logger } : {}),
       });
-      const what = incremental ? `${r.rows} upserts and ${r.deletes} deletes on v${r.baseVersion}` : `${r.rows} keys${r.snapshotAtMs > 0 ? ` (snapshot ${new Date(r.snapshotAtMs).toISOString()})` : ''}`;
-      this.say('loaded', v.dir, `loaded ${v.dir} as v${v.version}: ${what} of dim ${r.dim} in ${(r.ms / 1000).toFixed(1)} s`);
+      const what = incremental ? `${r.rows} upserts and ${r.deletes} deletes on v${r.baseVersion}` : `${r.rows} keys`;
+      const snapshot = r.snapshotAtMs > 0 ? `; snapshot ${new Date(r.snapshotAtMs).toISOString()}` : '';
+      this.say('loaded', v.dir, `loaded ${v.dir} as v${v.version}: ${what} of dim ${r.dim} in ${(r.ms / 1000).toFixed(1)} s${snapshot}`);
     } catch (err) {
       return this.failed(v, err);
     }
