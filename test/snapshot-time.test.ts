@@ -153,6 +153,25 @@ describe('a full version with a snapshot time keeps the puts stamped at or after
     await servesEverywhere(cluster, 'emb', rowsOf(v3, keys));
   });
 
+  test('a snapshot time later than the load\'s start counts as the start: puts written since the load began stay', async () => {
+    const v4 = makeModel(N, DIM, 21, 4);
+    await writeModelPart(join(dumps, 'v4'), v4, 0, N);
+    // A trainer clock ahead of the loader's: S within the allowed skew, after the load begins.
+    const s = Date.now() + 50_000;
+    const r = await cluster.kvctl(['load', '--table', 'emb', '--version', '4', '--full', join(dumps, 'v4'), '--snapshot-time', new Date(s).toISOString()]);
+    assert.equal(r.code, 0, r.stderr);
+    const st = JSON.parse((await cluster.kvctl(['status', '--json'])).stdout) as { status: { tables: { name: string; versions: { version: number; createdAtMs: number }[] }[] } }[];
+    const started = st[0]!.status.tables.find((t) => t.name === 'emb')!.versions.find((v) => v.version === 4)!.createdAtMs;
+    assert.ok(started < s, `the load began at ${started}, after S ${s}`);
+    // Written after the load began and before S: the dump cannot hold it.
+    const keys = v1.keys.slice(200, 210);
+    await putAt(keys, 1000, started * ORDER_SCALE + 1, 'test-between');
+    await until('the put on every replica', () => differs(cluster, 'emb', putValues(keys, 1000)).then((d) => (d === undefined ? true : undefined)));
+    const pub = await cluster.kvctl(['publish', '--table', 'emb', '--version', '4']);
+    assert.equal(pub.code, 0, pub.stderr);
+    await servesEverywhere(cluster, 'emb', new Map([...putValues(keys, 1000), ...rowsOf(v4, v1.keys.slice(210, 220))]));
+  });
+
   test('bad snapshot times are refused with one line, and nothing served changes', async () => {
     const v9 = join(dumps, 'v2');
     const refused = async (args: string[], re: RegExp): Promise<void> => {
@@ -180,7 +199,7 @@ describe('a full version with a snapshot time keeps the puts stamped at or after
     const st = await cluster.kvctl(['status', '--json']);
     for (const rep of JSON.parse(st.stdout) as { status: { tables: { name: string; currentVersion: number; versions: { version: number }[] }[] } }[]) {
       const t = rep.status.tables.find((x) => x.name === 'emb')!;
-      assert.equal(t.currentVersion, 3);
+      assert.equal(t.currentVersion, 4);
       assert.ok(!t.versions.some((v) => v.version === 9), 'a refused load left a version behind');
     }
     // A replica refuses a snapshot time on a delta from a loader that bypasses kvctl's checks.
