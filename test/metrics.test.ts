@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
-import { mkdirSync } from 'node:fs';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { EmbeddingClient, KvError } from '../src/index.js';
@@ -7,7 +8,7 @@ import { parseManifest } from '../src/cluster/manifest.js';
 import { Fanout } from '../src/fanout/fanout.js';
 import { MetricsServer } from '../src/metrics/server.js';
 import { newRegistry } from '../src/metrics/registry.js';
-import { freePorts, startRouter, TestCluster } from './helpers/cluster.js';
+import { freePorts, KVCTL, startRouter, TestCluster } from './helpers/cluster.js';
 import { expected, makeModel, makeRequest, sameBits, writeModelPart, type Model } from './helpers/model.js';
 import { TestPrometheus } from './helpers/prometheus.js';
 import { codeOf, until } from './helpers/util.js';
@@ -53,7 +54,8 @@ describe('metrics scraped by a real Prometheus: replicas, router and SDK (2 grou
   let routerFanout: Fanout | undefined;
   let client: EmbeddingClient | undefined;
   let sdkEndpoint: MetricsServer | undefined;
-  /** Metrics ports: replicas g0r0 g0r1 g1r0 g1r1, the router, the SDK. */
+  let watcher: ChildProcess | undefined;
+  /** Metrics ports: replicas g0r0 g0r1 g1r0 g1r1, the router, the SDK, a version watcher. */
   let ports: number[] = [];
   const replicaPort = (g: number, r: number): number => ports[g * 2 + r]!;
 
@@ -73,7 +75,7 @@ describe('metrics scraped by a real Prometheus: replicas, router and SDK (2 grou
   };
 
   before(async () => {
-    ports = await freePorts(6);
+    ports = await freePorts(7);
     cluster = await TestCluster.start(2, 2, {
       partitions: 16,
       replicaArgs: (g, r) => ['--metrics-port', String(replicaPort(g, r)), '--metrics-host', '127.0.0.1'],
@@ -94,10 +96,17 @@ describe('metrics scraped by a real Prometheus: replicas, router and SDK (2 grou
       replica: [0, 1, 2, 3].map((i) => `127.0.0.1:${ports[i]}`),
       router: [`127.0.0.1:${ports[4]}`],
       sdk: [`127.0.0.1:${ports[5]}`],
+      // Down until the watcher's test starts it.
+      watch: [`127.0.0.1:${ports[6]}`],
     });
   });
 
   after(async () => {
+    if (watcher !== undefined && watcher.exitCode === null && watcher.signalCode === null) {
+      const exited = new Promise((r) => watcher!.once('exit', r));
+      watcher.kill('SIGKILL');
+      await exited;
+    }
     await prom?.stop();
     await sdkEndpoint?.close();
     await client?.close();
@@ -138,6 +147,7 @@ describe('metrics scraped by a real Prometheus: replicas, router and SDK (2 grou
     await p.waitFor('histogram_quantile(0.99, sum by (le) (embkv_lookup_duration_seconds_bucket{job="router",table="emb"}))', (v) => v > 0 && v < 10);
     // Every key was looked up on one replica of its group at least (and twice when hedged).
     await p.waitFor('sum(embkv_replica_lookup_keys_total{job="replica",table="emb"})', (v) => v >= 50 * KEYS);
+    await p.waitFor('sum(embkv_replica_lookup_duration_seconds_count{job="replica",table="emb"})', (v) => v >= 2 * 50);
     await p.waitFor('count(embkv_replica_lookups_total{job="replica",table="emb"} > 0)', (v) => v >= 2);
     await p.waitFor('sum(embkv_replica_lookup_errors_total{job="replica",code="KV_TABLE_NOT_FOUND"})', (v) => v >= 1);
     // A refused table name is not a label on a replica.
@@ -183,6 +193,26 @@ describe('metrics scraped by a real Prometheus: replicas, router and SDK (2 grou
       await cluster.ensureAllUp();
     }
     await p.waitFor(`up{job="replica",instance="127.0.0.1:${replicaPort(0, 0)}"}`, (v) => v === 1);
+  });
+
+  test('a version watcher: its actions and the load it ran show, and the replicas serve what it published', async () => {
+    const source = join(cluster.dir, 'source');
+    const dir = join(source, 'full', '3');
+    mkdirSync(dir, { recursive: true });
+    const m = makeModel(5000, DIM, 11, 2);
+    await writeModelPart(join(dir, 'part-0'), m, 0, m.keys.length);
+    writeFileSync(join(dir, '_SUCCESS'), '');
+    watcher = spawn(process.execPath, [KVCTL, 'watch', '--config', cluster.configPath, '--table', 'wt', '--source', source, '--interval', '100ms',
+      '--metrics-port', String(ports[6]), '--metrics-host', '127.0.0.1'], { stdio: ['ignore', 'ignore', 'ignore'] });
+    const p = prom!;
+    await p.waitFor('sum(embkv_watch_actions_total{job="watch",table="wt",action="published"})', (v) => v === 1);
+    await p.waitFor('sum(embkv_watch_actions_total{job="watch",table="wt",action="loaded"})', (v) => v === 1);
+    await p.waitFor('max(embkv_watch_last_action_timestamp_seconds{job="watch",table="wt",action="published"})', (v) => v > 0);
+    await p.waitFor('count(embkv_table_current_version{job="replica",table="wt"} == 3)', (v) => v === 4);
+    await p.waitFor('sum(embkv_version_keys{job="replica",table="wt",version="3"})', (v) => v === 2 * m.keys.length);
+    const exited = new Promise((r) => watcher!.once('exit', r));
+    watcher.kill('SIGTERM');
+    assert.equal(await exited, 0);
   });
 
   test('a killed replica: the SDK retries elsewhere and reports it down, then up once it is back', async () => {
