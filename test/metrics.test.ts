@@ -1,19 +1,23 @@
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { EmbeddingClient, KvError } from '../src/index.js';
 import { parseManifest } from '../src/cluster/manifest.js';
 import { Fanout } from '../src/fanout/fanout.js';
 import { MetricsServer } from '../src/metrics/server.js';
-import { newRegistry } from '../src/metrics/registry.js';
+import { MetricSet, newRegistry } from '../src/metrics/registry.js';
+import { IngestMetrics } from '../src/metrics/ingest-metrics.js';
+import { WatchMetrics } from '../src/metrics/watch-metrics.js';
 import { freePorts, KVCTL, startRouter, TestCluster } from './helpers/cluster.js';
 import { expected, makeModel, makeRequest, sameBits, writeModelPart, type Model } from './helpers/model.js';
 import { TestPrometheus } from './helpers/prometheus.js';
 import { codeOf, until } from './helpers/util.js';
 
 const DIM = 8;
+const DASHBOARD = fileURLToPath(new URL('../../deploy/grafana/embkv.json', import.meta.url));
 const KEYS = 1000;
 const packed = (req: BigUint64Array): Uint32Array => new Uint32Array(req.buffer, req.byteOffset, req.length * 2);
 
@@ -229,5 +233,31 @@ describe('metrics scraped by a real Prometheus: replicas, router and SDK (2 grou
     }
     await p.waitFor('embkv_replica_up{job="sdk",group="1",replica="1"}', (v) => v === 1);
     await p.waitFor(`embkv_replica_serving{job="replica",instance="127.0.0.1:${replicaPort(1, 1)}"}`, (v) => v === 1);
+  });
+
+  test('the Grafana dashboard: every query runs on Prometheus, on series that embkv serves', async () => {
+    const p = prom!;
+    const dash = JSON.parse(readFileSync(DASHBOARD, 'utf8')) as { panels: { title: string; targets?: { expr: string }[] }[] };
+    const exprs = dash.panels.flatMap((x) => (x.targets ?? []).map((t) => ({ panel: x.title, expr: t.expr })));
+    assert.ok(exprs.length >= 20, `${exprs.length} queries`);
+    // Every series the endpoints declare (a gauge such as load progress has samples only during a
+    // load), and the watcher's and the ingester's.
+    const served = new Set<string>();
+    const declare = (text: string): void => {
+      for (const m of text.matchAll(/^# TYPE (embkv_\w+) (\w+)$/gm)) {
+        served.add(m[1]!);
+        if (m[2] === 'histogram') for (const x of ['_bucket', '_sum', '_count']) served.add(m[1]! + x);
+      }
+    };
+    for (const port of [replicaPort(0, 0), ports[4], ports[5]]) declare(await (await fetch(`http://127.0.0.1:${port}/metrics`)).text());
+    const local = newRegistry();
+    new IngestMetrics(new MetricSet(local), 't');
+    new WatchMetrics(new MetricSet(local), 't');
+    declare(await local.metrics());
+    for (const { panel, expr } of exprs) {
+      for (const name of expr.match(/\bembkv_\w+/g) ?? []) assert.ok(served.has(name), `panel ${panel}: ${name} is not a series embkv serves`);
+      const q = expr.replaceAll('$__rate_interval', '1m').replace(/\$\w+/g, '.*');
+      await p.query(q); // throws on a query Prometheus refuses
+    }
   });
 });
