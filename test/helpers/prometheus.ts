@@ -4,7 +4,7 @@
  * removed by stop(). Its log is kept for a failing test.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freePorts } from './cluster.js';
@@ -28,6 +28,7 @@ export class TestPrometheus {
 
   /** Starts Prometheus scraping `jobs` (job name to host:port targets) and resolves once it is ready. */
   static async start(jobs: Record<string, string[]>): Promise<TestPrometheus> {
+    if (!existsSync(PROMETHEUS)) throw new Error(`${PROMETHEUS} is missing: scripts/install-deps.sh installs Debian's prometheus package`);
     const dir = mkdtempSync(join(tmpdir(), 'embkv-prometheus-'));
     const [port] = await freePorts(1);
     const config = [
