@@ -134,6 +134,14 @@ describe('metrics scraped by a real Prometheus: replicas, router and SDK (2 grou
     assert.equal((await fetch(`http://127.0.0.1:${ports[5]}/metrics`, { method: 'POST' })).status, 405);
     // Every target is up for Prometheus.
     await prom!.waitFor('count(up == 1)', (v) => v === 6);
+    // A metrics port that is taken, or not a port: one line, exit 1, before the replica opens its data.
+    const taken = await cluster.kvctl(['serve', '--group', '0', '--replica', '0', '--data', join(cluster.dir, 'unused'),
+      '--metrics-port', String(replicaPort(0, 0)), '--metrics-host', '127.0.0.1']);
+    assert.equal(taken.code, 1);
+    assert.match(taken.stderr, new RegExp(`^kvctl: error: metrics endpoint 127\\.0\\.0\\.1:${replicaPort(0, 0)}: .*EADDRINUSE`, 'm'));
+    const bad = await cluster.kvctl(['router', '--port', '0', '--metrics-port', '70000']);
+    assert.equal(bad.code, 1);
+    assert.match(bad.stderr, /--metrics-port must be an integer in \[0, 65535\]/);
   });
 
   test('lookups, keys and latency move on the SDK, the router and the replicas; versions and memory show per replica', async () => {
