@@ -1,7 +1,7 @@
 /**
  * The Kubernetes manifests in deploy/k8s, checked offline: every kustomization renders with
  * `kubectl kustomize`, every rendered object validates against the Kubernetes OpenAPI schema
- * (kubernetes-models), and every container that runs kvctl runs a command kvctl has, with flags
+ * (kubernetes-models, and its TypeScript interfaces for unknown fields), and every container that runs kvctl runs a command kvctl has, with flags
  * kvctl accepts (read from kvctl's own --help), values for the flags that take one, environment
  * variables that are defined, and ports that match the container's ports, probes, Services and
  * scrape annotations.
@@ -16,6 +16,7 @@ import { Deployment, StatefulSet } from 'kubernetes-models/apps/v1';
 import { Job } from 'kubernetes-models/batch/v1';
 import { PodDisruptionBudget } from 'kubernetes-models/policy/v1';
 import { ConfigMap, Namespace, Service } from 'kubernetes-models/v1';
+import ts from 'typescript';
 import { parseManifest } from '../src/cluster/manifest.js';
 import { KVCTL } from './helpers/cluster.js';
 
@@ -37,6 +38,47 @@ const MODELS: Record<string, { validate(): void } & (new (o: object) => { valida
   'v1/Namespace': Namespace, 'v1/ConfigMap': ConfigMap, 'v1/Service': Service, 'apps/v1/StatefulSet': StatefulSet,
   'apps/v1/Deployment': Deployment, 'batch/v1/Job': Job, 'policy/v1/PodDisruptionBudget': PodDisruptionBudget,
 } as never;
+
+/** The kubernetes-models interface of each kind, for the type check of unknown fields. */
+const TYPES: Record<string, [module: string, type: string]> = {
+  'v1/Namespace': ['kubernetes-models/v1', 'INamespace'], 'v1/ConfigMap': ['kubernetes-models/v1', 'IConfigMap'], 'v1/Service': ['kubernetes-models/v1', 'IService'],
+  'apps/v1/StatefulSet': ['kubernetes-models/apps/v1', 'IStatefulSet'], 'apps/v1/Deployment': ['kubernetes-models/apps/v1', 'IDeployment'],
+  'batch/v1/Job': ['kubernetes-models/batch/v1', 'IJob'], 'policy/v1/PodDisruptionBudget': ['kubernetes-models/policy/v1', 'IPodDisruptionBudget'],
+};
+const ROOT = fileURLToPath(new URL('../../', import.meta.url));
+
+/**
+ * The OpenAPI schema that kubernetes-models validates against lets unknown fields through (a
+ * `readinesProbe` would pass). Its TypeScript interfaces do not: each object, as an object literal
+ * typed by its kind's interface, must compile (TypeScript refuses properties a type does not have).
+ * The source is handed to the compiler from memory, as a file of the repository so that it resolves
+ * kubernetes-models; nothing is written.
+ */
+function unknownFields(objects: { where: string; o: K8sObject }[]): string[] {
+  const file = join(ROOT, '__k8s_manifests_typecheck__.ts');
+  const imports = new Map<string, Set<string>>();
+  const lines: string[] = [];
+  objects.forEach(({ o }, i) => {
+    const [module, type] = TYPES[`${o.apiVersion}/${o.kind}`]!;
+    (imports.get(module) ?? imports.set(module, new Set()).get(module)!).add(type);
+    lines.push(`export const o${i}: ${type} = ${JSON.stringify(o)};`);
+  });
+  const source = [...[...imports].map(([m, types]) => `import type { ${[...types].join(', ')} } from '${m}';`), ...lines].join('\n');
+  const options: ts.CompilerOptions = {
+    strict: true, noEmit: true, skipLibCheck: true, types: [], target: ts.ScriptTarget.ES2022, module: ts.ModuleKind.NodeNext, moduleResolution: ts.ModuleResolutionKind.NodeNext,
+  };
+  const host = ts.createCompilerHost(options);
+  const { getSourceFile, fileExists, readFile } = host;
+  host.getSourceFile = (f, lang, ...rest) => (f === file ? ts.createSourceFile(f, source, lang) : getSourceFile.call(host, f, lang, ...rest));
+  host.fileExists = (f) => f === file || fileExists.call(host, f);
+  host.readFile = (f) => (f === file ? source : readFile.call(host, f));
+  const program = ts.createProgram([file], options, host);
+  return ts.getPreEmitDiagnostics(program).map((d) => {
+    const line = d.file === undefined || d.start === undefined ? -1 : d.file.getLineAndCharacterOfPosition(d.start).line;
+    const at = line - imports.size;
+    return `${objects[at]?.where ?? d.file?.fileName ?? '?'}: ${ts.flattenDiagnosticMessageText(d.messageText, ' ')}`;
+  });
+}
 
 interface K8sObject {
   apiVersion: string;
@@ -126,6 +168,9 @@ describe('Kubernetes manifests (deploy/k8s)', () => {
         assert.equal(o.metadata.namespace, o.kind === 'Namespace' ? undefined : 'embkv', `${dir}: ${o.kind} ${o.metadata.name} namespace`);
       }
     }
+    // Fields the schema does not know (a misspelt probe, say) are refused by the models' types.
+    const all = [...rendered].flatMap(([dir, objects]) => objects.map((o) => ({ where: `${dir}: ${o.kind} ${o.metadata.name}`, o })));
+    assert.deepEqual(unknownFields(all), []);
     // What the issue asks of the deployment, in each size.
     for (const [dir, groups, replicas] of [['overlays/small', 2, 2], ['overlays/large', 8, 3]] as const) {
       const objects = rendered.get(dir)!;
