@@ -1,10 +1,10 @@
 /**
  * The Kubernetes manifests in deploy/k8s, checked offline: every kustomization renders with
  * `kubectl kustomize`, every rendered object validates against the Kubernetes OpenAPI schema
- * (kubernetes-models, and its TypeScript interfaces for unknown fields), and every container that runs kvctl runs a command kvctl has, with flags
- * kvctl accepts (read from kvctl's own --help), values for the flags that take one, environment
- * variables that are defined, and ports that match the container's ports, probes, Services and
- * scrape annotations.
+ * (kubernetes-models, and its TypeScript interfaces for unknown fields), and every container that
+ * runs kvctl runs a command kvctl has, with flags kvctl accepts (read from kvctl's own --help) and
+ * values its parsers take, environment variables that are defined, and ports that match the
+ * container's ports, probes, Services and scrape annotations.
  */
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
@@ -205,6 +205,7 @@ describe('Kubernetes manifests (deploy/k8s)', () => {
     const configMaps = new Map<string, Record<string, string>>();
     for (const objects of rendered.values()) for (const o of objects) if (o.kind === 'ConfigMap') configMaps.set(o.metadata.name, o.data ?? {});
     const helps = new Map<string, Map<string, 'value' | 'switch'> | undefined>();
+    const parsed = new Map<string, string>();
     const checked = new Set<string>();
     for (const [dir, objects] of rendered) {
       for (const pod of podsOf(objects, dir)) {
@@ -248,6 +249,24 @@ describe('Kubernetes manifests (deploy/k8s)', () => {
             values.set(flag, value);
           }
           checked.add(`${name}: ${[...values.keys()].join(' ')}`);
+          // Values: kvctl's own parsers take them (they run before --help is answered), with the
+          // variables as the pod would see them.
+          if (known !== undefined) {
+            const env = new Map<string, string>();
+            for (const ref of c.envFrom ?? []) for (const [k, v] of Object.entries(configMaps.get(ref.configMapRef!.name)!)) env.set(k, v);
+            for (const e of c.env ?? []) {
+              const field = e.valueFrom?.fieldRef?.fieldPath;
+              const label = field === undefined ? undefined : /^metadata\.labels\['(.+)'\]$/.exec(field)?.[1];
+              env.set(e.name, e.value ?? (label === 'apps.kubernetes.io/pod-index' ? '1' : label !== undefined ? pod.template.metadata?.labels?.[label] ?? '' : field === 'status.podIP' ? '10.1.2.3' : ''));
+            }
+            const expanded = rest.map((a) => a.replace(/\$\(([A-Za-z_][A-Za-z0-9_]*)\)/g, (_, v: string) => env.get(v) ?? ''));
+            const key = expanded.join('\0');
+            if (!parsed.has(key)) {
+              const r = spawnSync(process.execPath, [KVCTL, ...expanded, '--help'], { encoding: 'utf8' });
+              parsed.set(key, r.status === 0 ? '' : r.stderr.trim());
+            }
+            assert.equal(parsed.get(key), '', `${where}: kvctl ${expanded.join(' ')} refuses a value`);
+          }
           // Ports: the flags' ports are the container's named ports, which probes, annotations and Services use.
           const ports = new Map((c.ports ?? []).map((p) => [p.name ?? '', p.containerPort]));
           const grpcPort = values.get('--port') ?? values.get('--listen')?.split(':').pop();
