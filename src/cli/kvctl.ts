@@ -12,6 +12,8 @@ import { ClusterConnections } from '../cluster/connections.js';
 import { fetchRouterStats } from '../router/stats-service.js';
 import { Progress, formatFanoutStats, formatStatus } from './output.js';
 import { checkClientToken } from '../cluster/security.js';
+import { DEFAULT_METRICS_HOST } from '../metrics/server.js';
+import type { MetricSet } from '../metrics/registry.js';
 
 const intArg = (name: string, min: number, max = Number.MAX_SAFE_INTEGER) => (value: string): number => {
   const n = Number(value);
@@ -82,6 +84,27 @@ function untilSignal(): Promise<NodeJS.Signals | 'parent exited'> {
   });
 }
 
+const METRICS_PORT_HELP = 'serve Prometheus metrics on this port at /metrics (off by default; 0 takes a free port)';
+const METRICS_HOST_HELP = 'address of the metrics endpoint; it has no TLS or tokens (default every interface, so Prometheus can scrape from elsewhere)';
+
+interface MetricsFlags {
+  metricsPort?: number;
+  metricsHost: string;
+}
+
+/**
+ * With --metrics-port: an HTTP endpoint serving a registry of the process's own series, `labels` on
+ * each, and what `register` adds. Resolves with what stops it.
+ */
+async function startMetrics(o: MetricsFlags, labels: Record<string, string | number>, register: (set: MetricSet) => void, logger?: import('pino').Logger): Promise<() => Promise<void>> {
+  if (o.metricsPort === undefined) return async () => undefined;
+  const [{ processRegistry }, { MetricsServer }] = await Promise.all([import('../metrics/registry.js'), import('../metrics/server.js')]);
+  const server = new MetricsServer({ registry: processRegistry(labels, register), port: o.metricsPort, host: o.metricsHost, ...(logger ? { logger } : {}) });
+  await server.start();
+  if (logger === undefined) process.stderr.write(`kvctl: metrics on ${o.metricsHost}:${server.port}/metrics\n`);
+  return () => server.close();
+}
+
 const program = new Command()
   .name('kvctl')
   .description('embkv: a sharded key-value store of float32 embeddings')
@@ -97,11 +120,14 @@ program
   .option('--max-put-skew-ms <ms>', 'refuse puts stamped further ahead of this replica\'s clock (default 5000)', intArg('--max-put-skew-ms', 0, 3_600_000))
   .option('--max-inflight-mb <mb>', 'answers not yet sent may hold this much before lookups are refused with KV_RESOURCE_EXHAUSTED (default 512)', intArg('--max-inflight-mb', 1, 1_048_576))
   .option('--insecure', 'listen on a non-loopback address although the manifest has no security', false)
-  .action(async (o: { config: string; group: number; replica: number; data?: string; maxPutSkewMs?: number; maxInflightMb?: number; insecure: boolean }) => {
+  .option('--metrics-port <p>', METRICS_PORT_HELP, intArg('--metrics-port', 0, 65535))
+  .option('--metrics-host <h>', METRICS_HOST_HELP, DEFAULT_METRICS_HOST)
+  .action(async (o: { config: string; group: number; replica: number; data?: string; maxPutSkewMs?: number; maxInflightMb?: number; insecure: boolean } & MetricsFlags) => {
     const manifest = loadManifest(o.config);
     const [{ ReplicaServer }, { rootLogger }] = await Promise.all([import('../replica/server.js'), import('../common/log.js')]);
+    const logger = rootLogger('embkv');
     const server = new ReplicaServer({
-      manifest, group: o.group, replica: o.replica, dataDir: o.data ?? `data/g${o.group}r${o.replica}`, logger: rootLogger('embkv'), insecure: o.insecure,
+      manifest, group: o.group, replica: o.replica, dataDir: o.data ?? `data/g${o.group}r${o.replica}`, logger, insecure: o.insecure,
       ...(o.maxPutSkewMs !== undefined ? { maxPutSkewMs: o.maxPutSkewMs } : {}),
       ...(o.maxInflightMb !== undefined ? { maxInflightBytes: o.maxInflightMb * 1024 * 1024 } : {}),
     });
@@ -115,9 +141,12 @@ program
     });
     // Listening for signals before it serves: a stop sent as soon as it logs "serving" is not lost.
     const stop = untilSignal();
+    // Metrics first: a replica restoring or catching up shows as not serving.
+    const stopMetrics = await startMetrics(o, { group: o.group, replica: o.replica }, (set) => server.registerMetrics(set), logger.child({ component: 'metrics' }));
     await server.start();
     await stop;
     await server.close();
+    await stopMetrics();
     // Closed: calls drained, store closed, logs written synchronously. Nothing else may hold the
     // process (the supervisor's IPC channel would, a stray timer could).
     process.exit(0);
@@ -217,10 +246,16 @@ program
   .option('--no-publish', 'only load each version; the watcher waits until it is published (kvctl publish) before loading the next')
   .option('--no-staging', 'send every row over gRPC, also to replicas on this host')
   .option('--token-file <file>', TOKEN_FILE_HELP)
-  .action(async (o: { config: string; table: string; source: string; interval: number; publish: boolean; staging: boolean; tokenFile?: string; s3Endpoint?: string; s3VirtualHost: boolean }) => {
+  .option('--metrics-port <p>', METRICS_PORT_HELP, intArg('--metrics-port', 0, 65535))
+  .option('--metrics-host <h>', METRICS_HOST_HELP, DEFAULT_METRICS_HOST)
+  .action(async (o: { config: string; table: string; source: string; interval: number; publish: boolean; staging: boolean; tokenFile?: string; s3Endpoint?: string; s3VirtualHost: boolean } & MetricsFlags) => {
     checkTableName(o.table, '--table');
     const manifest = loadManifest(o.config);
-    const [{ runWatch }, { watchSourceFor }] = await Promise.all([import('../loader/watch.js'), import('../loader/watch-source.js')]);
+    const [{ runWatch }, { watchSourceFor }, { WatchMetrics }] = await Promise.all([
+      import('../loader/watch.js'), import('../loader/watch-source.js'), import('../metrics/watch-metrics.js'),
+    ]);
+    let metrics: InstanceType<typeof WatchMetrics> | undefined;
+    const stopMetrics = await startMetrics(o, {}, (set) => void (metrics = new WatchMetrics(set, o.table)));
     const source = watchSourceFor(o.source, { ...(o.s3Endpoint !== undefined ? { endpoint: o.s3Endpoint } : {}), virtualHost: o.s3VirtualHost });
     const connections = new ClusterConnections(manifest, { token: tokenFrom(o) });
     const stop = new AbortController();
@@ -229,11 +264,16 @@ program
     try {
       await runWatch({
         manifest, connections, table: o.table, source, intervalMs: o.interval, publish: o.publish, staging: o.staging, signal: stop.signal,
-        onAction: (a) => process.stdout.write(`watch ${a.table}: ${a.line}\n`),
+        onAction: (a) => {
+          metrics?.onAction(a.action);
+          process.stdout.write(`watch ${a.table}: ${a.line}\n`);
+        },
+        onProgress: (version, rows, total) => metrics?.onProgress(version, rows, total),
       });
     } finally {
       connections.close();
       source.close?.();
+      await stopMetrics();
     }
     process.exit(0);
   });
@@ -354,7 +394,9 @@ program
   .option('--stats-interval-ms <ms>', 'log per-group stats this often (0: never; kvctl status --router shows them any time)', intArg('--stats-interval-ms', 0, 86_400_000), 60_000)
   .option('--insecure', 'listen on a non-loopback host although the manifest has no security', false)
   .option('--max-inflight-mb <mb>', 'memory the calls in flight may hold together; calls beyond it are refused with KV_RESOURCE_EXHAUSTED', intArg('--max-inflight-mb', 1, 1_048_576), 1024)
-  .action(async (o: { config: string; port: number; host: string; statsIntervalMs: number; insecure: boolean; maxInflightMb: number }) => {
+  .option('--metrics-port <p>', METRICS_PORT_HELP, intArg('--metrics-port', 0, 65535))
+  .option('--metrics-host <h>', METRICS_HOST_HELP, DEFAULT_METRICS_HOST)
+  .action(async (o: { config: string; port: number; host: string; statsIntervalMs: number; insecure: boolean; maxInflightMb: number } & MetricsFlags) => {
     const [{ RouterServer }, { rootLogger }] = await Promise.all([import('../router/server.js'), import('../common/log.js')]);
     const router = new RouterServer({
       manifest: loadManifest(o.config), host: o.host, port: o.port, logger: rootLogger('embkv'), statsIntervalMs: o.statsIntervalMs, insecure: o.insecure,
@@ -368,10 +410,12 @@ program
       }
     });
     const stop = untilSignal();
+    const stopMetrics = await startMetrics(o, {}, (set) => router.registerMetrics(set));
     await router.start();
     process.stderr.write(`kvctl: router listening on ${o.host}:${router.port}\n`);
     await stop;
     await router.close();
+    await stopMetrics();
     // Closed: nothing else may hold the process.
     process.exit(0);
   });

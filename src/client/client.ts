@@ -9,6 +9,8 @@ import type { FanoutStats } from '../fanout/stats.js';
 import { putToGroups } from '../fanout/put.js';
 import { checkTableName, checkVersion, refuseUnknownOptions } from '../common/validate.js';
 import { MAX_DEADLINE_MS, checkPositiveInt, parseClientOptions, type EmbeddingClientOptions, type ResolvedClientOptions } from './options.js';
+import { MetricSet, newRegistry, type Registry } from '../metrics/registry.js';
+import { registerFanoutMetrics } from '../metrics/fanout-metrics.js';
 
 export interface GetEmbeddingsOptions {
   table: string;
@@ -52,6 +54,11 @@ export interface EmbeddingClient {
   putEmbeddings(keys: KeyInput, values: Float32Array, options: PutEmbeddingsOptions): Promise<void>;
   /** Per shard group: requests, hedges sent and won, retries, failures, latency percentiles, replica health. */
   stats(): ClientStats;
+  /**
+   * The prom-client Registry holding this client's series, when created with `metrics` (the one
+   * given, or the client's own: serve it, or merge it into yours with Registry.merge); else undefined.
+   */
+  readonly metrics: Registry | undefined;
   close(): Promise<void>;
 }
 
@@ -71,12 +78,29 @@ export class EmbeddingClientImpl implements EmbeddingClient {
   private readonly writerId = randomUUID();
   private readonly writerTag = randomInt(ORDER_SCALE);
   private lastPutMs = 0;
+  private readonly metricSet: MetricSet | undefined;
 
   constructor(options?: EmbeddingClientOptions) {
     this.options = parseClientOptions(options);
     this.manifest = resolveManifest(this.options.config);
+    // Before any connection: a registry that holds another client's series is refused here.
+    const m = this.options.metrics;
+    const set = m === undefined ? undefined : new MetricSet(m.registry ?? newRegistry());
+    const conns = new ClusterConnections(this.manifest, { token: this.options.token });
     // TLS from the manifest's security.tls; the token goes with every call.
-    this.fanout = new Fanout(this.manifest, new ClusterConnections(this.manifest, { token: this.options.token }), this.options.policy);
+    this.fanout = new Fanout(this.manifest, conns, this.options.policy);
+    try {
+      if (set !== undefined) registerFanoutMetrics(set, this.fanout);
+    } catch (err) {
+      set?.remove();
+      this.fanout.close();
+      throw err;
+    }
+    this.metricSet = set;
+  }
+
+  get metrics(): Registry | undefined {
+    return this.metricSet?.registry;
   }
 
   async getEmbeddings(keys: KeyInput, options: GetEmbeddingsOptions): Promise<EmbeddingsResult> {
@@ -133,10 +157,20 @@ export class EmbeddingClientImpl implements EmbeddingClient {
     const bad = firstNonFinite(values);
     if (bad >= 0) throw invalidArgument(`values[${bad}] is ${values[bad]}; vectors must be finite`);
     this.lastPutMs = Math.max(Date.now(), this.lastPutMs + 1);
-    await putToGroups(this.fanout.conns, {
-      table, keys: packed, values, dim: values.length / n, order: this.lastPutMs * ORDER_SCALE + this.writerTag, writer: this.writerId,
-      deadline: started + deadlineMs,
-    });
+    const counters = this.fanout.puts.of(table);
+    counters.requests++;
+    counters.keys += n;
+    const t0 = performance.now();
+    try {
+      await putToGroups(this.fanout.conns, {
+        table, keys: packed, values, dim: values.length / n, order: this.lastPutMs * ORDER_SCALE + this.writerTag, writer: this.writerId,
+        deadline: started + deadlineMs,
+      });
+    } catch (err) {
+      counters.error(err instanceof KvError ? err.code : KvErrorCode.INTERNAL);
+      throw err;
+    }
+    counters.seconds.observe((performance.now() - t0) / 1000);
   }
 
   stats(): ClientStats {
@@ -146,6 +180,8 @@ export class EmbeddingClientImpl implements EmbeddingClient {
   async close(): Promise<void> {
     if (this.state === 'closed') return;
     this.state = 'closed';
+    // Its series leave the registry, so that a client made in its place can register them.
+    this.metricSet?.remove();
     this.fanout.close();
   }
 }

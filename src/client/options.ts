@@ -2,6 +2,7 @@ import { echo, invalidArgument } from '../common/errors.js';
 import { DEFAULT_CONFIG_PATH } from '../cluster/manifest.js';
 import { checkClientToken } from '../cluster/security.js';
 import { refuseUnknownOptions } from '../common/validate.js';
+import { checkRegistry, type Registry } from '../metrics/registry.js';
 import {
   REPLICA_POLICY_KEYS, REPLICA_POLICY_RENAMED, parseReplicaPolicy, type ReplicaPolicyOptions, type ResolvedReplicaPolicy,
 } from '../cluster/policy.js';
@@ -32,6 +33,16 @@ export interface EmbeddingClientOptions extends ReplicaPolicyOptions {
   maxKeysPerRequest?: number;
   /** Sent as `authorization: Bearer <token>` when the cluster has a tokens file (README: Security). */
   token?: string;
+  /**
+   * Prometheus series of this client (lookups, keys, latency, hedges, replica health; README:
+   * Metrics) in `registry`, a prom-client Registry such as prom-client's default `register`, or in
+   * a registry of the client's own (`client.metrics`) when none is given. Off by default.
+   */
+  metrics?: ClientMetricsOptions;
+}
+
+export interface ClientMetricsOptions {
+  registry?: Registry;
 }
 
 export interface ResolvedClientOptions {
@@ -40,12 +51,16 @@ export interface ResolvedClientOptions {
   maxKeysPerRequest: number;
   policy: ResolvedReplicaPolicy;
   token: string | undefined;
+  /** undefined: no metrics; null registry: one of the client's own. */
+  metrics: { registry: Registry | null } | undefined;
 }
 
-const KNOWN = new Set<string>(['config', 'deadlineMs', 'maxKeysPerRequest', 'token', ...REPLICA_POLICY_KEYS]);
+const KNOWN = new Set<string>(['config', 'deadlineMs', 'maxKeysPerRequest', 'token', 'metrics', ...REPLICA_POLICY_KEYS]);
+const METRICS_KNOWN = new Set<string>(['registry']);
+const METRICS_RENAMED: Record<string, string> = { register: 'registry', promRegistry: 'registry' };
 const RENAMED: Record<string, string> = {
   deadline: 'deadlineMs', timeout: 'deadlineMs', timeoutMs: 'deadlineMs', manifest: 'config', maxKeys: 'maxKeysPerRequest', auth: 'token', bearer: 'token',
-  ...REPLICA_POLICY_RENAMED,
+  ...REPLICA_POLICY_RENAMED, prometheus: 'metrics', registry: 'metrics: { registry }',
 };
 
 export function checkPositiveInt(value: unknown, name: string, max: number): number {
@@ -70,5 +85,14 @@ export function parseClientOptions(options: EmbeddingClientOptions | undefined):
     maxKeysPerRequest: checkPositiveInt(o['maxKeysPerRequest'] ?? DEFAULT_MAX_KEYS_PER_REQUEST, 'maxKeysPerRequest', 100_000_000),
     policy: parseReplicaPolicy(o),
     token: o['token'] === undefined ? undefined : checkClientToken(o['token'], 'token'),
+    metrics: parseMetrics(o['metrics']),
   };
+}
+
+function parseMetrics(m: unknown): ResolvedClientOptions['metrics'] {
+  if (m === undefined) return undefined;
+  if (typeof m !== 'object' || m === null || Array.isArray(m)) throw invalidArgument(`metrics must be an object such as { registry }, got ${echo(m)}`);
+  const o = m as Record<string, unknown>;
+  refuseUnknownOptions(o, METRICS_KNOWN, METRICS_RENAMED);
+  return { registry: o['registry'] === undefined ? null : checkRegistry(o['registry'], 'metrics.registry') };
 }

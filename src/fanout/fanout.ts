@@ -10,6 +10,7 @@ import { GroupCaller } from './group-caller.js';
 import { assignGroups, groupTable, sortByGroup } from '../cluster/partition.js';
 import { parseReplicaPolicy, type ResolvedReplicaPolicy } from '../cluster/policy.js';
 import { LatencyWindow, latencyOf, type FanoutStats } from './stats.js';
+import { TableCounters } from '../common/request-counters.js';
 
 /**
  * Where the merged answer is written: fresh arrays by default, a wire buffer for the router, or the
@@ -64,6 +65,10 @@ export class Fanout {
   private requests = 0;
   private failures = 0;
   private readonly scratch = new ScratchPool(4);
+  /** Per table: lookups, keys, latency, failures by code (read by src/metrics at a scrape). */
+  readonly lookups = new TableCounters();
+  /** Per table: real-time puts (counted by the SDK's putEmbeddings). */
+  readonly puts = new TableCounters();
 
   /** `policy`: replica choice, hedging and probing (parseReplicaPolicy({}) gives the defaults). */
   constructor(readonly manifest: Manifest, conns?: ClusterConnections, policy?: ResolvedReplicaPolicy) {
@@ -93,13 +98,21 @@ export class Fanout {
 
   async lookup(req: FanoutRequest): Promise<FanoutResult> {
     const started = Date.now();
+    const t0 = performance.now();
+    const counters = this.lookups.of(req.table);
     this.requests++;
+    counters.requests++;
+    counters.keys += req.keys.length / 2;
     try {
       const r = await this.merge(req);
       this.latency.add(Date.now() - started);
+      counters.seconds.observe((performance.now() - t0) / 1000);
       return r;
     } catch (err) {
-      if (!(err instanceof KvError && err.code === KvErrorCode.ABORTED && req.signal?.aborted)) this.failures++;
+      if (!(err instanceof KvError && err.code === KvErrorCode.ABORTED && req.signal?.aborted)) {
+        this.failures++;
+        counters.error(err instanceof KvError ? err.code : KvErrorCode.INTERNAL);
+      }
       throw err;
     }
   }

@@ -58,6 +58,8 @@ export interface WatchOptions {
   /** Stops the watcher; a load under way is aborted and its write version dropped. */
   signal?: AbortSignal;
   onAction?: (a: WatchAction) => void;
+  /** Progress of the load under way: rows sent of `total` (see LoadOptions.onProgress). */
+  onProgress?: (version: number, rows: number, total: number) => void;
   logger?: Logger;
   /** Connections to use (and leave open); by default the watcher opens its own. */
   connections?: ClusterConnections;
@@ -308,6 +310,7 @@ class VersionWatcher {
         manifest: this.o.manifest, connections: this.conns, table: this.table, version: v.version,
         path: this.o.source.dumpPath(v.kind, v.name), mode: v.kind, publish: false, ...this.o.source.loadOptions,
         signal: this.signal, ...(this.o.staging !== undefined ? { staging: this.o.staging } : {}), ...(this.o.logger ? { logger: this.o.logger } : {}),
+        ...(this.o.onProgress !== undefined ? { onProgress: (rows: number, total: number) => this.o.onProgress!(v.version, rows, total) } : {}),
       });
       const what = incremental ? `${r.rows} upserts and ${r.deletes} deletes on v${r.baseVersion}` : `${r.rows} keys`;
       const snapshot = r.snapshotAtMs > 0 ? `; snapshot ${new Date(r.snapshotAtMs).toISOString()}` : '';

@@ -18,6 +18,10 @@ import { PeerSync } from './peer-sync.js';
 import { LoadHold, TEST_FAULTS, testDelayMs } from './test-faults.js';
 import { type TokenAuth, checkProtectedMode, serverCredentials, tokenAuthOf } from '../cluster/security.js';
 import { ShardStore } from '../shard/store.js';
+import { TableCounters } from '../common/request-counters.js';
+import type { TableStatusInfo } from '../shard/status.js';
+import type { MetricSet } from '../metrics/registry.js';
+import { registerReplicaMetrics } from '../metrics/replica-metrics.js';
 
 export interface ReplicaOptions {
   manifest: Manifest;
@@ -76,6 +80,9 @@ export class ReplicaServer {
   private readonly maxInflightBytes: number;
   /** Token checks when the manifest names a tokens file; undefined: every call is let in. */
   private readonly auth: TokenAuth | undefined;
+  /** Lookups answered per table, and refused by code: read by src/metrics at a scrape. */
+  readonly lookups = new TableCounters();
+  readonly lookupErrors = new Map<string, number>();
 
   constructor(private readonly options: ReplicaOptions) {
     const { manifest, group, replica } = options;
@@ -99,6 +106,30 @@ export class ReplicaServer {
 
   get port(): number {
     return this.boundPort;
+  }
+
+  /** True while grpc.health.v1 says SERVING (restored, caught up, not stopping). */
+  serving(): boolean {
+    return this.state === 'open';
+  }
+
+  /** Every table's versions and real-time state, as Status answers them. */
+  tables(): TableStatusInfo[] {
+    return this.shard.status();
+  }
+
+  answerBytesInFlight(): number {
+    return this.answerBytes;
+  }
+
+  /** This replica's Prometheus series (src/metrics/replica-metrics.ts), read at each scrape. */
+  registerMetrics(set: MetricSet): void {
+    registerReplicaMetrics(set, this);
+  }
+
+  private countError(err: unknown): void {
+    const code = err instanceof KvError ? err.code : KvErrorCode.INTERNAL;
+    this.lookupErrors.set(code, (this.lookupErrors.get(code) ?? 0) + 1);
   }
 
   /**
@@ -178,6 +209,7 @@ export class ReplicaServer {
       checkRequest(call.request);
       this.admit(call, 'lookup', 'Lookup');
     } catch (err) {
+      this.countError(err);
       return callback(toGrpcError(err));
     }
     this.lookup(call, callback);
@@ -191,7 +223,13 @@ export class ReplicaServer {
       if (this.answerBytes > 0 && this.answerBytes >= this.maxInflightBytes) {
         throw new KvError(KvErrorCode.RESOURCE_EXHAUSTED, `this replica holds ${this.answerBytes} bytes of answers not yet sent; the limit is ${this.maxInflightBytes} (maxInflightBytes): retry on another replica or with backoff`);
       }
+      const t0 = performance.now();
       const answer = this.shard.lookup(req.table, req.version, keys, this.answers);
+      // Counted once the table is known to exist: a caller's made-up names never become labels.
+      const counters = this.lookups.of(req.table);
+      counters.requests++;
+      counters.keys += keys.length / 2;
+      counters.seconds.observe((performance.now() - t0) / 1000);
       // Held until the answer has left (its stream closes); without a stream to watch, until handed over.
       const bytes = answer.length;
       const stream = streamOf(call);
@@ -203,6 +241,7 @@ export class ReplicaServer {
       // The request's message and its HTTP/2 read buffers are garbage now (see YoungGcBudget).
       this.youngGc.spend(2 * req.keys.byteLength);
     } catch (err) {
+      this.countError(err);
       callback(toGrpcError(err));
     }
   }
@@ -215,6 +254,7 @@ export class ReplicaServer {
       checkRequest(call.request);
       this.admit(call, 'lookup', 'Lookup');
     } catch (err) {
+      this.countError(err);
       return callback(toGrpcError(err));
     }
     this.log.info({ delayMs }, 'test switch: delaying a lookup');

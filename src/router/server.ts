@@ -16,6 +16,8 @@ import { Fanout } from '../fanout/fanout.js';
 import { parseReplicaPolicy, type ReplicaPolicyOptions } from '../cluster/policy.js';
 import type { FanoutStats } from '../fanout/stats.js';
 import { ROUTER_STATS_SERVICE } from './stats-service.js';
+import type { MetricSet } from '../metrics/registry.js';
+import { registerFanoutMetrics } from '../metrics/fanout-metrics.js';
 
 export const DEFAULT_ROUTER_DEADLINE_MS = 5000;
 /** At most this many keys a call, as the SDK takes by default. */
@@ -139,6 +141,13 @@ export class RouterServer {
 
   stats(): FanoutStats {
     return this.fanout.stats();
+  }
+
+  /** The router's Prometheus series: the fan-out's (as the SDK's), and what its calls in flight hold. */
+  registerMetrics(set: MetricSet): void {
+    registerFanoutMetrics(set, this.fanout);
+    set.gauge('embkv_router_inflight_bytes', 'Bytes the router\'s calls in flight hold, by their admission price (bounded by --max-inflight-mb).', [],
+      () => [[{}, this.inflightBytes]]);
   }
 
   /** One line per group with traffic: requests, hedges, retries, failures, p50/p99. */

@@ -82,6 +82,8 @@ export class TestCluster {
   env: NodeJS.ProcessEnv = {};
   /** Extra `kvctl serve` flags of every replica. */
   serveArgs: string[] = [];
+  /** Extra `kvctl serve` flags of one replica (its own metrics port, say), kept across restarts. */
+  replicaArgs: (g: number, r: number) => string[] = () => [];
   /** Extra environment of every kvctl command run by kvctl() (EMBKV_TOKEN, say). */
   kvctlEnv: NodeJS.ProcessEnv = {};
 
@@ -98,6 +100,8 @@ export class TestCluster {
       security?: object; prepare?: (dir: string) => void | Promise<void>;
       /** Extra `kvctl serve` flags of every replica. */
       serveArgs?: string[];
+      /** Extra `kvctl serve` flags of one replica. */
+      replicaArgs?: (g: number, r: number) => string[];
     } = {},
   ): Promise<TestCluster> {
     const dir = mkdtempSync(join(tmpdir(), 'embkv-test-'));
@@ -123,6 +127,7 @@ export class TestCluster {
     if (extra.env) c.env = extra.env;
     if (extra.kvctlEnv) c.kvctlEnv = extra.kvctlEnv;
     if (extra.serveArgs) c.serveArgs = extra.serveArgs;
+    if (extra.replicaArgs) c.replicaArgs = extra.replicaArgs;
     for (let g = 0; g < groups; g++) for (let r = 0; r < replicas; r++) c.startReplica(g, r);
     await c.waitReady();
     return c;
@@ -134,7 +139,7 @@ export class TestCluster {
    */
   startReplica(g: number, r: number, env: NodeJS.ProcessEnv = {}): ChildProcess {
     const name = `g${g}r${r}`;
-    const p = spawn(process.execPath, [KVCTL, 'serve', '--config', this.configPath, '--group', String(g), '--replica', String(r), '--data', join(this.dir, name), ...this.serveArgs], {
+    const p = spawn(process.execPath, [KVCTL, 'serve', '--config', this.configPath, '--group', String(g), '--replica', String(r), '--data', join(this.dir, name), ...this.serveArgs, ...this.replicaArgs(g, r)], {
       stdio: ['ignore', 'ignore', 'pipe', 'ipc'],
       env: { ...process.env, ...this.env, ...env },
     });
