@@ -198,9 +198,13 @@ describe('kvctl watch', () => {
     await w.waitFor(/^watch t1: started/);
     const steps: ['full' | 'incremental', number][] = [['full', 1], ['incremental', 2], ['incremental', 3], ['full', 4], ['incremental', 5]];
     for (const [kind, v] of steps) {
+      const t0 = Date.now();
       await (kind === 'full' ? src.full(v, want) : src.delta(v, want));
       everKeys.push(...want.keys());
-      await w.waitFor(new RegExp(`^watch t1: published ${kind}/${v}: v${v} is current`));
+      const line = await w.waitFor(new RegExp(`^watch t1: published ${kind}/${v}: v${v} is current, (\\d+\\.\\d) s after its _SUCCESS$`));
+      // The delay it reports is from the marker's mtime, written after t0, to the publish, before now.
+      const since = Number(/, (\d+\.\d) s after/.exec(line)![1]);
+      assert.ok(since <= (Date.now() - t0) / 1000 + 0.05, `${line} (${Date.now() - t0} ms since the dump was begun)`);
       await assertServes('t1', v, want, everKeys);
     }
     for (const [kind, v] of steps) {
@@ -210,7 +214,7 @@ describe('kvctl watch', () => {
     // kvctl status shows the watcher's last action, from the replicas.
     const text = await cluster.kvctl(['status']);
     assert.match(text.stdout, /^watcher t1 {2}\S+:\d+ {2}source /m);
-    assert.match(text.stdout, /last action \d+ s ago: published incremental\/5/);
+    assert.match(text.stdout, /last action \d+ s ago: published incremental\/5: v5 is current, \d+\.\d s after its _SUCCESS/);
     const json = await statusJson();
     for (const s of json) assert.match(s.status!.watchers!.find((n) => n.table === 't1')!.action, /published incremental\/5/);
     // SIGTERM stops an idle watcher within 2 s.
@@ -412,7 +416,8 @@ describe('kvctl watch on S3-compatible object storage (s3rver)', () => {
     const before = BigUint64Array.from(want.keys());
     const delta = await local.delta(2, want, false);
     await upload('incremental', 2, delta);
-    await w.waitFor(/^watch s3t: published incremental\/2: v2 is current/);
+    // The delay is from the marker's LastModified (whole seconds in a HEAD answer).
+    await w.waitFor(/^watch s3t: published incremental\/2: v2 is current, \d+\.\d s after its _SUCCESS$/);
     const keys = BigUint64Array.from(new Set([...before, ...want.keys()]));
     const r = await client.getEmbeddings(keys, { table: 's3t' });
     assert.equal(r.version, 2);
