@@ -15,6 +15,8 @@ import { writeNpy, writeNpyPair } from '../src/loader/npy-write.js';
 import { nextStep, type ClusterView, type SourceVersion } from '../src/loader/watch.js';
 import { KVCTL, TestCluster } from './helpers/cluster.js';
 import { S3RVER_ENV, TestS3 } from './helpers/s3.js';
+import { S3Proxy, SLOW_DOWN } from './helpers/s3-proxy.js';
+import { until } from './helpers/util.js';
 import { makeModel, sameBits, scramble } from './helpers/model.js';
 
 const DIM = 8;
@@ -427,5 +429,37 @@ describe('kvctl watch on S3-compatible object storage (s3rver)', () => {
       if (v !== undefined) assert.ok(sameBits(r.values.subarray(i * DIM, (i + 1) * DIM), v), `key ${k}`);
     });
     assert.match(w.lines.join('\n'), /loaded full\/1 as v1: 2000 keys/);
+  });
+
+  test('object storage failing during a load: reported and tried again with backoff, never refused; loaded once it is back', async () => {
+    await w?.kill();
+    const proxy = await S3Proxy.start(s3.port);
+    try {
+      const local = new Trainer(join(cluster.dir, 'trainer-outage'));
+      const want: Expected = new Map();
+      const upload = async (kind: 'full' | 'incremental', version: number, dir: string): Promise<void> => {
+        await s3.putDir(dir, `outage/${kind}/${version}/`);
+        await s3.put(`outage/${kind}/${version}/_SUCCESS`, '');
+      };
+      w = new WatchProcess(cluster, 's3o', s3.url('outage/'), ['--s3-endpoint', proxy.endpoint]);
+      await upload('full', 1, await local.full(1, want));
+      await w.waitFor(/^watch s3o: published full\/1: /);
+      // Every read of the delta's objects is throttled: each load fails after the source's retries.
+      proxy.rule = (r) => (r.method === 'GET' && r.path.startsWith('/dumps/outage/incremental/2/') ? SLOW_DOWN : undefined);
+      await upload('incremental', 2, await local.delta(2, want, false));
+      // Three failed loads: a failure of the dump's own would be refused at the third.
+      await until('three failed loads of incremental/2', async () =>
+        (w!.count(/^watch s3o: error: incremental\/2: s3 .*SlowDown.*\(gave up after 5 tries\); looking again in /) >= 3 ? true : undefined));
+      proxy.rule = () => undefined;
+      await w.waitFor(/^watch s3o: published incremental\/2: v2 is current/);
+      assert.equal(w.count(/refused/), 0, w.lines.join('\n'));
+      const keys = BigUint64Array.from(want.keys());
+      const r = await client.getEmbeddings(keys, { table: 's3o' });
+      assert.equal(r.version, 2);
+      keys.forEach((k, i) => assert.ok(sameBits(r.values.subarray(i * DIM, (i + 1) * DIM), want.get(k)!), `key ${k}`));
+    } finally {
+      await w?.kill();
+      await proxy.close();
+    }
   });
 });

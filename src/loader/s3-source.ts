@@ -181,7 +181,8 @@ export class S3DumpSource implements DumpSource {
           throw new KvError(
             KvErrorCode.UNAVAILABLE,
             `s3 ${this.endpointName} ${what}: ${describe(err)}${tries > 1 ? ` (gave up after ${tries} tries)` : ''}`,
-            { cause: err },
+            // The storage failed, not the dump: the watcher tries such a version again later.
+            { cause: err, detail: { system: 's3' } },
           );
         }
         // Doubling, up to 8x the base, with jitter so parallel readers do not retry in step.

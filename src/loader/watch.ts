@@ -370,6 +370,11 @@ class VersionWatcher {
       this.say('waiting', v.dir, `waiting: ${v.dir}: another loader is at work on ${this.table} (${msg})`);
       return false;
     }
+    if (code === KvErrorCode.UNAVAILABLE && (err as KvError).detail?.['system'] === 's3') {
+      // Object storage down or refusing us (after the source's own retries): not the dump's fault, so
+      // no attempt is counted; the round fails and is tried again, the interval doubling up to 5 min.
+      throw new KvError(KvErrorCode.UNAVAILABLE, `${v.dir}: ${msg}`, { cause: err, detail: { system: 's3' } });
+    }
     if (code === KvErrorCode.VERSION_EXISTS) {
       // Another watcher (or kvctl load) got there first: the next round sees what the cluster holds.
       this.say('skipped', v.dir, `skipped ${v.dir}: v${v.version} exists already (loaded by another loader)`);
