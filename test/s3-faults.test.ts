@@ -1,8 +1,8 @@
 /**
- * Object storage that misbehaves, and buckets addressed as virtual hosts: loads go through a
- * fault-injecting proxy (helpers/s3-proxy.ts) in front of the real s3rver. The proxy answers chosen
- * requests with 503 SlowDown, 500 InternalError, a reset connection or a body cut in half, and
- * records every request's Host header and path.
+ * Object storage that misbehaves, buckets addressed as virtual hosts, credentials from a profile:
+ * loads go through a fault-injecting proxy (helpers/s3-proxy.ts) in front of the real s3rver. The
+ * proxy answers chosen requests with 503 SlowDown, 500 InternalError, a reset connection or a body
+ * cut in half, and records every request's Host header and path.
  */
 import assert from 'node:assert/strict';
 import { mkdirSync, writeFileSync } from 'node:fs';
@@ -169,5 +169,31 @@ describe('object storage that fails now and then (a fault-injecting proxy before
     const sent4 = proxy.requests.slice(from4);
     assert.ok(sent4.length > 0 && sent4.every((q) => q.host === `s3.localhost:${proxy.port}` && q.path.startsWith('/dumps/')));
     await assertServes(m4, 4);
+  });
+
+  test('credentials from a profile (AWS_PROFILE, AWS_SHARED_CREDENTIALS_FILE), the endpoint from AWS_ENDPOINT_URL; an unknown key fails at once', async () => {
+    const m = makeModel(2_000, DIM, 5, 5);
+    await upload('full/5/', m, 1);
+    const aws = join(cluster.dir, 'aws');
+    mkdirSync(aws);
+    writeFileSync(join(aws, 'credentials'), '[loader]\naws_access_key_id = S3RVER\naws_secret_access_key = S3RVER\n[wrong]\naws_access_key_id = NOTAKEY\naws_secret_access_key = S3RVER\n');
+    writeFileSync(join(aws, 'config'), '[profile loader]\nregion = us-east-1\n[profile wrong]\nregion = us-east-1\n');
+    // No credentials or region in the environment: only the profile has them.
+    const env = {
+      AWS_ACCESS_KEY_ID: '', AWS_SECRET_ACCESS_KEY: '', AWS_REGION: '',
+      AWS_SHARED_CREDENTIALS_FILE: join(aws, 'credentials'), AWS_CONFIG_FILE: join(aws, 'config'), AWS_ENDPOINT_URL: proxy.endpoint,
+    };
+    const from = proxy.requests.length;
+    const r = await cluster.kvctl(['load', '--table', 'emb', '--version', '5', '--full', s3.url('full/5/'), '--publish'], undefined, { ...env, AWS_PROFILE: 'loader' });
+    assert.equal(r.code, 0, r.stderr);
+    assert.ok(proxy.requests.length > from, 'the requests went to AWS_ENDPOINT_URL');
+    await assertServes(m, 5);
+    served = { m, version: 5 };
+
+    const refused = await cluster.kvctl(['load', '--table', 'emb', '--version', '6', '--full', s3.url('full/5/'), '--publish'], undefined, { ...env, AWS_PROFILE: 'wrong' });
+    assert.equal(refused.code, 1);
+    // 403 is not retried: one line, without "gave up after".
+    assert.match(refused.stderr, new RegExp(`^kvctl: error: s3 ${proxy.endpoint} dumps/full/5/: list: InvalidAccessKeyId: .*\\(HTTP 403\\)\n$`));
+    await assertServes(m, 5);
   });
 });
