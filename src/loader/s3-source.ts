@@ -24,8 +24,8 @@
  */
 import type * as S3 from '@aws-sdk/client-s3';
 import { setMaxListeners } from 'node:events';
-import { createRequire } from 'node:module';
 import { Agent, type AgentOptions } from 'node:http';
+import { createRequire } from 'node:module';
 import { createConnection, type NetConnectOpts, type Socket } from 'node:net';
 import type { Readable } from 'node:stream';
 import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
@@ -73,27 +73,23 @@ function describe(err: unknown): string {
  * of each read at once, so the buffer is free again when the 'data' listeners return. A load receives
  * its whole dump through these: half its allocations, and the collections they set off, go.
  */
-export class ReusedReadBufferAgent extends Agent {
+class ReusedReadBufferAgent extends Agent {
   constructor(private readonly readBytes: number, options: AgentOptions) {
     super(options);
   }
 
-  override createConnection(options: NetConnectOpts, cb?: (err: Error | null, s: Socket) => void): Socket {
+  /** The socket is returned at once (the agent then waits for it to connect), so no callback is used. */
+  override createConnection(options: NetConnectOpts): Socket {
     const buffer = Buffer.allocUnsafe(this.readBytes);
-    let socket: Socket | undefined = undefined;
-    const s = createConnection({
+    const socket: Socket = createConnection({
       ...options,
       onread: {
         buffer,
-        callback: (n: number, buf: Uint8Array): boolean => {
-          socket!.emit('data', (buf as Buffer).subarray(0, n));
-          return true;
-        },
+        // With onread, net emits no 'data' of its own: the HTTP client's parser listens for it.
+        callback: (n: number, buf: Uint8Array): boolean => socket.emit('data', (buf as Buffer).subarray(0, n)) || true,
       },
     } as NetConnectOpts);
-    socket = s;
-    if (cb !== undefined) s.once('connect', () => cb(null, s));
-    return s;
+    return socket;
   }
 }
 
