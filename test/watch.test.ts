@@ -21,6 +21,8 @@ import { packKeys } from '../src/common/keys.js';
 import { ORDER_SCALE } from '../src/common/limits.js';
 import { putToGroups } from '../src/fanout/put.js';
 import { S3RVER_ENV, TestS3 } from './helpers/s3.js';
+import { S3Proxy, SLOW_DOWN } from './helpers/s3-proxy.js';
+import { until } from './helpers/util.js';
 import { makeModel, sameBits, scramble } from './helpers/model.js';
 
 const DIM = 8;
@@ -204,9 +206,13 @@ describe('kvctl watch', () => {
     await w.waitFor(/^watch t1: started/);
     const steps: ['full' | 'incremental', number][] = [['full', 1], ['incremental', 2], ['incremental', 3], ['full', 4], ['incremental', 5]];
     for (const [kind, v] of steps) {
+      const t0 = Date.now();
       await (kind === 'full' ? src.full(v, want) : src.delta(v, want));
       everKeys.push(...want.keys());
-      await w.waitFor(new RegExp(`^watch t1: published ${kind}/${v}: v${v} is current`));
+      const line = await w.waitFor(new RegExp(`^watch t1: published ${kind}/${v}: v${v} is current, (\\d+\\.\\d) s after its _SUCCESS$`));
+      // The delay it reports is from the marker's mtime, written after t0, to the publish, before now.
+      const since = Number(/, (\d+\.\d) s after/.exec(line)![1]);
+      assert.ok(since <= (Date.now() - t0) / 1000 + 0.05, `${line} (${Date.now() - t0} ms since the dump was begun)`);
       await assertServes('t1', v, want, everKeys);
     }
     for (const [kind, v] of steps) {
@@ -216,7 +222,7 @@ describe('kvctl watch', () => {
     // kvctl status shows the watcher's last action, from the replicas.
     const text = await cluster.kvctl(['status']);
     assert.match(text.stdout, /^watcher t1 {2}\S+:\d+ {2}source /m);
-    assert.match(text.stdout, /last action \d+ s ago: published incremental\/5/);
+    assert.match(text.stdout, /last action \d+ s ago: published incremental\/5: v5 is current, \d+\.\d s after its _SUCCESS/);
     const json = await statusJson();
     for (const s of json) assert.match(s.status!.watchers!.find((n) => n.table === 't1')!.action, /published incremental\/5/);
     // SIGTERM stops an idle watcher within 2 s.
@@ -474,7 +480,8 @@ describe('kvctl watch on S3-compatible object storage (s3rver)', () => {
     const before = BigUint64Array.from(want.keys());
     const delta = await local.delta(2, want, false);
     await upload('incremental', 2, delta);
-    await w.waitFor(/^watch s3t: published incremental\/2: v2 is current/);
+    // The delay is from the marker's LastModified (whole seconds in a HEAD answer).
+    await w.waitFor(/^watch s3t: published incremental\/2: v2 is current, \d+\.\d s after its _SUCCESS$/);
     const keys = BigUint64Array.from(new Set([...before, ...want.keys()]));
     const r = await client.getEmbeddings(keys, { table: 's3t' });
     assert.equal(r.version, 2);
@@ -484,5 +491,37 @@ describe('kvctl watch on S3-compatible object storage (s3rver)', () => {
       if (v !== undefined) assert.ok(sameBits(r.values.subarray(i * DIM, (i + 1) * DIM), v), `key ${k}`);
     });
     assert.match(w.lines.join('\n'), new RegExp(`loaded full/1 as v1: 2000 keys of dim ${DIM} in [\\d.]+ s; snapshot ${snapshot}$`, 'm'));
+  });
+
+  test('object storage failing during a load: reported and tried again with backoff, never refused; loaded once it is back', async () => {
+    await w?.kill();
+    const proxy = await S3Proxy.start(s3.port);
+    try {
+      const local = new Trainer(join(cluster.dir, 'trainer-outage'));
+      const want: Expected = new Map();
+      const upload = async (kind: 'full' | 'incremental', version: number, dir: string): Promise<void> => {
+        await s3.putDir(dir, `outage/${kind}/${version}/`);
+        await s3.put(`outage/${kind}/${version}/_SUCCESS`, '');
+      };
+      w = new WatchProcess(cluster, 's3o', s3.url('outage/'), ['--s3-endpoint', proxy.endpoint]);
+      await upload('full', 1, await local.full(1, want));
+      await w.waitFor(/^watch s3o: published full\/1: /);
+      // Every read of the delta's objects is throttled: each load fails after the source's retries.
+      proxy.rule = (r) => (r.method === 'GET' && r.path.startsWith('/dumps/outage/incremental/2/') ? SLOW_DOWN : undefined);
+      await upload('incremental', 2, await local.delta(2, want, false));
+      // Three failed loads: a failure of the dump's own would be refused at the third.
+      await until('three failed loads of incremental/2', async () =>
+        (w!.count(/^watch s3o: error: incremental\/2: s3 .*SlowDown.*\(gave up after 5 tries\); looking again in /) >= 3 ? true : undefined));
+      proxy.rule = () => undefined;
+      await w.waitFor(/^watch s3o: published incremental\/2: v2 is current/);
+      assert.equal(w.count(/refused/), 0, w.lines.join('\n'));
+      const keys = BigUint64Array.from(want.keys());
+      const r = await client.getEmbeddings(keys, { table: 's3o' });
+      assert.equal(r.version, 2);
+      keys.forEach((k, i) => assert.ok(sameBits(r.values.subarray(i * DIM, (i + 1) * DIM), want.get(k)!), `key ${k}`));
+    } finally {
+      await w?.kill();
+      await proxy.close();
+    }
   });
 });

@@ -22,6 +22,8 @@ export interface DumpStat {
   size: number;
   /** An object's ETag (S3 only), as listed. */
   etag?: string;
+  /** When a file was last written (local mtime, S3 LastModified), ms since the epoch, where known. */
+  mtimeMs?: number;
   /** For 'other': what it is, for messages ("a FIFO"). */
   what?: string;
 }
@@ -77,12 +79,15 @@ export interface S3SourceOptions {
   blockBytes?: number;
   /** Ranged GETs read ahead of the reader, per open object (default DEFAULT_S3_READ_AHEAD). */
   readAhead?: number;
+  /** Bytes of the buffer each connection reads into, reused for every read (default DEFAULT_S3_READ_BUFFER_BYTES). */
+  readBufferBytes?: number;
 }
 
 export const DEFAULT_S3_MAX_ATTEMPTS = 5;
 export const DEFAULT_S3_RETRY_BASE_MS = 200;
 export const DEFAULT_S3_BLOCK_BYTES = 8 * 1024 * 1024;
 export const DEFAULT_S3_READ_AHEAD = 4;
+export const DEFAULT_S3_READ_BUFFER_BYTES = 1024 * 1024;
 
 /** The Hadoop/Spark marker of a complete output directory. */
 export const SUCCESS_MARKER = '_SUCCESS';
@@ -106,7 +111,7 @@ export class LocalDumpSource implements DumpSource {
   async stat(loc: string): Promise<DumpStat | undefined> {
     const s = await statOrUndefined(loc);
     if (s === undefined) return undefined;
-    if (s.isFile()) return { type: 'file', size: s.size };
+    if (s.isFile()) return { type: 'file', size: s.size, mtimeMs: s.mtimeMs };
     if (s.isDirectory()) return { type: 'dir', size: 0 };
     return { type: 'other', size: 0, what: kindOf(s) };
   }
@@ -192,5 +197,11 @@ export async function listSubdirectories(source: DumpSource, loc: string): Promi
 
 /** Whether a directory or prefix holds the _SUCCESS marker of a complete dump. */
 export async function hasSuccessMarker(source: DumpSource, loc: string): Promise<boolean> {
-  return (await source.stat(source.join(loc, SUCCESS_MARKER)))?.type === 'file';
+  return (await successMarker(source, loc)) !== undefined;
+}
+
+/** The _SUCCESS marker of a directory or prefix: when it was written (NaN if the source does not say), or undefined if absent. */
+export async function successMarker(source: DumpSource, loc: string): Promise<{ mtimeMs: number } | undefined> {
+  const s = await source.stat(source.join(loc, SUCCESS_MARKER));
+  return s?.type === 'file' ? { mtimeMs: s.mtimeMs ?? NaN } : undefined;
 }

@@ -12,26 +12,37 @@
  *   object  [ block 0 | block 1 | block 2 | block 3 | block 4 | block 5 | ... ]
  *                        ^ read here   \______ readAhead blocks in flight ______/
  *
- * Blocks behind the read are dropped, so an open object holds at most (blocks of one read + readAhead)
- * blocks whatever its length. A read that does not continue the previous one (a header, a first chunk)
- * is one GET of exactly its range: planning reads headers without fetching blocks it will not use.
+ * Blocks behind the read are dropped (their buffers kept for the next GETs, at most readAhead + 1 of
+ * them), so an open object holds at most (blocks of one read + readAhead) blocks whatever its length.
+ *
+ * A read that does not continue the previous one (a header, a first chunk) is one GET of exactly its
+ * range: planning reads headers without fetching blocks it will not use. Plain-HTTP connections read
+ * into one buffer each, reused (ReusedReadBufferAgent), not a fresh one per socket read.
  *
  * Every request is retried on 5xx, 429/SlowDown and network errors, with doubling delays, at most
  * maxAttempts tries; then the load fails with KV_UNAVAILABLE naming s3, the endpoint and bucket/key.
  */
-import { GetObjectCommand, HeadObjectCommand, ListObjectsV2Command, S3Client, type S3ClientConfig } from '@aws-sdk/client-s3';
+import type * as S3 from '@aws-sdk/client-s3';
 import { setMaxListeners } from 'node:events';
+import { Agent, type AgentOptions } from 'node:http';
+import { createRequire } from 'node:module';
+import { createConnection, type NetConnectOpts, type Socket } from 'node:net';
 import type { Readable } from 'node:stream';
 import { KvError, KvErrorCode, invalidArgument } from '../common/errors.js';
 import { dataError } from './dump-files.js';
 import {
-  DEFAULT_S3_BLOCK_BYTES, DEFAULT_S3_MAX_ATTEMPTS, DEFAULT_S3_READ_AHEAD, DEFAULT_S3_RETRY_BASE_MS,
+  DEFAULT_S3_BLOCK_BYTES, DEFAULT_S3_MAX_ATTEMPTS, DEFAULT_S3_READ_AHEAD, DEFAULT_S3_READ_BUFFER_BYTES, DEFAULT_S3_RETRY_BASE_MS,
   parseS3Url, s3Basename, s3Dirname, s3Join, type DumpEntry, type DumpSource, type DumpStat, type RandomAccessReader, type S3SourceOptions,
 } from './dump-source.js';
+
+// Through require: an ESM import of the SDK's CommonJS bundle makes Node scan it, and every module it
+// re-exports, for export names, which doubled the SDK's load time (~155 against ~85 ms of CPU per load).
+const { GetObjectCommand, HeadObjectCommand, ListObjectsV2Command, S3Client } = createRequire(import.meta.url)('@aws-sdk/client-s3') as typeof S3;
 
 interface ObjectInfo {
   size: number;
   etag: string;
+  mtimeMs?: number;
 }
 
 /** Errors worth another try: the server's (5xx), throttling, and the connection's (no HTTP status at all). */
@@ -56,19 +67,47 @@ function describe(err: unknown): string {
   return `${name}${msg}${status !== undefined ? ` (HTTP ${status})` : ''}`;
 }
 
+/**
+ * Plain-HTTP connections that read into one buffer each, reused for every read (net's `onread`),
+ * instead of a fresh buffer per read: the HTTP parser copies what it keeps (headers, body chunks) out
+ * of each read at once, so the buffer is free again when the 'data' listeners return. A load receives
+ * its whole dump through these: half its allocations, and the collections they set off, go.
+ */
+class ReusedReadBufferAgent extends Agent {
+  constructor(private readonly readBytes: number, options: AgentOptions) {
+    super(options);
+  }
+
+  /** The socket is returned at once (the agent then waits for it to connect), so no callback is used. */
+  override createConnection(options: NetConnectOpts): Socket {
+    const buffer = Buffer.allocUnsafe(this.readBytes);
+    const socket: Socket = createConnection({
+      ...options,
+      onread: {
+        buffer,
+        // With onread, net emits no 'data' of its own: the HTTP client's parser listens for it.
+        callback: (n: number, buf: Uint8Array): boolean => socket.emit('data', (buf as Buffer).subarray(0, n)) || true,
+      },
+    } as NetConnectOpts);
+    return socket;
+  }
+}
+
 const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 
 export class S3DumpSource implements DumpSource {
   readonly kind = 's3' as const;
   /** How messages name the endpoint: its URL, or "aws" for AWS's own. */
   readonly endpointName: string;
-  private readonly client: S3Client;
+  private readonly client: S3.S3Client;
   private readonly maxAttempts: number;
   private readonly retryBaseMs: number;
   private readonly blockBytes: number;
   private readonly readAhead: number;
   /** Length and ETag of every object listed or stat-ed, by s3:// URL: reads are checked against them. */
   private readonly known = new Map<string, ObjectInfo>();
+  /** Block buffers that reads have passed, for the next GETs of any object (see takeBlock). */
+  private readonly spareBlocks: Buffer[] = [];
   private closed = false;
 
   constructor(o: S3SourceOptions = {}) {
@@ -94,22 +133,41 @@ export class S3DumpSource implements DumpSource {
     this.retryBaseMs = o.retryBaseMs === 0 ? 0 : posInt(o.retryBaseMs, DEFAULT_S3_RETRY_BASE_MS, 'retryBaseMs', 60_000);
     this.blockBytes = posInt(o.blockBytes, DEFAULT_S3_BLOCK_BYTES, 'blockBytes', 256 * 1024 * 1024);
     this.readAhead = o.readAhead === 0 ? 0 : posInt(o.readAhead, DEFAULT_S3_READ_AHEAD, 'readAhead', 64);
+    const readBufferBytes = posInt(o.readBufferBytes, DEFAULT_S3_READ_BUFFER_BYTES, 'readBufferBytes', 64 * 1024 * 1024);
     this.endpointName = endpoint ?? 'aws';
     // A custom endpoint (MinIO, Ceph, s3rver) has no region of its own; AWS's needs one from the chain.
     const region = o.region ?? (endpoint !== undefined && !env['AWS_REGION'] && !env['AWS_DEFAULT_REGION'] ? 'us-east-1' : undefined);
-    const config: S3ClientConfig = {
+    const config: S3.S3ClientConfig = {
       // Retries are counted here, around whole reads (a body cut off mid-way included).
       maxAttempts: 1,
       forcePathStyle: endpoint !== undefined && o.virtualHost !== true,
       // Whole-object checksums do not apply to ranged GETs; lengths and ETags are checked here.
       requestChecksumCalculation: 'WHEN_REQUIRED',
       responseChecksumValidation: 'WHEN_REQUIRED',
-      requestHandler: { connectionTimeout: 5_000, requestTimeout: 60_000 },
+      requestHandler: {
+        connectionTimeout: 5_000, requestTimeout: 60_000,
+        httpAgent: new ReusedReadBufferAgent(readBufferBytes, { keepAlive: true, maxSockets: 50 }),
+      },
       ...(endpoint !== undefined ? { endpoint } : {}),
       ...(region !== undefined ? { region } : {}),
       ...(o.credentials !== undefined ? { credentials: o.credentials } : {}),
     };
     this.client = new S3Client(config);
+  }
+
+  /**
+   * A block buffer to receive the next GET into, if one is spare. Blocks are reused across the
+   * objects of a load, so a load writes into fresh memory only for its first few blocks: fresh
+   * pages cost more than the copying on some VMs.
+   */
+  takeBlock(): Buffer | undefined {
+    return this.spareBlocks.pop();
+  }
+
+  /** Hands back a block the reads have passed (a whole block buffer, or the start of one). */
+  releaseBlock(b: Buffer): void {
+    if (b.byteOffset !== 0 || b.buffer.byteLength !== this.blockBytes || this.spareBlocks.length > this.readAhead) return;
+    this.spareBlocks.push(Buffer.from(b.buffer, 0, this.blockBytes));
   }
 
   /** Runs one request, retrying what is transient; then fails naming s3, the endpoint and bucket/key. */
@@ -124,7 +182,8 @@ export class S3DumpSource implements DumpSource {
           throw new KvError(
             KvErrorCode.UNAVAILABLE,
             `s3 ${this.endpointName} ${what}: ${describe(err)}${tries > 1 ? ` (gave up after ${tries} tries)` : ''}`,
-            { cause: err },
+            // The storage failed, not the dump: the watcher tries such a version again later.
+            { cause: err, detail: { system: 's3' } },
           );
         }
         // Doubling, up to 8x the base, with jitter so parallel readers do not retry in step.
@@ -150,7 +209,7 @@ export class S3DumpSource implements DumpSource {
         const name = o.Key!.slice(prefix.length);
         // A zero-length "folder" object some tools write for the prefix itself.
         if (name === '') continue;
-        const info = { size: o.Size ?? 0, etag: o.ETag ?? '' };
+        const info = { size: o.Size ?? 0, etag: o.ETag ?? '', ...(o.LastModified !== undefined ? { mtimeMs: o.LastModified.getTime() } : {}) };
         this.known.set(`s3://${bucket}/${o.Key!}`, info);
         out.push({ name, type: 'file', ...info });
       }
@@ -184,7 +243,7 @@ export class S3DumpSource implements DumpSource {
       }
     });
     if (head === undefined) return (await this.anyUnder(bucket, `${key}/`)) ? { type: 'dir', size: 0 } : undefined;
-    const info = { size: head.ContentLength ?? 0, etag: head.ETag ?? '' };
+    const info = { size: head.ContentLength ?? 0, etag: head.ETag ?? '', ...(head.LastModified !== undefined ? { mtimeMs: head.LastModified.getTime() } : {}) };
     this.known.set(loc, info);
     return { type: 'file', ...info };
   }
@@ -256,21 +315,22 @@ export class S3DumpSource implements DumpSource {
     if (this.closed) return;
     this.closed = true;
     this.client.destroy();
+    this.spareBlocks.length = 0;
   }
 }
 
 /**
  * One open object: reads served from a window of ranged GETs (see the diagram at the top). Reads are
  * served one at a time, in call order, so a block behind the read is no longer in use and its buffer
- * can take a block ahead: a load allocates its block buffers once per object, not once per GET
- * (fresh 8 MiB buffers cost more in garbage collection than the copying).
+ * goes back to the source for a block ahead (of this object or the next): a load allocates its block
+ * buffers once, not once per GET (fresh 8 MiB buffers cost more in garbage collection and first-touch
+ * page faults than the copying).
  */
 class S3ObjectReader implements RandomAccessReader {
   readonly size: number;
   private readonly blocks = new Map<number, Promise<Buffer>>();
   /** The blocks whose GET has answered, by index: their buffers are reused once the reads pass them. */
   private readonly done = new Map<number, Buffer>();
-  private readonly spare: Buffer[] = [];
   private readonly abort = new AbortController();
   /** Where the previous read ended: a read starting there is sequential, and reads ahead. */
   private nextPos = -1;
@@ -291,8 +351,8 @@ class S3ObjectReader implements RandomAccessReader {
     setMaxListeners(0, this.abort.signal);
   }
 
-  private get(start: number, len: number, into?: Buffer): Promise<Buffer> {
-    return this.src.getRange(this.loc, this.bucket, this.key, this.info, start, len, this.abort.signal, into);
+  private get(start: number, len: number): Promise<Buffer> {
+    return this.src.getRange(this.loc, this.bucket, this.key, this.info, start, len, this.abort.signal);
   }
 
   read(buf: Uint8Array, off: number, len: number, pos: number): Promise<number> {
@@ -320,11 +380,11 @@ class S3ObjectReader implements RandomAccessReader {
       this.blocks.delete(i);
       const b = this.done.get(i);
       this.done.delete(i);
-      if (b !== undefined && b.length === B && this.spare.length <= this.readAhead) this.spare.push(b);
+      if (b !== undefined) this.src.releaseBlock(b);
     }
     for (let i = first; i <= Math.min(lastBlock, last + this.readAhead); i++) {
       if (this.blocks.has(i)) continue;
-      const p = this.get(i * B, Math.min(B, this.size - i * B), this.spare.pop());
+      const p = this.src.getRange(this.loc, this.bucket, this.key, this.info, i * B, Math.min(B, this.size - i * B), this.abort.signal, this.src.takeBlock());
       p.then((b) => this.blocks.has(i) && this.done.set(i, b), () => undefined); // a failure is awaited by the read that needs it
       this.blocks.set(i, p);
     }
@@ -342,8 +402,8 @@ class S3ObjectReader implements RandomAccessReader {
 
   async close(): Promise<void> {
     this.blocks.clear();
+    // Blocks fetched but never read are not handed back: a GET may still be writing into one.
     this.done.clear();
-    this.spare.length = 0;
     this.abort.abort();
   }
 }

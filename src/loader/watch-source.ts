@@ -8,10 +8,10 @@
  * interface (parse the URL, list the immediate sub-prefixes of `full/` and `incremental/`, ask
  * whether `<dir>/_SUCCESS` exists, and hand runLoad the URL of `<dir>/`).
  */
-import { access, readdir } from 'node:fs/promises';
+import { access, readdir, stat } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { KvError, KvErrorCode, errnoOf, invalidArgument } from '../common/errors.js';
-import { hasSuccessMarker, isS3Url, listSubdirectories, type DumpSource, type S3SourceOptions } from './dump-source.js';
+import { isS3Url, listSubdirectories, successMarker, type DumpSource, type S3SourceOptions } from './dump-source.js';
 import { parseDumpSource } from './source-url.js';
 
 export type WatchKind = 'full' | 'incremental';
@@ -27,8 +27,11 @@ export interface WatchSource {
    * none when `SOURCE/<kind>/` does not exist. Rejects (naming the source) when the source cannot be read.
    */
   listVersions(kind: WatchKind): Promise<string[]>;
-  /** Whether `SOURCE/<kind>/<name>/_SUCCESS` exists. */
-  isComplete(kind: WatchKind, name: string): Promise<boolean>;
+  /**
+   * `SOURCE/<kind>/<name>/_SUCCESS`: when it was written (ms since the epoch: a file's mtime, an object's
+   * LastModified; NaN where the source does not say), or undefined while it does not exist.
+   */
+  completedAt(kind: WatchKind, name: string): Promise<number | undefined>;
   /** What runLoad takes as its `path` for `SOURCE/<kind>/<name>/`: a directory or a URL. */
   dumpPath(kind: WatchKind, name: string): string;
   /** What runLoad needs besides the path to read it (how to reach object storage). */
@@ -62,12 +65,11 @@ export class LocalWatchSource implements WatchSource {
     }
   }
 
-  async isComplete(kind: WatchKind, name: string): Promise<boolean> {
+  async completedAt(kind: WatchKind, name: string): Promise<number | undefined> {
     try {
-      await access(join(this.root, kind, name, SUCCESS_MARKER));
-      return true;
+      return (await stat(join(this.root, kind, name, SUCCESS_MARKER))).mtimeMs;
     } catch (err) {
-      if (errnoOf(err) === 'ENOENT' || errnoOf(err) === 'ENOTDIR') return false;
+      if (errnoOf(err) === 'ENOENT' || errnoOf(err) === 'ENOTDIR') return undefined;
       throw sourceError(err, `source ${this.location}: ${kind}/${name}/${SUCCESS_MARKER} cannot be checked`);
     }
   }
@@ -99,9 +101,9 @@ export class S3WatchSource implements WatchSource {
     }
   }
 
-  async isComplete(kind: WatchKind, name: string): Promise<boolean> {
+  async completedAt(kind: WatchKind, name: string): Promise<number | undefined> {
     try {
-      return await hasSuccessMarker(this.dumps, this.dumps.join(this.dumps.join(this.location, kind), name));
+      return (await successMarker(this.dumps, this.dumps.join(this.dumps.join(this.location, kind), name)))?.mtimeMs;
     } catch (err) {
       throw asUnavailable(err, `source ${this.location}: ${kind}/${name}/${SUCCESS_MARKER} cannot be checked`);
     }

@@ -40,6 +40,11 @@ export interface WatchAction {
   table: string;
   /** The source directory the action is about (`full/12`), if any. */
   dir?: string;
+  /**
+   * For 'published': how long after the version's _SUCCESS marker was written (its mtime or
+   * LastModified, by the source's clock) the version became current, in ms.
+   */
+  sinceMarkerMs?: number;
   line: string;
 }
 
@@ -76,6 +81,8 @@ export interface SourceVersion {
   /** The directory's name under `SOURCE/<kind>/` (`12`, or `0012`). */
   name: string;
   complete: boolean;
+  /** When its _SUCCESS marker was written (ms since the epoch; NaN if the source does not say), once complete. */
+  markedAtMs?: number;
 }
 
 /** What the cluster holds of the table: the version every replica serves, and the sealed versions. */
@@ -215,10 +222,13 @@ class VersionWatcher {
     }
   }
 
-  /** The interval, doubled for each round failed in a row (up to MAX_WATCH_BACKOFF_MS), ±20% so two watchers drift apart. */
+  /**
+   * The interval, doubled for each round failed in a row (up to MAX_WATCH_BACKOFF_MS), less up to 20%
+   * so two watchers drift apart; never more, so a marker is seen within one interval.
+   */
   private delay(failures: number): number {
     const base = Math.min(this.intervalMs * 2 ** Math.min(failures, 16), Math.max(this.intervalMs, MAX_WATCH_BACKOFF_MS));
-    return Math.round(base * (0.8 + 0.4 * Math.random()));
+    return Math.round(base * (0.8 + 0.2 * Math.random()));
   }
 
   private sleep(ms: number): Promise<void> {
@@ -296,8 +306,12 @@ class VersionWatcher {
     const versions = [...out.values()].sort((a, b) => a.version - b.version);
     for (const v of versions) {
       if (v.version <= current || this.refused.has(v.dir)) continue;
-      v.complete = await this.o.source.isComplete(kind, v.name);
-      if (v.complete) this.say('found', `found ${v.dir}`, `found ${v.dir}`, v.dir);
+      const at = await this.o.source.completedAt(kind, v.name);
+      v.complete = at !== undefined;
+      if (at !== undefined) {
+        v.markedAtMs = at;
+        this.say('found', `found ${v.dir}`, `found ${v.dir}`, v.dir);
+      }
     }
     return versions;
   }
@@ -329,7 +343,7 @@ class VersionWatcher {
       return this.failed(v, err);
     }
     this.attempts.delete(v.dir);
-    this.say('published', v.dir, `published ${v.dir}: v${v.version} is current`);
+    this.published(v, `published ${v.dir}: v${v.version} is current`);
     return true;
   }
 
@@ -340,8 +354,15 @@ class VersionWatcher {
     } catch (err) {
       return this.failed(v, err);
     }
-    this.say('published', v.dir, `published ${v.dir}: v${v.version} is current (it was loaded, not published; v${view.current} was current)`);
+    this.published(v, `published ${v.dir}: v${v.version} is current (it was loaded, not published; v${view.current} was current)`);
     return true;
+  }
+
+  /** Reports a publish with how long after its _SUCCESS marker the version became current. */
+  private published(v: SourceVersion, line: string): void {
+    const since = v.markedAtMs !== undefined && Number.isFinite(v.markedAtMs) ? Math.max(0, Date.now() - v.markedAtMs) : undefined;
+    const full = since === undefined ? line : `${line}, ${(since / 1000).toFixed(1)} s after its _SUCCESS`;
+    this.say('published', v.dir, full, v.dir, since);
   }
 
   /** Sorts a failed load or publish into: stopping, another loader's work, worth another try, or a refusal. */
@@ -352,6 +373,11 @@ class VersionWatcher {
     if (code === KvErrorCode.LOAD_CONFLICT && / is being loaded /.test(msg)) {
       this.say('waiting', v.dir, `waiting: ${v.dir}: another loader is at work on ${this.table} (${msg})`);
       return false;
+    }
+    if (code === KvErrorCode.UNAVAILABLE && (err as KvError).detail?.['system'] === 's3') {
+      // Object storage down or refusing us (after the source's own retries): not the dump's fault, so
+      // no attempt is counted; the round fails and is tried again, the interval doubling up to 5 min.
+      throw new KvError(KvErrorCode.UNAVAILABLE, `${v.dir}: ${msg}`, { cause: err, detail: { system: 's3' } });
     }
     if (code === KvErrorCode.VERSION_EXISTS) {
       // Another watcher (or kvctl load) got there first: the next round sees what the cluster holds.
@@ -370,20 +396,21 @@ class VersionWatcher {
     this.attempts.delete(v.dir);
     const next = v.kind === 'full' ? 'a newer complete full version' : 'a newer complete full version; the deltas after it wait';
     this.act('refused', `refused ${v.dir}: ${msg} (the watcher moves on to ${next})`, v.dir);
-    return false;
+    // Looks again at once: a newer complete full version may be there already.
+    return true;
   }
 
   /**
    * Reports an action once per state: `key` names what it is about (a source directory, by default
    * `dir`), and its line is repeated only when it changes.
    */
-  private say(action: WatchActionKind, key: string, line: string, dir = key.includes('/') ? key : undefined): void {
+  private say(action: WatchActionKind, key: string, line: string, dir = key.includes('/') ? key : undefined, sinceMarkerMs?: number): void {
     if (this.said.get(key) === line) return;
     this.said.set(key, line);
-    this.act(action, line, dir);
+    this.act(action, line, dir, sinceMarkerMs);
   }
 
-  private act(action: WatchActionKind, line: string, dir?: string): void {
+  private act(action: WatchActionKind, line: string, dir?: string, sinceMarkerMs?: number): void {
     const now = Date.now();
     this.note.action = line;
     this.note.atMs = now;
@@ -392,7 +419,7 @@ class VersionWatcher {
       this.note.errorAtMs = now;
     }
     this.o.logger?.info({ table: this.table, action, dir }, line);
-    this.o.onAction?.({ action, table: this.table, ...(dir !== undefined ? { dir } : {}), line });
+    this.o.onAction?.({ action, table: this.table, ...(dir !== undefined ? { dir } : {}), ...(sinceMarkerMs !== undefined ? { sinceMarkerMs } : {}), line });
     this.writeNote();
   }
 

@@ -43,6 +43,11 @@ export class TestS3 {
     return new TestS3(dir, bucket, (JSON.parse(line) as { port: number }).port, proc);
   }
 
+  /** The server's process id while it runs (the bench reads its CPU time). */
+  get pid(): number | undefined {
+    return this.proc?.pid;
+  }
+
   get endpoint(): string {
     return `http://127.0.0.1:${this.port}`;
   }

@@ -6,6 +6,8 @@ declare module 's3rver' {
     silent?: boolean;
     directory?: string;
     configureBuckets?: { name: string }[];
+    /** Host names BUCKET.s3.<serviceEndpoint> are virtual-host requests for BUCKET. */
+    serviceEndpoint?: string;
   }
   export default class S3rver {
     constructor(options: S3rverOptions);
