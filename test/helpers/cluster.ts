@@ -51,10 +51,14 @@ export function kvctl(args: string[], options: { cwd?: string; timeoutMs?: numbe
   });
 }
 
-/** Starts `kvctl router` for `configPath` on a free port with `args`; resolves once it listens. */
-export async function startRouter(configPath: string, args: string[] = []): Promise<{ proc: ChildProcess; port: number }> {
+/**
+ * Starts `kvctl router` for `configPath` (or the cluster these flags name: `--etcd E --cluster C`) on a
+ * free port with `args`; resolves once it listens.
+ */
+export async function startRouter(configPath: string | string[], args: string[] = []): Promise<{ proc: ChildProcess; port: number }> {
   const [port] = await freePorts(1);
-  const proc = spawn(process.execPath, [KVCTL, 'router', '--config', configPath, '--port', String(port), ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const where = typeof configPath === 'string' ? ['--config', configPath] : configPath;
+  const proc = spawn(process.execPath, [KVCTL, 'router', ...where, '--port', String(port), ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
   await new Promise<void>((resolve, reject) => {
     let err = '';
     proc.stderr!.on('data', (d) => {
