@@ -7,6 +7,8 @@
 import { EmbeddingClient } from '../../src/index.js';
 
 const [endpoint, cluster, keysArg, dimArg] = process.argv.slice(2);
+// `node --test dist/test/` runs every file under test/, this one too: without arguments it is no client.
+if (endpoint === undefined || cluster === undefined || keysArg === undefined || dimArg === undefined) process.exit(0);
 const KEYS = Number(keysArg);
 const DIM = Number(dimArg);
 const keys = Array.from({ length: KEYS }, (_, i) => BigInt(i + 1));
