@@ -6,7 +6,8 @@ import { Etcd3 } from 'etcd3';
 import { EmbeddingClient, KvError } from '../src/index.js';
 import { partitionOf } from '../src/cluster/partition.js';
 import * as grpc from '@grpc/grpc-js';
-import { freePorts, kvctl, startRouter, TestCluster } from './helpers/cluster.js';
+import { spawn } from 'node:child_process';
+import { freePorts, KVCTL, kvctl, startRouter, TestCluster } from './helpers/cluster.js';
 import { CHANNEL_OPTIONS } from '../src/transport/options.js';
 import { decodeLookupResponse, encodeLookupRequest, type LookupRequest, type LookupResponse } from '../src/wire/lookup.js';
 import { EMBKV_CLIENT_SERVICE, EmbkvClient } from '../src/wire/services.js';
@@ -135,6 +136,28 @@ describe('etcd as the cluster\'s source of truth', () => {
       cluster.startReplica(0, 1);
       await cluster.waitReady();
     }
+  });
+
+  test('cluster up --etcd runs the replicas of the manifest in etcd, each registered at its manifest address', async () => {
+    const ports = await freePorts(2);
+    const raw = { partitions: 4, groups: [{ replicas: [`127.0.0.1:${ports[0]}`] }, { replicas: [`127.0.0.1:${ports[1]}`] }] };
+    const path = join(cluster.dir, 'up.json');
+    writeFileSync(path, JSON.stringify(raw));
+    assert.equal((await kvctl(['cluster', 'init', '--etcd', etcd.endpoint, '--cluster', 'up', '--config', path])).code, 0);
+    const up = spawn(process.execPath, [KVCTL, 'cluster', 'up', '--etcd', etcd.endpoint, '--cluster', 'up', '--data', join(cluster.dir, 'up-data')], { stdio: ['ignore', 'ignore', 'ignore'] });
+    const exited = new Promise<number | null>((r) => up.once('exit', (code) => r(code)));
+    const upMember = async (g: number): Promise<string | undefined> => {
+      const v = await kv.get(`/embkv/up/members/${g}/0`).string();
+      return v === null ? undefined : (JSON.parse(v) as { address: string }).address;
+    };
+    try {
+      for (let g = 0; g < 2; g++) await until(`group ${g} registered`, async () => ((await upMember(g)) === raw.groups[g]!.replicas[0] ? true : undefined));
+    } finally {
+      up.kill('SIGTERM');
+    }
+    assert.equal(await exited, 0);
+    // Stopped cleanly: each revoked its lease on the way out.
+    for (let g = 0; g < 2; g++) assert.equal(await upMember(g), undefined);
   });
 
   test('the router follows a replica to its new address', async () => {

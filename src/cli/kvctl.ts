@@ -192,13 +192,25 @@ cluster
 cluster
   .command('up')
   .description('run every replica of the manifest on this host until Ctrl-C')
-  .option('--config <file>', 'cluster manifest (written with the default if missing)', DEFAULT_CONFIG_PATH)
+  .option('--config <file>', `cluster manifest (default ./${DEFAULT_CONFIG_PATH}, written with the default if missing)`)
+  .option('--etcd <endpoints>', `${ETCD_HELP}; each replica listens at and registers its manifest address`)
+  .option('--cluster <name>', CLUSTER_HELP)
   .option('--data <dir>', 'data directory', 'data')
   .option('--insecure', 'let replicas listen on non-loopback addresses although the manifest has no security', false)
-  .action(async (o: { config: string; data: string; insecure: boolean }) => {
-    const manifest = manifestFrom(o.config, true);
+  .action(async (o: SourceFlags & { data: string; insecure: boolean }) => {
+    let manifest: Manifest;
+    if (o.etcd === undefined && o.cluster === undefined) {
+      manifest = manifestFrom(o.config ?? DEFAULT_CONFIG_PATH, true);
+    } else {
+      const source = await openSource(o);
+      manifest = source.manifest;
+      await source.close();
+    }
     const { Supervisor } = await import('./supervisor.js');
-    const sup = new Supervisor({ manifest, configPath: o.config, dataDir: o.data, logs: 'inherit', report: (l) => process.stderr.write(`kvctl: ${l}\n`), insecure: o.insecure });
+    const sup = new Supervisor({
+      manifest, configPath: o.config ?? DEFAULT_CONFIG_PATH, dataDir: o.data, logs: 'inherit', report: (l) => process.stderr.write(`kvctl: ${l}\n`), insecure: o.insecure,
+      ...(o.etcd !== undefined ? { sourceArgs: ['--etcd', o.etcd, '--cluster', o.cluster!] } : {}),
+    });
     sup.start();
     process.on('SIGHUP', () => sup.signalAll('SIGHUP'));
     process.once('exit', () => sup.killAll());
