@@ -1,5 +1,5 @@
 export { EmbeddingClient, DEFAULT_DEADLINE_MS, DEFAULT_MAX_KEYS_PER_REQUEST } from './client/index.js';
-export type { ClientMetricsOptions, EmbeddingClientOptions, EmbeddingsResult, GetEmbeddingsOptions, PutEmbeddingsOptions } from './client/index.js';
+export type { ClientMetricsOptions, EmbeddingClientOptions, EmbeddingsResult, EtcdSourceOptions, GetEmbeddingsOptions, PutEmbeddingsOptions } from './client/index.js';
 export { MAX_PUT_KEYS } from './client/index.js';
 export type { ClientStats, GroupStats, LatencyPercentiles, ReplicaStats } from './client/index.js';
 export { KvError, KvErrorCode } from './common/errors.js';

@@ -22,7 +22,6 @@ import { ORDER_SCALE } from '../src/common/limits.js';
 import { putToGroups } from '../src/fanout/put.js';
 import { S3RVER_ENV, TestS3 } from './helpers/s3.js';
 import { S3Proxy, SLOW_DOWN } from './helpers/s3-proxy.js';
-import { until } from './helpers/util.js';
 import { makeModel, sameBits, scramble } from './helpers/model.js';
 
 const DIM = 8;

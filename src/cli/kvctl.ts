@@ -14,6 +14,7 @@ import { Progress, formatFanoutStats, formatStatus } from './output.js';
 import { checkClientToken } from '../cluster/security.js';
 import { DEFAULT_METRICS_HOST } from '../metrics/server.js';
 import type { MetricSet } from '../metrics/registry.js';
+import { DEFAULT_LEASE_TTL_S, clusterSource, type ClusterSource } from '../cluster/source.js';
 
 const intArg = (name: string, min: number, max = Number.MAX_SAFE_INTEGER) => (value: string): number => {
   const n = Number(value);
@@ -75,6 +76,34 @@ function tokenFrom(o: { tokenFile?: string }): string | undefined {
   return env === undefined || env === '' ? undefined : checkClientToken(env.trim(), 'EMBKV_TOKEN');
 }
 
+const CONFIG_HELP = `cluster manifest (default ./${DEFAULT_CONFIG_PATH})`;
+const ETCD_HELP = 'the cluster in etcd instead of a manifest file: http://HOST:PORT[,http://HOST:PORT...] (with --cluster)';
+const CLUSTER_HELP = 'the cluster\'s name in etcd (with --etcd): its keys are under /embkv/NAME/';
+
+/** Where a command finds the cluster: --config FILE (the default ./cluster.json) or --etcd ENDPOINTS --cluster NAME. */
+interface SourceFlags {
+  config?: string;
+  etcd?: string;
+  cluster?: string;
+}
+
+/** The cluster source the flags name, opened (the manifest read, etcd followed). The caller closes it. */
+async function openSource(o: SourceFlags, extra: { leaseTtlS?: number } = {}): Promise<ClusterSource> {
+  if (o.etcd === undefined && o.cluster !== undefined) throw new KvError(KvErrorCode.INVALID_ARGUMENT, '--cluster names a cluster in etcd: give --etcd ENDPOINTS too');
+  if (o.etcd !== undefined && o.cluster === undefined) throw new KvError(KvErrorCode.INVALID_ARGUMENT, '--etcd needs --cluster NAME (the name given to kvctl cluster init)');
+  if (o.etcd !== undefined && o.config !== undefined) throw new KvError(KvErrorCode.INVALID_ARGUMENT, 'give the cluster as --config FILE or as --etcd ENDPOINTS --cluster NAME, not both');
+  const source = await clusterSource(o.etcd !== undefined
+    ? { etcd: { endpoints: o.etcd, cluster: o.cluster!, ...(extra.leaseTtlS !== undefined ? { leaseTtlS: extra.leaseTtlS } : {}) } }
+    : { config: o.config ?? DEFAULT_CONFIG_PATH });
+  try {
+    await source.open();
+  } catch (err) {
+    await source.close();
+    throw err;
+  }
+  return source;
+}
+
 /** Resolves on SIGINT or SIGTERM, or when the supervising parent's IPC channel closes (it died). */
 function untilSignal(): Promise<NodeJS.Signals | 'parent exited'> {
   return new Promise((resolve) => {
@@ -113,7 +142,11 @@ const program = new Command()
 program
   .command('serve')
   .description('run one shard replica')
-  .option('--config <file>', 'cluster manifest', DEFAULT_CONFIG_PATH)
+  .option('--config <file>', CONFIG_HELP)
+  .option('--etcd <endpoints>', ETCD_HELP)
+  .option('--cluster <name>', CLUSTER_HELP)
+  .option('--listen <host:port>', 'listen here instead of at the manifest\'s address (port 0: any free port); with --etcd, the address registered for other hosts to reach this replica at')
+  .option('--lease-ttl <s>', `with --etcd, seconds the registration outlives the last keepalive (default ${DEFAULT_LEASE_TTL_S})`, intArg('--lease-ttl', 2, 3600))
   .requiredOption('--group <g>', 'shard group index', intArg('--group', 0, 4095))
   .requiredOption('--replica <r>', 'replica index within the group', intArg('--replica', 0, 63))
   .option('--data <dir>', 'data directory (default ./data/gGrR)')
@@ -122,12 +155,21 @@ program
   .option('--insecure', 'listen on a non-loopback address although the manifest has no security', false)
   .option('--metrics-port <p>', METRICS_PORT_HELP, intArg('--metrics-port', 0, 65535))
   .option('--metrics-host <h>', METRICS_HOST_HELP, DEFAULT_METRICS_HOST)
-  .action(async (o: { config: string; group: number; replica: number; data?: string; maxPutSkewMs?: number; maxInflightMb?: number; insecure: boolean } & MetricsFlags) => {
-    const manifest = loadManifest(o.config);
+  .action(async (o: SourceFlags & { group: number; replica: number; data?: string; maxPutSkewMs?: number; maxInflightMb?: number; insecure: boolean; listen?: string; leaseTtl?: number } & MetricsFlags) => {
+    if (o.listen !== undefined) {
+      const m = /^([A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(\d{1,5})$/.exec(o.listen);
+      if (m === null || Number(m[2]) > 65535) throw new KvError(KvErrorCode.INVALID_ARGUMENT, `--listen must be HOST:PORT, got ${JSON.stringify(o.listen)}`);
+      if (o.etcd !== undefined && /^(0\.0\.0\.0|\[::\])$/.test(m[1]!)) {
+        throw new KvError(KvErrorCode.INVALID_ARGUMENT, `--listen ${o.listen}: with --etcd, give the address other hosts reach this replica at (it is registered as it is), not a wildcard`);
+      }
+    }
+    const source = await openSource(o, o.leaseTtl !== undefined ? { leaseTtlS: o.leaseTtl } : {});
+    const manifest = source.manifest;
     const [{ ReplicaServer }, { rootLogger }] = await Promise.all([import('../replica/server.js'), import('../common/log.js')]);
     const logger = rootLogger('embkv');
     const server = new ReplicaServer({
-      manifest, group: o.group, replica: o.replica, dataDir: o.data ?? `data/g${o.group}r${o.replica}`, logger, insecure: o.insecure,
+      manifest, source, group: o.group, replica: o.replica, dataDir: o.data ?? `data/g${o.group}r${o.replica}`, logger, insecure: o.insecure,
+      ...(o.listen !== undefined ? { listenAddress: o.listen } : {}),
       ...(o.maxPutSkewMs !== undefined ? { maxPutSkewMs: o.maxPutSkewMs } : {}),
       ...(o.maxInflightMb !== undefined ? { maxInflightBytes: o.maxInflightMb * 1024 * 1024 } : {}),
     });
@@ -147,22 +189,58 @@ program
     await stop;
     await server.close();
     await stopMetrics();
+    await source.close();
     // Closed: calls drained, store closed, logs written synchronously. Nothing else may hold the
     // process (the supervisor's IPC channel would, a stray timer could).
     process.exit(0);
   });
 
-const cluster = program.command('cluster').description('a local cluster');
+const cluster = program.command('cluster').description('a local cluster, or a cluster\'s manifest in etcd');
+cluster
+  .command('init')
+  .description('store a manifest in etcd, where every process given --etcd ENDPOINTS --cluster NAME reads it')
+  .requiredOption('--etcd <endpoints>', 'http://HOST:PORT[,http://HOST:PORT...]')
+  .requiredOption('--cluster <name>', 'the cluster\'s name: its keys are under /embkv/NAME/')
+  .option('--config <file>', 'the manifest to store', DEFAULT_CONFIG_PATH)
+  .option('--force', 'replace a different manifest stored before (running processes keep the one they read until restarted)', false)
+  .action(async (o: { etcd: string; cluster: string; config: string; force: boolean }) => {
+    // Validated as any manifest file is, then stored as written (security paths stay relative, to each process's directory).
+    loadManifest(o.config);
+    const text = readFileSync(o.config, 'utf8');
+    const { EtcdSource } = await import('../cluster/etcd-source.js');
+    const { parseEtcdOptions } = await import('../cluster/source.js');
+    const source = new EtcdSource(parseEtcdOptions({ endpoints: o.etcd, cluster: o.cluster }, '--etcd/--cluster'));
+    try {
+      const r = await source.storeManifest(text, o.force);
+      process.stdout.write(r === 'unchanged'
+        ? `${source.name}: holds this manifest already; nothing changed\n`
+        : `${source.name}: manifest ${r === 'stored' ? 'stored' : 'replaced (running processes keep the one they read until restarted)'} from ${o.config}\n`);
+    } finally {
+      await source.close();
+    }
+  });
 cluster
   .command('up')
   .description('run every replica of the manifest on this host until Ctrl-C')
-  .option('--config <file>', 'cluster manifest (written with the default if missing)', DEFAULT_CONFIG_PATH)
+  .option('--config <file>', `cluster manifest (default ./${DEFAULT_CONFIG_PATH}, written with the default if missing)`)
+  .option('--etcd <endpoints>', `${ETCD_HELP}; each replica listens at and registers its manifest address`)
+  .option('--cluster <name>', CLUSTER_HELP)
   .option('--data <dir>', 'data directory', 'data')
   .option('--insecure', 'let replicas listen on non-loopback addresses although the manifest has no security', false)
-  .action(async (o: { config: string; data: string; insecure: boolean }) => {
-    const manifest = manifestFrom(o.config, true);
+  .action(async (o: SourceFlags & { data: string; insecure: boolean }) => {
+    let manifest: Manifest;
+    if (o.etcd === undefined && o.cluster === undefined) {
+      manifest = manifestFrom(o.config ?? DEFAULT_CONFIG_PATH, true);
+    } else {
+      const source = await openSource(o);
+      manifest = source.manifest;
+      await source.close();
+    }
     const { Supervisor } = await import('./supervisor.js');
-    const sup = new Supervisor({ manifest, configPath: o.config, dataDir: o.data, logs: 'inherit', report: (l) => process.stderr.write(`kvctl: ${l}\n`), insecure: o.insecure });
+    const sup = new Supervisor({
+      manifest, configPath: o.config ?? DEFAULT_CONFIG_PATH, dataDir: o.data, logs: 'inherit', report: (l) => process.stderr.write(`kvctl: ${l}\n`), insecure: o.insecure,
+      ...(o.etcd !== undefined ? { sourceArgs: ['--etcd', o.etcd, '--cluster', o.cluster!] } : {}),
+    });
     sup.start();
     process.on('SIGHUP', () => sup.signalAll('SIGHUP'));
     process.once('exit', () => sup.killAll());
@@ -175,7 +253,9 @@ cluster
 program
   .command('load')
   .description('load a version of a table from NumPy or text files')
-  .option('--config <file>', 'cluster manifest', DEFAULT_CONFIG_PATH)
+  .option('--config <file>', CONFIG_HELP)
+  .option('--etcd <endpoints>', ETCD_HELP)
+  .option('--cluster <name>', CLUSTER_HELP)
   .requiredOption('--table <name>', 'table name')
   .requiredOption('--version <n>', 'version number', intArg('--version', 1))
   .option('--full <path>', 'a full dump: a file, a NumPy pair or a directory of parts, local or s3://BUCKET/PREFIX/')
@@ -191,8 +271,8 @@ program
   .option('--snapshot-time <time>', 'a full load: when the training snapshot behind the dump was taken (ISO 8601 with a zone, e.g. 2026-12-02T17:35:09Z); real-time puts stamped at or after it stay over the new version (default: the dump\'s _embkv.json, else the load\'s start)')
   .option('--no-staging', 'send every row over gRPC, also to replicas on this host (which otherwise read a full load from a staged file)')
   .option('--token-file <file>', TOKEN_FILE_HELP)
-  .action(async (o: {
-    config: string; table: string; version: number; full?: string; incremental?: string; publish?: boolean; force: boolean; allowEmpty: boolean; dim?: number; staging: boolean;
+  .action(async (o: SourceFlags & {
+    table: string; version: number; full?: string; incremental?: string; publish?: boolean; force: boolean; allowEmpty: boolean; dim?: number; staging: boolean;
     tokenFile?: string; s3Endpoint?: string; s3VirtualHost: boolean; successMarker: boolean; snapshotTime?: string;
   }) => {
     if ((o.full === undefined) === (o.incremental === undefined)) {
@@ -204,9 +284,11 @@ program
     const snapshotAtMs = o.snapshotTime === undefined ? undefined : parseSnapshotTime(o.snapshotTime, '--snapshot-time');
     const mode = o.full !== undefined ? 'full' : 'incremental';
     const publish = o.publish ?? mode === 'incremental';
-    const manifest = loadManifest(o.config);
+    const token = tokenFrom(o);
+    const source = await openSource(o);
+    const manifest = source.manifest;
     // Connections are set up while the loader's modules load.
-    const connections = new ClusterConnections(manifest, { token: tokenFrom(o) });
+    const connections = ClusterConnections.of(source, { token });
     connections.connect();
     const progress = new Progress(`loading ${o.table} v${o.version}`);
     const { runLoad } = await import('../loader/loader.js');
@@ -219,9 +301,10 @@ program
       onProgress: (rows, total) => progress.update(rows, total),
       // Refusals tell the user which flag to pass.
       optionNames: { table: '--table', version: '--version', dim: '--dim', allowEmpty: '--allow-empty', noSuccessMarker: '--no-success-marker', snapshotTime: '--snapshot-time' },
-    }).finally(() => {
+    }).finally(async () => {
       progress.done();
       connections.close();
+      await source.close();
     });
     const rate = Math.round((r.rows + r.deletes) / Math.max(r.ms / 1000, 1e-3));
     const what = mode === 'full'
@@ -237,7 +320,9 @@ program
 program
   .command('watch')
   .description('load and publish every complete version a trainer writes under SOURCE/full/<version>/ and SOURCE/incremental/<version>/')
-  .option('--config <file>', 'cluster manifest', DEFAULT_CONFIG_PATH)
+  .option('--config <file>', CONFIG_HELP)
+  .option('--etcd <endpoints>', ETCD_HELP)
+  .option('--cluster <name>', CLUSTER_HELP)
   .requiredOption('--table <name>', 'table name')
   .requiredOption('--source <dir>', 'where the trainer writes full/ and incremental/: a directory or s3://BUCKET/PREFIX/')
   .option('--s3-endpoint <url>', 'S3-compatible endpoint for an s3:// source (default AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, else AWS)')
@@ -248,16 +333,18 @@ program
   .option('--token-file <file>', TOKEN_FILE_HELP)
   .option('--metrics-port <p>', METRICS_PORT_HELP, intArg('--metrics-port', 0, 65535))
   .option('--metrics-host <h>', METRICS_HOST_HELP, DEFAULT_METRICS_HOST)
-  .action(async (o: { config: string; table: string; source: string; interval: number; publish: boolean; staging: boolean; tokenFile?: string; s3Endpoint?: string; s3VirtualHost: boolean } & MetricsFlags) => {
+  .action(async (o: SourceFlags & { table: string; source: string; interval: number; publish: boolean; staging: boolean; tokenFile?: string; s3Endpoint?: string; s3VirtualHost: boolean } & MetricsFlags) => {
     checkTableName(o.table, '--table');
-    const manifest = loadManifest(o.config);
+    const token = tokenFrom(o);
+    const clusterState = await openSource(o);
+    const manifest = clusterState.manifest;
     const [{ runWatch }, { watchSourceFor }, { WatchMetrics }] = await Promise.all([
       import('../loader/watch.js'), import('../loader/watch-source.js'), import('../metrics/watch-metrics.js'),
     ]);
     let metrics: InstanceType<typeof WatchMetrics> | undefined;
     const stopMetrics = await startMetrics(o, {}, (set) => void (metrics = new WatchMetrics(set, o.table)));
     const source = watchSourceFor(o.source, { ...(o.s3Endpoint !== undefined ? { endpoint: o.s3Endpoint } : {}), virtualHost: o.s3VirtualHost });
-    const connections = new ClusterConnections(manifest, { token: tokenFrom(o) });
+    const connections = ClusterConnections.of(clusterState, { token });
     const stop = new AbortController();
     // A load under way is aborted (its write version dropped on every replica), then the watcher exits.
     void untilSignal().then(() => stop.abort());
@@ -274,6 +361,7 @@ program
       connections.close();
       source.close?.();
       await stopMetrics();
+      await clusterState.close();
     }
     process.exit(0);
   });
@@ -298,17 +386,22 @@ for (const [name, description, run] of VERSION_COMMANDS) {
   program
     .command(name)
     .description(description)
-    .option('--config <file>', 'cluster manifest', DEFAULT_CONFIG_PATH)
+    .option('--config <file>', CONFIG_HELP)
+    .option('--etcd <endpoints>', ETCD_HELP)
+    .option('--cluster <name>', CLUSTER_HELP)
     .requiredOption('--table <name>', 'table name')
     .requiredOption('--version <n>', 'version number', intArg('--version', 1))
     .option('--token-file <file>', TOKEN_FILE_HELP)
-    .action(async (o: { config: string; table: string; version: number; tokenFile?: string }) => {
+    .action(async (o: SourceFlags & { table: string; version: number; tokenFile?: string }) => {
       checkTableName(o.table, '--table');
-      const conns = new ClusterConnections(loadManifest(o.config), { token: tokenFrom(o) });
+      const token = tokenFrom(o);
+      const source = await openSource(o);
+      const conns = ClusterConnections.of(source, { token });
       try {
         process.stdout.write(`${await run(conns, o.table, o.version)}\n`);
       } finally {
         conns.close();
+        await source.close();
       }
     });
 }
@@ -316,20 +409,27 @@ for (const [name, description, run] of VERSION_COMMANDS) {
 program
   .command('get')
   .description('print the vectors of keys')
-  .option('--config <file>', 'cluster manifest', DEFAULT_CONFIG_PATH)
+  .option('--config <file>', CONFIG_HELP)
+  .option('--etcd <endpoints>', ETCD_HELP)
+  .option('--cluster <name>', CLUSTER_HELP)
   .requiredOption('--table <name>', 'table name')
   .option('--version <n>', 'version (default: current)', intArg('--version', 1))
   .option('--strings', 'the keys are strings (hashed with xxh64)', false)
   .argument('<keys...>', 'decimal uint64 keys')
   .option('--token-file <file>', TOKEN_FILE_HELP)
-  .action(async (keys: string[], o: { config: string; table: string; version?: number; strings: boolean; tokenFile?: string }) => {
+  .action(async (keys: string[], o: SourceFlags & { table: string; version?: number; strings: boolean; tokenFile?: string }) => {
     const parsed = o.strings ? keys : keys.map((k, i) => {
       if (!/^\d{1,20}$/.test(k) || BigInt(k) >= 1n << 64n) throw new KvError(KvErrorCode.INVALID_ARGUMENT, `key ${i + 1} (${k}) is not a decimal uint64; use --strings for string keys`);
       return BigInt(k);
     });
     const { EmbeddingClientImpl } = await import('../client/client.js');
     const token = tokenFrom(o);
-    const client = new EmbeddingClientImpl({ config: o.config, ...(token !== undefined ? { token } : {}) });
+    if (o.etcd !== undefined && o.cluster === undefined) throw new KvError(KvErrorCode.INVALID_ARGUMENT, '--etcd needs --cluster NAME (the name given to kvctl cluster init)');
+    if (o.etcd === undefined && o.cluster !== undefined) throw new KvError(KvErrorCode.INVALID_ARGUMENT, '--cluster names a cluster in etcd: give --etcd ENDPOINTS too');
+    const client = new EmbeddingClientImpl({
+      ...(o.etcd !== undefined ? { etcd: { endpoints: o.etcd, cluster: o.cluster! }, ...(o.config !== undefined ? { config: o.config } : {}) } : { config: o.config ?? DEFAULT_CONFIG_PATH }),
+      ...(token !== undefined ? { token } : {}),
+    });
     try {
       const r = await client.getEmbeddings(parsed as bigint[] | string[], { table: o.table, ...(o.version ? { version: o.version } : {}) });
       process.stderr.write(`${o.table} v${r.version} dim ${r.dim}\n`);
@@ -345,14 +445,17 @@ program
 program
   .command('status')
   .description('groups, replicas, health, tables, versions, keys and memory; exits 1 if a replica does not answer')
-  .option('--config <file>', 'cluster manifest', DEFAULT_CONFIG_PATH)
+  .option('--config <file>', CONFIG_HELP)
+  .option('--etcd <endpoints>', ETCD_HELP)
+  .option('--cluster <name>', CLUSTER_HELP)
   .option('--json', 'machine-readable output', false)
   .option('--router <host:port>', 'also show the per-group request, hedge, retry and latency stats of a running kvctl router')
   .option('--token-file <file>', TOKEN_FILE_HELP)
-  .action(async (o: { config: string; json: boolean; router?: string; tokenFile?: string }) => {
+  .action(async (o: SourceFlags & { json: boolean; router?: string; tokenFile?: string }) => {
     const token = tokenFrom(o);
-    const manifest = loadManifest(o.config);
-    const conns = new ClusterConnections(manifest, { token });
+    const source = await openSource(o);
+    const manifest = source.manifest;
+    const conns = ClusterConnections.of(source, { token });
     try {
       const all = await statusAll(conns);
       // --router: the router's stats after the replicas (with --json: { replicas, router }).
@@ -382,13 +485,16 @@ program
       }
     } finally {
       conns.close();
+      await source.close();
     }
   });
 
 program
   .command('router')
   .description('run the gRPC router endpoint (Embkv.Lookup for any keys)')
-  .option('--config <file>', 'cluster manifest', DEFAULT_CONFIG_PATH)
+  .option('--config <file>', CONFIG_HELP)
+  .option('--etcd <endpoints>', ETCD_HELP)
+  .option('--cluster <name>', CLUSTER_HELP)
   .requiredOption('--port <p>', 'port to listen on', intArg('--port', 0, 65535))
   .option('--host <h>', 'address to listen on', '127.0.0.1')
   .option('--stats-interval-ms <ms>', 'log per-group stats this often (0: never; kvctl status --router shows them any time)', intArg('--stats-interval-ms', 0, 86_400_000), 60_000)
@@ -396,10 +502,11 @@ program
   .option('--max-inflight-mb <mb>', 'memory the calls in flight may hold together; calls beyond it are refused with KV_RESOURCE_EXHAUSTED', intArg('--max-inflight-mb', 1, 1_048_576), 1024)
   .option('--metrics-port <p>', METRICS_PORT_HELP, intArg('--metrics-port', 0, 65535))
   .option('--metrics-host <h>', METRICS_HOST_HELP, DEFAULT_METRICS_HOST)
-  .action(async (o: { config: string; port: number; host: string; statsIntervalMs: number; insecure: boolean; maxInflightMb: number } & MetricsFlags) => {
+  .action(async (o: SourceFlags & { port: number; host: string; statsIntervalMs: number; insecure: boolean; maxInflightMb: number } & MetricsFlags) => {
+    const source = await openSource(o);
     const [{ RouterServer }, { rootLogger }] = await Promise.all([import('../router/server.js'), import('../common/log.js')]);
     const router = new RouterServer({
-      manifest: loadManifest(o.config), host: o.host, port: o.port, logger: rootLogger('embkv'), statsIntervalMs: o.statsIntervalMs, insecure: o.insecure,
+      manifest: source.manifest, source, host: o.host, port: o.port, logger: rootLogger('embkv'), statsIntervalMs: o.statsIntervalMs, insecure: o.insecure,
       maxInflightBytes: o.maxInflightMb * 1024 * 1024,
     });
     process.on('SIGHUP', () => {
@@ -416,6 +523,7 @@ program
     await stop;
     await router.close();
     await stopMetrics();
+    await source.close();
     // Closed: nothing else may hold the process.
     process.exit(0);
   });

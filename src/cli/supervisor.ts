@@ -26,6 +26,11 @@ export interface SupervisorOptions {
   env?: NodeJS.ProcessEnv;
   /** Start the replicas with --insecure (protected mode, README: Security). */
   insecure?: boolean;
+  /**
+   * Where the replicas read the cluster: `['--etcd', E, '--cluster', C]`, each replica then listening
+   * at (and registering) its manifest address. Default: `--config configPath`.
+   */
+  sourceArgs?: string[];
 }
 
 interface Child {
@@ -79,7 +84,10 @@ export class Supervisor {
 
   private spawnChild(c: Child): void {
     const dataDir = join(this.options.dataDir, c.name);
-    const args = [...(this.options.nodeFlags === false ? [] : REPLICA_NODE_FLAGS), KVCTL, 'serve', '--config', this.options.configPath, '--group', String(c.group), '--replica', String(c.replica), '--data', dataDir, ...(this.options.insecure ? ['--insecure'] : [])];
+    const where = this.options.sourceArgs === undefined
+      ? ['--config', this.options.configPath]
+      : [...this.options.sourceArgs, '--listen', this.options.manifest.groups[c.group]!.replicas[c.replica]!];
+    const args = [...(this.options.nodeFlags === false ? [] : REPLICA_NODE_FLAGS), KVCTL, 'serve', ...where, '--group', String(c.group), '--replica', String(c.replica), '--data', dataDir, ...(this.options.insecure ? ['--insecure'] : [])];
     // The IPC channel ties the child to this process: when it closes, the replica shuts down.
     const proc = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe', 'ipc'], env: this.childEnv() });
     c.proc = proc;

@@ -3,6 +3,7 @@ import { randomInt, randomUUID } from 'node:crypto';
 import { firstNonFinite, packKeys, repeatedKey, type KeyInput } from '../common/keys.js';
 import { MAX_PUT_KEYS, ORDER_SCALE } from '../common/limits.js';
 import { resolveManifest, type Manifest } from '../cluster/manifest.js';
+import { FileSource, clusterSource, type ClusterSource } from '../cluster/source.js';
 import { Fanout, type AnswerAllocator } from '../fanout/fanout.js';
 import { ClusterConnections } from '../cluster/connections.js';
 import type { FanoutStats } from '../fanout/stats.js';
@@ -72,8 +73,10 @@ const PUT_OPTIONS = new Set(['table', 'deadlineMs']);
 export class EmbeddingClientImpl implements EmbeddingClient {
   private state: 'open' | 'closed' = 'open';
   private readonly options: ResolvedClientOptions;
-  readonly manifest: Manifest;
-  private readonly fanout: Fanout;
+  /** Set once the cluster source is open: at once for a manifest, at the first call with etcd. */
+  private fanout: Fanout | undefined;
+  private source: ClusterSource | undefined;
+  private opening: Promise<Fanout> | undefined;
   /** Names this client's put batches; the tag breaks ties between writers within one millisecond. */
   private readonly writerId = randomUUID();
   private readonly writerTag = randomInt(ORDER_SCALE);
@@ -82,25 +85,64 @@ export class EmbeddingClientImpl implements EmbeddingClient {
 
   constructor(options?: EmbeddingClientOptions) {
     this.options = parseClientOptions(options);
-    this.manifest = resolveManifest(this.options.config);
     // Before any connection: a registry that holds another client's series is refused here.
     const m = this.options.metrics;
-    const set = m === undefined ? undefined : new MetricSet(m.registry ?? newRegistry());
-    const conns = new ClusterConnections(this.manifest, { token: this.options.token });
-    // TLS from the manifest's security.tls; the token goes with every call.
-    this.fanout = new Fanout(this.manifest, conns, this.options.policy);
-    try {
-      if (set !== undefined) registerFanoutMetrics(set, this.fanout);
-    } catch (err) {
-      set?.remove();
-      this.fanout.close();
-      throw err;
+    this.metricSet = m === undefined ? undefined : new MetricSet(m.registry ?? newRegistry());
+    if (this.options.etcd === undefined) {
+      try {
+        // A manifest is read (and refused) at once, as it always was.
+        this.source = FileSource.of(resolveManifest(this.options.config));
+        this.fanout = this.fanoutOver(this.source);
+      } catch (err) {
+        this.metricSet?.remove();
+        throw err;
+      }
     }
-    this.metricSet = set;
   }
 
   get metrics(): Registry | undefined {
     return this.metricSet?.registry;
+  }
+
+  get manifest(): Manifest {
+    if (this.source === undefined || this.fanout === undefined) throw new KvError(KvErrorCode.CLOSED, 'the client has not read the cluster from etcd yet');
+    return this.source.manifest;
+  }
+
+  /** TLS from the manifest's security.tls; the token goes with every call. */
+  private fanoutOver(source: ClusterSource): Fanout {
+    const fanout = new Fanout(source.manifest, ClusterConnections.of(source, { token: this.options.token }), this.options.policy);
+    try {
+      if (this.metricSet !== undefined) registerFanoutMetrics(this.metricSet, fanout);
+    } catch (err) {
+      fanout.close();
+      throw err;
+    }
+    return fanout;
+  }
+
+  /** The fan-out, once the cluster source is open; a failed open is tried again at the next call. */
+  private ready(): Fanout | Promise<Fanout> {
+    if (this.fanout !== undefined) return this.fanout;
+    this.opening ??= (async () => {
+      const source = await clusterSource({ etcd: this.options.etcd });
+      try {
+        await source.open();
+      } catch (err) {
+        await source.close();
+        throw err;
+      }
+      if (this.state !== 'open') {
+        await source.close();
+        throw new KvError(KvErrorCode.CLOSED, 'the client is closed');
+      }
+      this.source = source;
+      this.fanout = this.fanoutOver(source);
+      return this.fanout;
+    })().finally(() => {
+      this.opening = undefined;
+    });
+    return this.opening;
   }
 
   async getEmbeddings(keys: KeyInput, options: GetEmbeddingsOptions): Promise<EmbeddingsResult> {
@@ -127,7 +169,8 @@ export class EmbeddingClientImpl implements EmbeddingClient {
       }
       return { values: out.values.subarray(0, m * dim), found: out.found.subarray(0, m), dirty: true };
     };
-    const r = await this.fanout.lookup({ table, version, keys: packed, deadline: started + deadlineMs, signal: options.signal, alloc });
+    const fanout = this.fanout ?? (await this.ready());
+    const r = await fanout.lookup({ table, version, keys: packed, deadline: started + deadlineMs, signal: options.signal, alloc });
     return { values: r.values, found: r.found, dim: r.dim, version: r.version };
   }
 
@@ -156,13 +199,14 @@ export class EmbeddingClientImpl implements EmbeddingClient {
     }
     const bad = firstNonFinite(values);
     if (bad >= 0) throw invalidArgument(`values[${bad}] is ${values[bad]}; vectors must be finite`);
+    const fanout = this.fanout ?? (await this.ready());
     this.lastPutMs = Math.max(Date.now(), this.lastPutMs + 1);
-    const counters = this.fanout.puts.of(table);
+    const counters = fanout.puts.of(table);
     counters.requests++;
     counters.keys += n;
     const t0 = performance.now();
     try {
-      await putToGroups(this.fanout.conns, {
+      await putToGroups(fanout.conns, {
         table, keys: packed, values, dim: values.length / n, order: this.lastPutMs * ORDER_SCALE + this.writerTag, writer: this.writerId,
         deadline: started + deadlineMs,
       });
@@ -174,7 +218,8 @@ export class EmbeddingClientImpl implements EmbeddingClient {
   }
 
   stats(): ClientStats {
-    return this.fanout.stats();
+    // Before an etcd client's first call: nothing asked yet.
+    return this.fanout?.stats() ?? { requests: 0, failures: 0, latencyMs: { p50: NaN, p95: NaN, p99: NaN, samples: 0 }, groups: [] };
   }
 
   async close(): Promise<void> {
@@ -182,7 +227,9 @@ export class EmbeddingClientImpl implements EmbeddingClient {
     this.state = 'closed';
     // Its series leave the registry, so that a client made in its place can register them.
     this.metricSet?.remove();
-    this.fanout.close();
+    await this.opening?.catch(() => undefined);
+    this.fanout?.close();
+    await this.source?.close();
   }
 }
 

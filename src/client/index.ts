@@ -10,6 +10,7 @@ export {
 export type { ClientStats } from './client.js';
 export type { FanoutStats, GroupStats, LatencyPercentiles, ReplicaStats } from '../fanout/stats.js';
 export type { ClientMetricsOptions, EmbeddingClientOptions } from './options.js';
+export type { EtcdSourceOptions } from '../cluster/source.js';
 /**
  * The SDK entry point, a value and an interface of one name: `new EmbeddingClient({ config })`
  * gives an EmbeddingClient; the class behind it is not part of the public surface.

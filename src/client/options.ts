@@ -1,6 +1,7 @@
 import { echo, invalidArgument } from '../common/errors.js';
 import { DEFAULT_CONFIG_PATH } from '../cluster/manifest.js';
 import { checkClientToken } from '../cluster/security.js';
+import { parseEtcdOptions, type EtcdSourceOptions } from '../cluster/source.js';
 import { refuseUnknownOptions } from '../common/validate.js';
 import { checkRegistry, type Registry } from '../metrics/registry.js';
 import {
@@ -27,6 +28,12 @@ export const MAX_DEADLINE_MS = 10 * 60_000;
 export interface EmbeddingClientOptions extends ReplicaPolicyOptions {
   /** The cluster manifest: a path to cluster.json, or the manifest object. Default `./cluster.json`. */
   config?: string | object;
+  /**
+   * The cluster in etcd instead of a manifest: `{ endpoints: ['http://10.0.0.9:2379'], cluster: 'prod' }`.
+   * The client reads the manifest there at its first call and follows the replicas' addresses and
+   * each table's current version (README: Running on many hosts).
+   */
+  etcd?: EtcdSourceOptions;
   /** Deadline of a request when the call gives none. */
   deadlineMs?: number;
   /** Requests with more keys are refused with KV_INVALID_ARGUMENT. */
@@ -46,7 +53,9 @@ export interface ClientMetricsOptions {
 }
 
 export interface ResolvedClientOptions {
-  config: string | object;
+  /** Undefined with etcd. */
+  config: string | object | undefined;
+  etcd: EtcdSourceOptions | undefined;
   deadlineMs: number;
   maxKeysPerRequest: number;
   policy: ResolvedReplicaPolicy;
@@ -55,7 +64,7 @@ export interface ResolvedClientOptions {
   metrics: { registry: Registry | null } | undefined;
 }
 
-const KNOWN = new Set<string>(['config', 'deadlineMs', 'maxKeysPerRequest', 'token', 'metrics', ...REPLICA_POLICY_KEYS]);
+const KNOWN = new Set<string>(['config', 'etcd', 'deadlineMs', 'maxKeysPerRequest', 'token', 'metrics', ...REPLICA_POLICY_KEYS]);
 const METRICS_KNOWN = new Set<string>(['registry']);
 const METRICS_RENAMED: Record<string, string> = { register: 'registry', promRegistry: 'registry' };
 const RENAMED: Record<string, string> = {
@@ -75,12 +84,15 @@ export function parseClientOptions(options: EmbeddingClientOptions | undefined):
   const o = (options ?? {}) as Record<string, unknown>;
   if (typeof o !== 'object' || o === null) throw invalidArgument('options must be an object');
   refuseUnknownOptions(o, KNOWN, RENAMED);
-  const config = o['config'] ?? DEFAULT_CONFIG_PATH;
-  if (typeof config !== 'string' && (typeof config !== 'object' || config === null)) {
+  if (o['etcd'] !== undefined && o['config'] !== undefined) throw invalidArgument('give the cluster as either config (a manifest) or etcd, not both');
+  const etcd = o['etcd'] === undefined ? undefined : parseEtcdOptions(o['etcd'], 'etcd');
+  const config = etcd !== undefined ? undefined : o['config'] ?? DEFAULT_CONFIG_PATH;
+  if (config !== undefined && typeof config !== 'string' && (typeof config !== 'object' || config === null)) {
     throw invalidArgument('config must be a path to cluster.json or a manifest object');
   }
   return {
     config,
+    etcd,
     deadlineMs: checkPositiveInt(o['deadlineMs'] ?? DEFAULT_DEADLINE_MS, 'deadlineMs', MAX_DEADLINE_MS),
     maxKeysPerRequest: checkPositiveInt(o['maxKeysPerRequest'] ?? DEFAULT_MAX_KEYS_PER_REQUEST, 'maxKeysPerRequest', 100_000_000),
     policy: parseReplicaPolicy(o),

@@ -76,6 +76,10 @@ export class Fanout {
     this.policy = policy ?? parseReplicaPolicy({});
     this.groupOfPartition = groupTable(manifest.partitions, manifest.groups.length);
     this.callers = this.conns.groups.map((replicas, g) => new GroupCaller(g, replicas, this.policy));
+    // A replica that moved (or registered again) starts afresh at its new address.
+    this.conns.onChange((conn, moved) => {
+      if (moved || conn.present) this.callers[conn.group]?.replicas[conn.replica]?.reset();
+    });
     // Answers are received into reused buffers, given back below once placed.
     installPooledReceive();
   }
@@ -117,7 +121,23 @@ export class Fanout {
     }
   }
 
+  /**
+   * With no version asked for, a cluster source that holds each table's current version (etcd)
+   * pins the request to it, so an answer follows a publish as soon as the source has it. A pinned
+   * version some replica no longer (or not yet) holds falls back to each group's current version.
+   */
   private async merge(req: FanoutRequest): Promise<FanoutResult> {
+    const pinned = req.version === 0 ? this.conns.source.currentVersion(req.table) : undefined;
+    if (pinned === undefined) return this.mergeOnce(req);
+    try {
+      return await this.mergeOnce({ ...req, version: pinned });
+    } catch (err) {
+      if (err instanceof KvError && err.code === KvErrorCode.VERSION_NOT_FOUND) return this.mergeOnce(req);
+      throw err;
+    }
+  }
+
+  private async mergeOnce(req: FanoutRequest): Promise<FanoutResult> {
     const n = req.keys.length / 2;
     const G = this.manifest.groups.length;
 

@@ -103,7 +103,8 @@ export class GroupCaller {
       const i = (start + k) % n;
       if (tried[i] === 1) continue;
       const r = this.replicas[i]!;
-      const tier = r.health === 'down' ? 2 : r.avoidUntil > now ? 1 : 0;
+      // A replica the cluster source has no address for (its etcd lease expired) counts as down.
+      const tier = r.health === 'down' || !r.conn.present ? 2 : r.avoidUntil > now ? 1 : 0;
       if (tier === 2 && !allowDown) continue;
       if (tier < bestTier || (tier === bestTier && r.outstanding < bestOut)) {
         best = i;

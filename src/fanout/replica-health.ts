@@ -78,6 +78,16 @@ export class ReplicaTracker {
     this.lastError = message;
   }
 
+  /** The replica registered again or moved: what was known of its old address no longer holds. */
+  reset(): void {
+    this.avoidUntil = 0;
+    this.lossStreak = 0;
+    this.ewmaMs = NaN;
+    this.probeCall?.cancel();
+    this.probeCall = undefined;
+    this.markUp();
+  }
+
   /** A transport failure: avoid the replica until a health probe answers. */
   markDown(): void {
     if (this.health === 'down' || this.closed) return;

@@ -2,8 +2,12 @@ import type * as grpc from '@grpc/grpc-js';
 import { KvError, KvErrorCode, fromGrpcError } from '../common/errors.js';
 import { controlCall, type ClusterConnections, type ReplicaConn } from '../cluster/connections.js';
 import type { WatcherNote } from '../common/watcher-note.js';
+import type { CurrentVersion } from '../cluster/source.js';
 
 export const DEFAULT_CONTROL_DEADLINE_MS = 30_000;
+/** With etcd, how long a publish waits for every replica to follow the flipped key. */
+export const DEFAULT_FOLLOW_WAIT_MS = 30_000;
+const FOLLOW_POLL_MS = 100;
 
 export interface ReplicaStatus {
   group: number;
@@ -70,6 +74,8 @@ export interface PublishRequest {
  */
 export async function publishVersion(conns: ClusterConnections, req: PublishRequest): Promise<{ previous: number[] }> {
   const { table, version, rollback } = req;
+  // Read first: with etcd down the publish fails here, before any replica is asked anything.
+  const expected = await conns.source.readCurrent(table);
   const statuses = await statusAll(conns);
   const missing: string[] = [];
   for (const s of statuses) {
@@ -80,21 +86,57 @@ export async function publishVersion(conns: ClusterConnections, req: PublishRequ
     const t = s.status!.tables.find((x) => x.name === table);
     const v = t?.versions.find((x) => x.version === version && x.state === 'sealed');
     if (v === undefined) missing.push(`${replicaName(s.conn)} does not hold ${table} v${version} complete`);
+    else if (conns.source.followsVersions && t !== undefined && version !== t.currentVersion) {
+      // Replicas follow the key on their own: what a replica would refuse is refused before the key flips.
+      if (!rollback && version < t.currentVersion) {
+        throw new KvError(KvErrorCode.VERSION_TOO_OLD, `cannot publish ${table} v${version}: it is older than the current v${t.currentVersion} on ${replicaName(s.conn)}; use rollback`);
+      }
+      if (!rollback && v.baseVersion !== 0 && v.baseVersion !== t.currentVersion) {
+        throw new KvError(KvErrorCode.LOAD_CONFLICT, `cannot publish ${table} v${version}: it is a delta on v${v.baseVersion}, but v${t.currentVersion} is current on ${replicaName(s.conn)}; load the delta again on v${t.currentVersion}`);
+      }
+    }
   }
   if (missing.length > 0) {
     throw new KvError(KvErrorCode.VERSION_NOT_FOUND, `cannot ${rollback ? 'roll back to' : 'publish'} ${table} v${version}: ${missing.join('; ')}`);
   }
-  return switchVersion(conns, req);
+  return switchVersion(conns, req, expected);
 }
 
 /**
  * The Publish calls alone, without first asking every replica for its status: for a loader whose
  * LoadSeal calls have just been answered, by every replica, that the version is sealed there.
  */
-export async function switchVersion(conns: ClusterConnections, req: PublishRequest): Promise<{ previous: number[] }> {
+export async function switchVersion(conns: ClusterConnections, req: PublishRequest, expected?: CurrentVersion): Promise<{ previous: number[] }> {
   const { table, version, rollback } = req;
-  const res = await Promise.all(conns.all().map((c) => call<{ previousVersion: number }>(c, 'Publish', { table, version, rollback })));
-  return { previous: res.map((r) => r.previousVersion) };
+  const source = conns.source;
+  if (!source.followsVersions) {
+    const res = await Promise.all(conns.all().map((c) => call<{ previousVersion: number }>(c, 'Publish', { table, version, rollback })));
+    return { previous: res.map((r) => r.previousVersion) };
+  }
+  // One compare-and-set of the table's key; the replicas follow it, and so do clients.
+  const before = expected ?? (await source.readCurrent(table));
+  await source.setCurrent(table, version, before);
+  return { previous: await waitFollowed(conns, table, version, before.version) };
+}
+
+/** Waits until every replica reports `version` current; rejects naming the ones that did not within DEFAULT_FOLLOW_WAIT_MS. */
+async function waitFollowed(conns: ClusterConnections, table: string, version: number, previous: number | undefined): Promise<number[]> {
+  const until = Date.now() + DEFAULT_FOLLOW_WAIT_MS;
+  const first = new Map<ReplicaConn, number>();
+  for (;;) {
+    const all = await statusAll(conns);
+    const behind: string[] = [];
+    for (const s of all) {
+      const cur = s.status?.tables.find((t) => t.name === table)?.currentVersion;
+      if (cur !== undefined && !first.has(s.conn)) first.set(s.conn, cur);
+      if (cur !== version) behind.push(s.error ? `${replicaName(s.conn)} does not answer: ${s.error.message}` : `${replicaName(s.conn)} is at v${cur ?? 0}`);
+    }
+    if (behind.length === 0) return conns.all().map((c) => (first.get(c) === version ? previous : first.get(c)) ?? previous ?? 0);
+    if (Date.now() > until) {
+      throw new KvError(KvErrorCode.UNAVAILABLE, `${table} v${version} is current in ${conns.source.name}, but not every replica followed within ${DEFAULT_FOLLOW_WAIT_MS / 1000} s: ${behind.join('; ')}`);
+    }
+    await new Promise((r) => setTimeout(r, FOLLOW_POLL_MS));
+  }
 }
 
 /**

@@ -142,6 +142,8 @@ export async function runLoad(options: LoadOptions): Promise<LoadResult> {
   await installZeroCopyRequests();
   const conns = options.connections ?? new ClusterConnections(options.manifest);
   try {
+    // A load with etcd away would end in a publish that cannot happen: it fails before it starts.
+    await conns.source.ensureAvailable();
     return await load(conns, { options, names, table, version, batchRows, inflight, rangeBytes, mode, started });
   } finally {
     if (options.connections === undefined) conns.close();

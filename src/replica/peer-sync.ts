@@ -26,8 +26,10 @@ interface PulledBatch {
 }
 
 interface Peer {
-  address: string;
-  client: grpc.Client;
+  replica: number;
+  /** Undefined while the cluster source knows no address for the peer (etcd: not registered). */
+  address: string | undefined;
+  client: grpc.Client | undefined;
   /** The peer's log position up to which this replica has what it logged. */
   cursor: number;
   /** Which of the admin tokens this peer is called with: the next one after a refusal (a rotation under way). */
@@ -44,18 +46,37 @@ export class PeerSync {
   private readonly peers: Peer[];
   private timer: NodeJS.Timeout | undefined;
   private running = false;
+  private readonly creds: grpc.ChannelCredentials;
 
   /**
    * `adminTokens`: the tokens file's admin tokens (PutsSince needs admin); empty without a tokens
    * file. Channels use the manifest's TLS, with the replica's certificate as client certificate under mTLS.
    */
   constructor(
-    private readonly shard: Shard, addresses: string[], private readonly log: Logger,
+    private readonly shard: Shard, peers: { replica: number; address: string | undefined }[], private readonly log: Logger,
     security: SecurityConfig | undefined, private readonly adminTokens: () => readonly string[],
   ) {
+    this.creds = channelCredentials(security);
+    this.peers = peers.map(({ replica, address }) => ({ replica, address, client: this.clientFor(address), cursor: 0, tokenIndex: 0 }));
+  }
+
+  private clientFor(address: string | undefined): grpc.Client | undefined {
+    if (address === undefined) return undefined;
     const Control = shardControlClientConstructor();
-    const creds = channelCredentials(security);
-    this.peers = addresses.map((address) => ({ address, client: new Control(address, creds, CHANNEL_OPTIONS), cursor: 0, tokenIndex: 0 }));
+    return new Control(address, this.creds, CHANNEL_OPTIONS);
+  }
+
+  /**
+   * A peer moved, registered or expired (etcd): pull from its new address, from the start of its log
+   * (batches already held are skipped), or not at all while it has none.
+   */
+  setPeerAddress(replica: number, address: string | undefined): void {
+    const p = this.peers.find((x) => x.replica === replica);
+    if (p === undefined || p.address === address) return;
+    p.client?.close();
+    p.address = address;
+    p.client = this.clientFor(address);
+    p.cursor = 0;
   }
 
   private metadataFor(p: Peer): grpc.Metadata {
@@ -67,6 +88,7 @@ export class PeerSync {
   async catchUp(): Promise<void> {
     await Promise.all(
       this.peers.map(async (p) => {
+        if (p.client === undefined) return;
         try {
           const pulled = await this.pullAll(p, CATCH_UP_CALL_MS);
           if (pulled > 0) this.log.info({ peer: p.address, batches: pulled }, 'caught up on real-time puts');
@@ -97,17 +119,21 @@ export class PeerSync {
   stop(): void {
     if (this.timer !== undefined) clearTimeout(this.timer);
     this.timer = undefined;
-    for (const p of this.peers) p.client.close();
+    for (const p of this.peers) p.client?.close();
   }
 
   /** Pulls until the peer has nothing newer; each call may take `callMs` (a large backlog takes many). */
   private async pullAll(p: Peer, callMs: number): Promise<number> {
     let applied = 0;
+    const client = p.client;
+    if (client === undefined) return 0;
     for (;;) {
+      // It moved meanwhile: the next round pulls from its new address.
+      if (p.client !== client) return applied;
       const deadline = Date.now() + callMs;
       const res = await new Promise<{ batches: PulledBatch[]; lastSeq: number }>((resolve, reject) => {
-        (p.client as unknown as Record<string, Function>)['PutsSince']!.call(
-          p.client,
+        (client as unknown as Record<string, Function>)['PutsSince']!.call(
+          client,
           { afterSeq: p.cursor, maxBatches: PULL_BATCHES },
           this.metadataFor(p),
           { deadline: new Date(deadline) },

@@ -22,6 +22,7 @@ import { TableCounters } from '../common/request-counters.js';
 import type { TableStatusInfo } from '../shard/status.js';
 import type { MetricSet } from '../metrics/registry.js';
 import { registerReplicaMetrics } from '../metrics/replica-metrics.js';
+import { FileSource, type ClusterSource, type Registration, type SourceEvent } from '../cluster/source.js';
 
 export interface ReplicaOptions {
   manifest: Manifest;
@@ -37,6 +38,12 @@ export interface ReplicaOptions {
   maxInflightBytes?: number;
   /** Allow a non-loopback address without security (protected mode, README: Security). */
   insecure?: boolean;
+  /**
+   * An opened cluster source (default: the manifest alone). With etcd, the replica registers the
+   * address it listens on under a lease once it serves, follows its peers' addresses, and makes
+   * current whatever version each table's key in etcd names.
+   */
+  source?: ClusterSource;
 }
 
 export { DEFAULT_DRAIN_MS } from './admission.js';
@@ -83,6 +90,11 @@ export class ReplicaServer {
   /** Lookups answered per table, and refused by code: read by src/metrics at a scrape. */
   readonly lookups = new TableCounters();
   readonly lookupErrors = new Map<string, number>();
+  private readonly source: ClusterSource;
+  private registration: Registration | undefined;
+  private unsubscribe: (() => void) | undefined;
+  /** Versions the source made current, applied one after another in the order the source gave them. */
+  private following: Promise<unknown> = Promise.resolve();
 
   constructor(private readonly options: ReplicaOptions) {
     const { manifest, group, replica } = options;
@@ -100,7 +112,8 @@ export class ReplicaServer {
     if (this.auth !== undefined && manifest.security?.tls === undefined) this.log.warn('tokens without TLS: tokens cross the network in plain text');
     this.store = new ShardStore(options.dataDir);
     this.shard = new Shard(this.store, { keepVersions: manifest.keepVersions, logger: this.log });
-    const peers = g.replicas.filter((_, i) => i !== replica);
+    this.source = options.source ?? FileSource.of(manifest);
+    const peers = g.replicas.map((_, i) => ({ replica: i, address: this.source.address(group, i) })).filter((p) => p.replica !== replica);
     this.peerSync = new PeerSync(this.shard, peers, this.log, manifest.security, () => this.auth?.adminTokens() ?? []);
   }
 
@@ -145,6 +158,10 @@ export class ReplicaServer {
     this.state = 'opening';
     await this.store.open();
     await this.shard.restore();
+    this.unsubscribe = this.source.subscribe((e) => this.onSourceEvent(e));
+    // What the source says is current wins over what this replica had on disk.
+    for (const [table, version] of this.source.currentVersions()) this.follow(table, version);
+    await this.following;
     // Answers leave from their pooled buffers, not from a copy per call (see installZeroCopyFraming).
     if (!installZeroCopyFraming()) this.log.warn('this grpc-js frames messages differently: answers are copied into frames');
     this.server.addService(embkvServerService(this.answers), { lookup: (TEST_FAULTS ? this.onLookupWithTestFaults : this.onLookup).bind(this) });
@@ -170,7 +187,28 @@ export class ReplicaServer {
     this.peerSync.start();
     this.health.setStatus('', 'SERVING');
     this.state = 'open';
-    this.log.info({ address: this.address, port: this.boundPort, data: this.options.dataDir }, 'serving');
+    // The address clients reach it at: the one it listens on, with the port it was given for port 0.
+    const advertised = `${this.address.slice(0, this.address.lastIndexOf(':'))}:${this.boundPort}`;
+    this.registration = await this.source.register(this.options.group, this.options.replica, advertised, (e) => {
+      if (e.kind === 'lost') this.log.warn({ address: advertised, err: e.reason }, 'registration lost; registering again as soon as the cluster source answers');
+      else this.log.info({ address: advertised, source: this.source.name }, 'registration restored');
+    });
+    this.log.info({ address: this.address, port: this.boundPort, data: this.options.dataDir, source: this.source.name }, 'serving');
+  }
+
+  private onSourceEvent(e: SourceEvent): void {
+    if (e.kind === 'current') this.follow(e.table, e.version);
+    else if (e.group === this.options.group && e.replica !== this.options.replica) this.peerSync.setPeerAddress(e.replica, e.address);
+  }
+
+  /** Makes `version` of `table` current after the versions before it; a refusal is logged (the replica keeps serving what it has). */
+  private follow(table: string, version: number): void {
+    this.following = this.following.then(() => this.shard.follow(table, version)).then(
+      (previous) => {
+        if (previous !== version) this.log.info({ table, version, previous, source: this.source.name }, 'followed the current version');
+      },
+      (err: unknown) => this.log.warn({ table, version, err: (err as Error).message, source: this.source.name }, 'cannot make the current version of the cluster source current here'),
+    );
   }
 
   /**
@@ -181,6 +219,9 @@ export class ReplicaServer {
   async close(drainMs = DEFAULT_DRAIN_MS): Promise<void> {
     if (this.state === 'closed' || this.state === 'closing') return;
     this.state = 'closing';
+    this.unsubscribe?.();
+    // Its registration goes first, so that clients stop choosing it before it refuses calls.
+    await this.registration?.close().catch(() => undefined);
     this.peerSync.stop();
     this.health.setStatus('', 'NOT_SERVING');
     const { waiting, forced } = await this.calls.drain(drainMs, this.log);

@@ -13,6 +13,8 @@ import { SERVER_OPTIONS } from '../transport/options.js';
 import { allocLookupResponse, type LookupRequest } from '../wire/lookup.js';
 import { decoded, embkvServerService, UndecodableRequest } from '../wire/services.js';
 import { Fanout } from '../fanout/fanout.js';
+import { ClusterConnections } from '../cluster/connections.js';
+import type { ClusterSource } from '../cluster/source.js';
 import { parseReplicaPolicy, type ReplicaPolicyOptions } from '../cluster/policy.js';
 import type { FanoutStats } from '../fanout/stats.js';
 import { ROUTER_STATS_SERVICE } from './stats-service.js';
@@ -29,6 +31,8 @@ const UNSEEN_DIM = 64;
 
 export interface RouterOptions {
   manifest: Manifest;
+  /** An opened cluster source whose replica addresses and current versions the router follows (default: the manifest alone). */
+  source?: ClusterSource;
   host: string;
   port: number;
   logger: Logger;
@@ -100,7 +104,8 @@ export class RouterServer {
   constructor(private readonly options: RouterOptions) {
     this.resolved = parseRouterOptions(options);
     checkProtectedMode(options.manifest.security, `${options.host}:${options.port}`, this.resolved.insecure, 'the router');
-    this.fanout = new Fanout(options.manifest, undefined, this.resolved.policy);
+    const conns = options.source === undefined ? undefined : ClusterConnections.of(options.source);
+    this.fanout = new Fanout(options.manifest, conns, this.resolved.policy);
     this.log = options.logger.child({ component: 'router' });
     this.auth = tokenAuthOf(options.manifest);
   }

@@ -135,6 +135,12 @@ export class Shard {
     return publish(this.core, table, version, rollback);
   }
 
+  /** Makes `version` current as the cluster source (etcd) says: a rollback when it is older than the current one. */
+  follow(table: string, version: number): Promise<number> {
+    const current = this.core.tables.get(table)?.current ?? 0;
+    return publish(this.core, table, version, version < current);
+  }
+
   /** Drops a sealed version that is not current; false when this replica does not hold it. */
   dropVersion(table: string, version: number): Promise<boolean> {
     return dropVersion(this.core, table, version);

@@ -51,10 +51,14 @@ export function kvctl(args: string[], options: { cwd?: string; timeoutMs?: numbe
   });
 }
 
-/** Starts `kvctl router` for `configPath` on a free port with `args`; resolves once it listens. */
-export async function startRouter(configPath: string, args: string[] = []): Promise<{ proc: ChildProcess; port: number }> {
+/**
+ * Starts `kvctl router` for `configPath` (or the cluster these flags name: `--etcd E --cluster C`) on a
+ * free port with `args`; resolves once it listens.
+ */
+export async function startRouter(configPath: string | string[], args: string[] = []): Promise<{ proc: ChildProcess; port: number }> {
   const [port] = await freePorts(1);
-  const proc = spawn(process.execPath, [KVCTL, 'router', '--config', configPath, '--port', String(port), ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const where = typeof configPath === 'string' ? ['--config', configPath] : configPath;
+  const proc = spawn(process.execPath, [KVCTL, 'router', ...where, '--port', String(port), ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
   await new Promise<void>((resolve, reject) => {
     let err = '';
     proc.stderr!.on('data', (d) => {
@@ -86,6 +90,15 @@ export class TestCluster {
   replicaArgs: (g: number, r: number) => string[] = () => [];
   /** Extra environment of every kvctl command run by kvctl() (EMBKV_TOKEN, say). */
   kvctlEnv: NodeJS.ProcessEnv = {};
+  /** With etcd: the cluster in etcd, which replicas and kvctl are given instead of --config. */
+  etcd: { endpoint: string; cluster: string } | undefined;
+  /** Where each replica listens now (gGrR -> host:port): the manifest's address unless it was moved. */
+  readonly listen = new Map<string, string>();
+
+  /** The flags that name the cluster: --config, or --etcd/--cluster. */
+  get sourceArgs(): string[] {
+    return this.etcd ? ['--etcd', this.etcd.endpoint, '--cluster', this.etcd.cluster] : ['--config', this.configPath];
+  }
 
   private constructor(readonly dir: string, readonly manifest: Manifest, readonly configPath: string) {}
 
@@ -102,6 +115,8 @@ export class TestCluster {
       serveArgs?: string[];
       /** Extra `kvctl serve` flags of one replica. */
       replicaArgs?: (g: number, r: number) => string[];
+      /** The manifest is stored in this etcd (kvctl cluster init) and every process reads it there. */
+      etcd?: { endpoint: string; cluster: string };
     } = {},
   ): Promise<TestCluster> {
     const dir = mkdtempSync(join(tmpdir(), 'embkv-test-'));
@@ -128,6 +143,14 @@ export class TestCluster {
     if (extra.kvctlEnv) c.kvctlEnv = extra.kvctlEnv;
     if (extra.serveArgs) c.serveArgs = extra.serveArgs;
     if (extra.replicaArgs) c.replicaArgs = extra.replicaArgs;
+    if (extra.etcd) {
+      c.etcd = extra.etcd;
+      const init = await kvctl(['cluster', 'init', '--etcd', extra.etcd.endpoint, '--cluster', extra.etcd.cluster, '--config', configPath]);
+      if (init.code !== 0) {
+        rmSync(dir, { recursive: true, force: true });
+        throw new Error(`kvctl cluster init failed: ${init.stderr}`);
+      }
+    }
     for (let g = 0; g < groups; g++) for (let r = 0; r < replicas; r++) c.startReplica(g, r);
     await c.waitReady();
     return c;
@@ -137,9 +160,13 @@ export class TestCluster {
    * Starts replica gGrR with the cluster's environment and `env` (a test switch for this replica
    * alone, say). The IPC channel ties it to the test process: it stops if the test process dies.
    */
-  startReplica(g: number, r: number, env: NodeJS.ProcessEnv = {}): ChildProcess {
+  startReplica(g: number, r: number, env: NodeJS.ProcessEnv = {}, listen?: string): ChildProcess {
     const name = `g${g}r${r}`;
-    const p = spawn(process.execPath, [KVCTL, 'serve', '--config', this.configPath, '--group', String(g), '--replica', String(r), '--data', join(this.dir, name), ...this.serveArgs, ...this.replicaArgs(g, r)], {
+    if (listen !== undefined) this.listen.set(name, listen);
+    const at = this.listen.get(name) ?? this.manifest.groups[g]!.replicas[r]!;
+    this.listen.set(name, at);
+    const where = this.etcd ? [...this.sourceArgs, '--listen', at] : ['--config', this.configPath];
+    const p = spawn(process.execPath, [KVCTL, 'serve', ...where, '--group', String(g), '--replica', String(r), '--data', join(this.dir, name), ...this.serveArgs, ...this.replicaArgs(g, r)], {
       stdio: ['ignore', 'ignore', 'pipe', 'ipc'],
       env: { ...process.env, ...this.env, ...env },
     });
@@ -231,7 +258,8 @@ export class TestCluster {
    * up with its peers, so it answers lookups).
    */
   async waitReady(timeoutMs = 60_000): Promise<void> {
-    const conns = new ClusterConnections(this.manifest);
+    const at = { ...this.manifest, groups: this.manifest.groups.map((grp, g) => ({ replicas: grp.replicas.map((a, r) => this.listen.get(`g${g}r${r}`) ?? a) })) };
+    const conns = new ClusterConnections(at);
     const until = Date.now() + timeoutMs;
     try {
       for (;;) {
@@ -250,7 +278,7 @@ export class TestCluster {
 
   /** Runs kvctl against this cluster, with the cluster's kvctlEnv and `env`. */
   kvctl(args: string[], timeoutMs?: number, env: NodeJS.ProcessEnv = {}): Promise<RunResult> {
-    return kvctl([...args, '--config', this.configPath], { cwd: this.dir, env: { ...this.kvctlEnv, ...env }, ...(timeoutMs ? { timeoutMs } : {}) });
+    return kvctl([...args, ...this.sourceArgs], { cwd: this.dir, env: { ...this.kvctlEnv, ...env }, ...(timeoutMs ? { timeoutMs } : {}) });
   }
 
   async close(): Promise<void> {
